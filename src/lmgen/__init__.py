@@ -1,0 +1,1 @@
+"""lmgen: a readable text-generation engine for LLaMA-family models."""

@@ -1,0 +1,164 @@
+"""The paged KV cache: fixed-size blocks of K/V slots, a BlockManager that hands them out, and a prefix cache.
+
+Memory is split into `num_blocks` blocks of `block_size` token slots (vLLM's PagedAttention, Kwon et al.,
+2023). A request owns a block table; a full block is hashed by (hash of the previous block, its token ids),
+so requests sharing a prefix (a system prompt, the earlier turns of a chat) share those blocks and skip
+their prefill. Freed blocks keep their hash until they are reused, so a later request can still hit them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from lmgen.engine.request import Request
+
+
+class KVCache:
+    """Per layer, K and V tensors of (num_blocks * block_size, n_kv_heads, head_dim) slots."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        slots = num_blocks * block_size
+        # torch.zeros pages memory in lazily on CPU, so an unused cache costs little resident memory.
+        self.layers = [
+            (torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device),  # K: (slots, kv_heads, head_dim)
+             torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device))  # V
+            for _ in range(num_layers)
+        ]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write for forked sequences (n > 1): the partial last block gets a private copy."""
+        bs = self.block_size
+        for k, v in self.layers:
+            k[dst * bs:(dst + 1) * bs] = k[src * bs:(src + 1) * bs]
+            v[dst * bs:(dst + 1) * bs] = v[src * bs:(src + 1) * bs]
+
+    @property
+    def bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
+
+
+class BlockManager:
+    """Allocates cache blocks to requests, with reference counts and a hash-keyed prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Free blocks in LRU order; cached (hashed) free blocks are evicted oldest-first.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.prefix_hits = 0  # blocks served from the prefix cache, for metrics
+        self.prefix_queries = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hashes(self, token_ids: list[int], num_full_blocks: int) -> list[int]:
+        hashes, prev = [], 0
+        for b in range(num_full_blocks):
+            prev = hash((prev, tuple(token_ids[b * self.block_size:(b + 1) * self.block_size])))
+            hashes.append(prev)
+        return hashes
+
+    def allocate_prefix(self, req: Request) -> int:
+        """At admission: reuse cached blocks for the longest matching prefix; returns tokens served.
+        At least one token is always left to compute, since its logits are needed to sample."""
+        if not self.enable_prefix_caching or req.block_table:
+            return 0
+        tokens = req.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size
+        hits = []
+        for h in self._hashes(tokens, max_blocks):
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += max_blocks
+        self.prefix_hits += len(hits)
+        for block in hits:
+            self._ref(block)
+        req.block_table = hits
+        req.num_computed_tokens = len(hits) * self.block_size
+        return req.num_computed_tokens
+
+    def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
+        return need <= len(self.free)
+
+    def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
+        """Makes room for `num_new_tokens` more tokens in `req`'s block table; False if blocks ran out."""
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
+        if need > len(self.free):
+            return False
+        for _ in range(max(need, 0)):
+            block, _ = self.free.popitem(last=False)
+            if self.block_hash[block] is not None:  # evict the stale prefix-cache entry
+                self.hash_to_block.pop(self.block_hash[block], None)
+                self.block_hash[block] = None
+            self.ref_counts[block] = 1
+            req.block_table.append(block)
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """After a step: register every block whose slots are all computed under its prefix hash."""
+        if not self.enable_prefix_caching:
+            return
+        tokens = req.all_token_ids
+        full = min(req.num_computed_tokens, len(tokens)) // self.block_size
+        for b, h in enumerate(self._hashes(tokens, full)):
+            block = req.block_table[b]
+            if self.block_hash[block] is None and h not in self.hash_to_block:
+                self.block_hash[block] = h
+                self.hash_to_block[h] = block
+
+    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Shares the parent's blocks with a child (n > 1). Returns (src, dst) if the partial last block
+        needed a private copy (the caller copies the K/V), else None; raises if no block is free."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self._ref(block)
+        child.num_computed_tokens = parent.num_computed_tokens
+        if parent.num_computed_tokens % self.block_size == 0:
+            return None
+        src = child.block_table.pop()
+        self._unref(src)
+        if not self.free:
+            raise RuntimeError("no free KV block to fork a sequence")
+        dst, _ = self.free.popitem(last=False)
+        if self.block_hash[dst] is not None:
+            self.hash_to_block.pop(self.block_hash[dst], None)
+            self.block_hash[dst] = None
+        self.ref_counts[dst] = 1
+        child.block_table.append(dst)
+        return src, dst
+
+    def free_request(self, req: Request) -> None:
+        """Returns a finished/preempted/aborted request's blocks; hashed ones stay findable until reused."""
+        for block in reversed(req.block_table):
+            self._unref(block)
+        req.block_table = []
+        req.num_computed_tokens = 0
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self.free.pop(block, None)
+        self.ref_counts[block] += 1
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None

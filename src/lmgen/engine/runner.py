@@ -1,0 +1,102 @@
+"""ModelRunner: turns a SchedulerOutput into input tensors, runs the Transformer, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmgen.engine.kv_cache import KVCache
+from lmgen.engine.request import Request
+from lmgen.engine.scheduler import SchedulerOutput
+from lmgen.model.transformer import AttentionMetadata, Transformer
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Logits for the requests that reached the end of their known tokens this step (they sample next)."""
+
+    sample_requests: list[Request]  # in row order of `logits`
+    logits: torch.Tensor  # (len(sample_requests), vocab) float32
+    # request -> (positions' logits (chunk_len, vocab), the token ids those positions predict) for prompt_logprobs
+    prompt_logits: dict[str, tuple[torch.Tensor, list[int]]]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv_cache: KVCache):
+        self.model, self.kv_cache = model, kv_cache
+        self.device = model.device
+        self.block_size = kv_cache.block_size
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache slots of positions [start, end) of a sequence."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids, positions, slot_mapping, kv_rows, q_lens, kv_lens = [], [], [], [], [], []
+        for req, n in sched.scheduled:
+            start = req.num_computed_tokens
+            tokens = req.all_token_ids
+            ids.extend(tokens[start:start + n])
+            positions.append(torch.arange(start, start + n))
+            kv_slots = self._slots(req.block_table, 0, start + n)  # (context,)
+            slot_mapping.append(kv_slots[start:])
+            kv_rows.append(kv_slots)
+            q_lens.append(n)
+            kv_lens.append(start + n)
+        batch, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
+        q_len_t, kv_len_t = torch.tensor(q_lens), torch.tensor(kv_lens)
+        q_start = torch.cumsum(q_len_t, 0) - q_len_t  # (batch,) first token row of each sequence
+        q_off = torch.arange(max_q)  # (max_q,)
+        q_valid = q_off[None, :] < q_len_t[:, None]  # (batch, max_q)
+        query_index = torch.where(q_valid, q_start[:, None] + q_off[None, :], 0)  # (batch, max_q)
+        output_index = (torch.arange(batch)[:, None] * max_q + q_off[None, :])[q_valid]  # (tokens,)
+        kv_index = torch.zeros(batch, max_kv, dtype=torch.long)  # (batch, max_kv), padding reads slot 0
+        for b, rows in enumerate(kv_rows):
+            kv_index[b, : rows.numel()] = rows
+        if batch == 1 and max_q == 1:
+            mask = None  # a single decode token sees its whole context
+        else:
+            # query at position p (= kv_len - q_len + offset) sees cached positions <= p; padded query
+            # rows see position 0 only, so softmax never divides by zero (their output is discarded).
+            q_pos = (kv_len_t - q_len_t)[:, None] + q_off[None, :]  # (batch, max_q)
+            q_pos = torch.where(q_valid, q_pos, 0)
+            kv_pos = torch.arange(max_kv)  # (max_kv,)
+            mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len_t[:, None, None])
+            mask = mask[:, None, :, :]  # (batch, 1, max_q, max_kv)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping).to(dev),
+            query_index=query_index.to(dev),
+            output_index=output_index.to(dev),
+            kv_index=kv_index.to(dev),
+            mask=None if mask is None else mask.to(dev),
+        )
+        return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
+
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        input_ids, positions, meta = self.prepare(sched)
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)  # (tokens, hidden)
+        rows, sample_requests, prompt_logits = [], [], {}
+        offset = 0
+        for req, n in sched.scheduled:
+            end_pos = req.num_computed_tokens + n
+            if req.params.prompt_logprobs is not None and req.num_computed_tokens < req.num_prompt_tokens:
+                # position p predicts token p+1; only prompt positions are reported
+                last = min(end_pos, req.num_prompt_tokens - 1)
+                if last > req.num_computed_tokens:
+                    chunk = hidden[offset:offset + last - req.num_computed_tokens]
+                    targets = req.prompt_token_ids[req.num_computed_tokens + 1:last + 1]
+                    prompt_logits[req.request_id] = (self.model.compute_logits(chunk), targets)
+            if end_pos == req.num_tokens:  # reached the newest token: its logits give the next one
+                rows.append(offset + n - 1)
+                sample_requests.append(req)
+            offset += n
+        if rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        else:
+            logits = hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
+        return ModelRunnerOutput(sample_requests, logits, prompt_logits)

@@ -1,0 +1,127 @@
+"""GGUF -> ModelConfig, weights (by Hugging Face name), tokenizer and chat template, via the `gguf` package.
+
+Quantized tensors come back as `PackedTensor`s over the file's memory map; whether they stay packed or
+are dequantized is the model builder's choice (lmgen.model.linear.build_linear).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmgen.config import ModelConfig
+from lmgen.loader import LoadedModel
+from lmgen.loader.errors import ModelLoadError
+from lmgen.model.linear import PackedTensor
+
+# llama.cpp tensor names -> transformers names (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16}
+
+
+def read_metadata(reader) -> dict:
+    """Scalar and string key/values of the file; the big tokenizer arrays are left to the tokenizer builder."""
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model", "tokenizer.ggml.pre") and len(f.data) > 1:
+            continue
+        try:
+            meta[key] = f.contents()
+        except Exception:  # an exotic value type we don't use
+            continue
+    return meta
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    m = _BLOCK_RE.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}" if part in _BLOCK_NAMES else None
+    base, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+
+
+def _unpermute_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's convert_hf_to_gguf `permute` of Q/K (interleaved-pair RoPE layout
+    -> transformers' rotate_half layout): gguf[i] = hf[perm[i]], so hf = gguf[argsort(perm)]."""
+    perm = torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
+    return torch.argsort(perm)
+
+
+def _tensor(t) -> torch.Tensor | PackedTensor:
+    kind = t.tensor_type.name
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first: (in, out) -> (out, in)
+    if kind in _FLOAT_TYPES:
+        return torch.from_numpy(np.array(t.data)).reshape(shape)
+    if kind == "BF16":
+        from gguf.quants import dequantize
+
+        return torch.from_numpy(dequantize(np.array(t.data), t.tensor_type)).reshape(shape)
+    if len(shape) != 2:
+        raise ModelLoadError(f"tensor {t.name!r}: quantized type {kind} on a {len(shape)}-D tensor is not supported")
+    return PackedTensor(t.tensor_type, t.data, shape)
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """Opens a GGUF file and maps it to the engine's view of a model. Corrupt or truncated -> ModelLoadError."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError... on bad bytes
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    meta = read_metadata(reader)
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens_field.data) if tokens_field is not None else None
+    try:
+        config = ModelConfig.from_gguf_metadata(meta, vocab_size=n_vocab)
+    except ModelLoadError:
+        raise
+    gguf_arch = meta["general.architecture"]
+    weights: dict = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":  # Llama 3.1 GGUFs store the llama3 scaling as per-frequency divisors
+                config.rope_scaling = {"rope_type": "freq_factors", "factors": torch.from_numpy(np.array(t.data)).float()}
+            continue
+        weights[name] = _tensor(t)
+    if gguf_arch in ("llama", "mistral"):
+        for i in range(config.num_layers):
+            for proj, n_head in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
+                for kind in ("weight", "bias"):
+                    key = f"model.layers.{i}.self_attn.{proj}.{kind}"
+                    if key in weights:
+                        w = weights[key]
+                        order = _unpermute_order(w.shape[0], n_head)
+                        weights[key] = w.permute_rows(order) if isinstance(w, PackedTensor) else w[order]
+    config.tie_word_embeddings = "lm_head.weight" not in weights
+
+    from lmgen.tokenizer.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_gguf(reader)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: cannot build the tokenizer: {e}") from None
+    if tokenizer.eos_token_ids:
+        config.eos_token_ids = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    return LoadedModel(config, weights, tokenizer, Path(path), "gguf", Path(path).stat().st_size, meta)

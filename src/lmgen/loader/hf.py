@@ -1,0 +1,71 @@
+"""A Hugging Face folder (config.json, *.safetensors, tokenizer.json, ...) -> ModelConfig, weights, tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmgen.config import ModelConfig
+from lmgen.loader import LoadedModel
+from lmgen.loader.errors import ModelLoadError
+
+
+def _read_json(path: Path, required: bool = True) -> dict | None:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"{path.parent} has no {path.name}; a Hugging Face model folder needs it")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def _safetensor_files(folder: Path) -> list[Path]:
+    index = _read_json(folder / "model.safetensors.index.json", required=False)
+    if index is not None:
+        try:
+            names = sorted(set(index["weight_map"].values()))
+        except (KeyError, AttributeError):
+            raise ModelLoadError(f"{folder / 'model.safetensors.index.json'} has no valid 'weight_map'") from None
+        files = [folder / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"shards listed in model.safetensors.index.json are missing: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise ModelLoadError(f"{folder} has no model.safetensors (or sharded index); only safetensors weights are supported")
+    return found
+
+
+def load_hf_folder(folder: Path) -> LoadedModel:
+    """Reads config + weights + tokenizer. Weights stay memory-mapped until the model builder converts them."""
+    from safetensors import safe_open
+
+    cfg = _read_json(folder / "config.json")
+    gen = _read_json(folder / "generation_config.json", required=False)
+    config = ModelConfig.from_hf_config(cfg, gen)
+    weights: dict = {}
+    total = 0
+    for file in _safetensor_files(folder):
+        total += file.stat().st_size
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    weights[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises SafetensorError on truncated/corrupt headers
+            raise ModelLoadError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+    from lmgen.tokenizer.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_hf_folder(folder)
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer: {e}") from None
+    if tokenizer.eos_token_ids:
+        config.eos_token_ids = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    return LoadedModel(config, weights, tokenizer, folder, "hf", total, {"config.json": cfg})

@@ -1,0 +1,98 @@
+"""Linear layers: dense float weights, or GGUF blocks kept packed (see lmgen.model.quant).
+
+A weight arrives from a loader as a `WeightSource`: a float tensor (safetensors, F32/F16 GGUF tensors) or a
+`PackedTensor` (quantized GGUF blocks, still in the file's memory map). `build_linear` turns one or several
+sources (fused QKV, fused gate+up) into a module whose forward is `(..., in) -> (..., out)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PackedTensor:
+    """A quantized GGUF matrix: raw blocks (rows, bytes_per_row) for a (out_features, in_features) weight."""
+
+    qtype: object  # gguf.GGMLQuantizationType
+    data: np.ndarray  # (rows, bytes_per_row) uint8, usually a view into the file's memory map
+    shape: tuple[int, int]  # (out_features, in_features)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        values = dequantize(np.ascontiguousarray(self.data), self.qtype)  # (rows, in) float32
+        return torch.from_numpy(np.ascontiguousarray(values.reshape(self.shape))).to(dtype)
+
+    def permute_rows(self, order: torch.Tensor) -> "PackedTensor":
+        """Reorders output rows (used to undo llama.cpp's Q/K permutation without dequantizing)."""
+        return PackedTensor(self.qtype, self.data[order.numpy()], self.shape)
+
+
+WeightSource = Union[torch.Tensor, PackedTensor]
+
+
+def to_float(source: WeightSource, dtype: torch.dtype) -> torch.Tensor:
+    return source.dequantize(dtype) if isinstance(source, PackedTensor) else source.to(dtype)
+
+
+class DenseLinear(torch.nn.Module):
+    """y = x W^T + b with a float weight (out_features, in_features)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)  # (out, in)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def build_linear(
+    sources: Sequence[WeightSource],
+    biases: Sequence[torch.Tensor | None] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str = "none",
+) -> torch.nn.Module:
+    """One linear layer from one or more weights stacked along the output dimension (fused projections).
+
+    quantization: "none" dequantizes everything to `dtype`; "auto" keeps GGUF blocks packed where the packed
+    kernels support their type; "int8"/"int4" also quantize float weights at load (see lmgen.model.quant).
+    """
+    bias = None
+    if biases is not None and any(b is not None for b in biases):
+        outs = [s.shape[0] for s in sources]
+        bias = torch.cat(
+            [(b if b is not None else torch.zeros(n)).to(dtype) for b, n in zip(biases, outs)]
+        ).to(device)
+    if quantization != "none" and device.type == "cpu":
+        module = _build_quantized(sources, bias, quantization)
+        if module is not None:
+            return module
+    weight = torch.cat([to_float(s, dtype) for s in sources], dim=0) if len(sources) > 1 else to_float(sources[0], dtype)
+    return DenseLinear(weight.to(device), bias)
+
+
+def _build_quantized(sources: Sequence[WeightSource], bias: torch.Tensor | None, mode: str) -> torch.nn.Module | None:
+    try:
+        from lmgen.model import quant
+    except ImportError:  # pragma: no cover - the packed kernels are optional
+        return None
+    packed = [s for s in sources if isinstance(s, PackedTensor)]
+    if len(packed) == len(sources) and len({p.qtype for p in packed}) == 1:
+        if packed[0].qtype in quant.supported_packed_qtypes():
+            data = np.concatenate([p.data for p in packed], axis=0) if len(packed) > 1 else packed[0].data
+            shape = (sum(p.shape[0] for p in packed), packed[0].shape[1])
+            module = quant.packed_linear_from_gguf(packed[0].qtype, data, shape, bias)
+            if module is not None:
+                return module
+    if mode in ("int8", "int4"):
+        weight = torch.cat([to_float(s, torch.float32) for s in sources], dim=0)
+        return quant.quantize_linear(weight, mode, bias=bias)
+    return None

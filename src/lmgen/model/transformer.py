@@ -1,0 +1,187 @@
+"""The decoder-only transformer of the LLaMA family (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama).
+
+embedding -> [RMSNorm -> QKV -> RoPE -> attention over the paged KV cache -> out-proj (+residual)
+              -> RMSNorm -> SwiGLU MLP (+residual)] x n_layers -> RMSNorm -> lm_head -> logits
+
+Tokens of all scheduled sequences are flattened into one (tokens, hidden) batch; `AttentionMetadata`
+says where each token's K/V goes in the cache and which cached positions each query may see, so prefill
+chunks and single decode tokens run through the very same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from lmgen.config import ModelConfig
+from lmgen.model.linear import WeightSource, build_linear, to_float
+from lmgen.model.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors for one forward step, built once by the ModelRunner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (tokens,) int64: flat cache slot where each new token's K/V is written
+    query_index: torch.Tensor  # (batch, max_q) int64: row of `tokens` for each sequence's queries (padded with 0)
+    output_index: torch.Tensor  # (tokens,) int64: position of each token in the flattened (batch*max_q) output
+    kv_index: torch.Tensor  # (batch, max_kv) int64: flat cache slots of each sequence's context (padded with 0)
+    mask: torch.Tensor | None  # (batch, 1, max_q, max_kv) bool: True where a query may attend; None = all
+
+
+class RMSNorm(torch.nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)  # (hidden,)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(torch.nn.Module):
+    """Grouped-query attention: num_heads query heads share num_kv_heads K/V heads."""
+
+    def __init__(self, config: ModelConfig, qkv: torch.nn.Module, o_proj: torch.nn.Module):
+        super().__init__()
+        self.qkv_proj, self.o_proj = qkv, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = config.head_dim**-0.5
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
+        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        # Write this step's K/V into the paged cache first, so the gather below sees them.
+        k_cache.index_copy_(0, meta.slot_mapping, k)  # k_cache: (num_slots, kv_heads, head_dim)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        qp = q[meta.query_index].transpose(1, 2)  # (batch, heads, max_q, head_dim)
+        kp = k_cache[meta.kv_index].transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
+        vp = v_cache[meta.kv_index].transpose(1, 2)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=self.scale, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(-1, self.q_size)[meta.output_index]  # (tokens, heads*head_dim)
+        return self.o_proj(out)
+
+
+class MLP(torch.nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer, 2020), gate and up fused in one matmul."""
+
+    def __init__(self, gate_up: torch.nn.Module, down: torch.nn.Module, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.intermediate_size = gate_up, down, intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm):
+        super().__init__()
+        self.self_attn, self.mlp = attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = attn_norm, mlp_norm
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(torch.nn.Module):
+    """The whole model; `forward` returns hidden states, `compute_logits` the float32 logits of chosen rows."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, WeightSource],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        quantization: str = "none",
+        progress: Callable[[], None] | None = None,
+    ):
+        super().__init__()
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        tick = progress or (lambda: None)
+
+        def take(name: str) -> WeightSource:
+            if name not in weights:
+                raise ValueError(f"checkpoint is missing the tensor {name!r}")
+            return weights[name]
+
+        def norm(name: str) -> RMSNorm:
+            w = to_float(take(name), dtype).to(self.device)
+            _check_shape(name, w, (config.hidden_size,))
+            return RMSNorm(w, config.rms_norm_eps)
+
+        def linear(names: list[str], in_features: int, outs: list[int], bias: bool) -> torch.nn.Module:
+            sources = [take(n + ".weight") for n in names]
+            for n, s, out in zip(names, sources, outs):
+                _check_shape(n + ".weight", s, (out, in_features))
+            biases = [take(n + ".bias") for n in names] if bias else None
+            return build_linear(sources, biases, dtype, self.device, quantization)
+
+        embed = to_float(take("model.embed_tokens.weight"), dtype).to(self.device)
+        _check_shape("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
+        self.embed_tokens = torch.nn.Parameter(embed, requires_grad=False)  # (vocab, hidden)
+        self.rotary = RotaryEmbedding(config, self.device)
+        self.layers = torch.nn.ModuleList()
+        h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = linear([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"], h, [q, kv, kv], config.attention_bias)
+            o = linear([p + "self_attn.o_proj"], q, [h], config.o_bias)
+            gate_up = linear([p + "mlp.gate_proj", p + "mlp.up_proj"], h, [inter, inter], config.mlp_bias)
+            down = linear([p + "mlp.down_proj"], inter, [h], config.mlp_bias)
+            self.layers.append(
+                Block(Attention(config, qkv, o), MLP(gate_up, down, inter), norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight"))
+            )
+            tick()
+        self.norm = norm("model.norm.weight")
+        if config.tie_word_embeddings or "lm_head.weight" not in weights:
+            head_source: WeightSource = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        else:
+            head_source = weights["lm_head.weight"]
+        _check_shape("lm_head.weight", head_source, (config.vocab_size, h))
+        if quantization == "none" and head_source is weights["model.embed_tokens.weight"]:
+            self.lm_head: torch.nn.Module = _TiedHead(self)
+        else:
+            self.lm_head = build_linear([head_source], None, dtype, self.device, quantization)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
+        x = F.embedding(input_ids, self.embed_tokens)  # (tokens, hidden)
+        cos, sin = self.rotary(positions, x.dtype)  # (tokens, 1, head_dim) each
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (rows, hidden) -> logits (rows, vocab) float32."""
+        return self.lm_head(hidden).float()
+
+
+class _TiedHead(torch.nn.Module):
+    """The output layer reusing the embedding matrix (tie_word_embeddings; GGUF files without output.weight)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self._model = [model]  # a list, so the embedding is not registered twice as a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._model[0].embed_tokens)
+
+
+def _check_shape(name: str, source: WeightSource, expected: tuple[int, ...]) -> None:
+    shape = tuple(source.shape)
+    if shape != expected:
+        raise ValueError(f"tensor {name!r} has shape {shape}, expected {expected} from the model config")
