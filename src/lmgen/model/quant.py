@@ -1,0 +1,348 @@
+"""Packed quantized linear layers: GGUF blocks stay quantized in memory and are multiplied directly (CPU).
+
+Why: decoding one token reads every weight once, so on a CPU the weight bytes and the per-call overhead set
+the speed.  Keeping GGUF's 4.5-8.5 bit blocks resident (instead of fp32) cuts the bytes 4-7x; the kernels in
+`lmgen/csrc/quant_kernels.cpp` (a small C++ extension, AVX2 + FMA + F16C, threads from ATen's OpenMP pool)
+multiply them directly.  benchmarks/matmul_candidates.py holds the measurements behind the choices below.
+
+How (decode, small batches): like llama.cpp, each activation row is quantized to int8 blocks of 32 values
+(scale = max|x| / 127, round to nearest) and every weight block contributes
+    d_w * d_x * sum(q_w * q_x)            (+ m_w * d_x * sum(q_x) for Q4_1, - 8 d_w d_x sum(q_x) for Q4_0).
+Load time re-packs the blocks of 8 consecutive rows so that one AVX2 register holds 4 quants of each of the 8
+rows ("r8" layout, same byte count as the file, see `_pack_r8`).  K-quants (Q4_K, Q5_K, Q6_K) keep the file
+layout; their super-blocks are dequantized to floats in L1 and dotted with the float activation.
+
+Accuracy of the integer path: the only error beyond the weight quantization itself comes from rounding the
+activations to 8 bits, |x - d_x q_x| <= d_x / 2 with d_x = max|x_block| / 127.  Per output,
+    |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_j |W_deq[n, j]|,
+about 0.3% of sum|x||W| for a block's worst case and ~0.1-0.2% relative RMS in practice, the same error
+llama.cpp makes.  The K-quant path and the prefill path use the float activation (fp32 rounding only).
+
+Prefill (batch >= DEQUANT_MIN_BATCH rows): a tile of TILE_ROWS weight rows is dequantized to fp32 per call and
+multiplied with at::mm (MKL); the tile is reused, so no float copy of the weight stays resident.
+
+Build: the extension is compiled at first use with torch.utils.cpp_extension (g++ with -O3 -mavx2 -mfma -mf16c
+-fopenmp, ninja) and cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions; the first build takes
+about a minute.  Without a compiler or on a CPU without AVX2, `supported_packed_qtypes()` is empty (callers
+dequantize to float layers) and `quantize_linear` uses a slower pure-PyTorch packed module.  Set
+LMGEN_QUANT_KERNELS=0 to disable the extension, LMGEN_QUANT_VERBOSE=1 to see the build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+try:  # gguf is a dependency, but keep this module importable without it
+    import gguf
+    from gguf import GGMLQuantizationType as _QT
+except ImportError:  # pragma: no cover
+    gguf = None
+    _QT = None
+
+__all__ = [
+    "QuantizedLinear",
+    "packed_linear_from_gguf",
+    "quantize_linear",
+    "supported_packed_qtypes",
+    "kernels_available",
+]
+
+# Batches of at least this many rows dequantize a weight tile and call at::mm instead of the integer kernels
+# (see benchmarks/matmul_candidates.py for the crossover on this machine).
+DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "32"))
+# Rows of weight dequantized at once on that path (fp32 tile of TILE_ROWS x in_features).
+TILE_ROWS = int(os.environ.get("LMGEN_QUANT_TILE_ROWS", "4096"))
+# Smallest amount of work (8-row groups x blocks of 32 x batch rows) handed to a thread; smaller products run on
+# the calling thread, where starting the OpenMP team would cost more than it saves.
+MIN_UNITS = int(os.environ.get("LMGEN_QUANT_MIN_UNITS", "1024"))
+
+_R8_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+_KQ_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.cpp"
+_ext_lock = threading.Lock()
+_ext_module = None
+_ext_error: str | None = None
+
+
+def _cpu_ok() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        return False
+    if cap not in ("AVX2", "AVX512"):
+        return False
+    try:  # AVX2 capability in torch implies FMA; F16C is checked separately where we can
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "f16c" in line.split()
+    except OSError:  # pragma: no cover
+        pass
+    return True
+
+
+def _load_ext():
+    """The compiled kernels, building them on first use; None if unavailable (reason in `_ext_error`)."""
+    global _ext_module, _ext_error
+    if _ext_module is not None or _ext_error is not None:
+        return _ext_module
+    with _ext_lock:
+        if _ext_module is not None or _ext_error is not None:
+            return _ext_module
+        if os.environ.get("LMGEN_QUANT_KERNELS", "1") == "0":
+            _ext_error = "disabled by LMGEN_QUANT_KERNELS=0"
+        elif not _cpu_ok():
+            _ext_error = "CPU lacks x86-64 AVX2/FMA/F16C"
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                _ext_module = cpp_extension.load(
+                    name="lmgen_quant_kernels",
+                    sources=[str(_CSRC)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=os.environ.get("LMGEN_QUANT_VERBOSE", "0") == "1",
+                )
+            except Exception as exc:  # no compiler, no ninja, build error
+                _ext_error = f"building {_CSRC.name} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
+        if _ext_error is not None:
+            logger.warning("lmgen quant kernels unavailable (%s); packed GGUF weights will be dequantized", _ext_error)
+        return _ext_module
+
+
+def kernels_available() -> bool:
+    """True when the compiled packed-weight kernels can be used (builds them on first call)."""
+    return _load_ext() is not None
+
+
+def _qtype(qtype) -> "gguf.GGMLQuantizationType":
+    if gguf is None:  # pragma: no cover
+        raise ValueError("the gguf package is needed for packed GGUF weights")
+    try:
+        return _QT(qtype)
+    except (ValueError, TypeError):
+        raise ValueError(f"unknown GGML quantization type {qtype!r}") from None
+
+
+def supported_packed_qtypes() -> set:
+    """GGML quantization types that `packed_linear_from_gguf` keeps packed on this machine (empty if the
+    kernels cannot be built here)."""
+    if gguf is None or _load_ext() is None:
+        return set()
+    return {_QT[n] for n in _R8_TYPES + _KQ_TYPES}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# packing
+# ------------------------------------------------------------------------------------------------------------
+def _pack_r8(qt, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """GGUF blocks (rows, bytes_per_row) -> r8 layout (flat uint8).
+
+    Rows are taken 8 at a time (zero rows pad the last group); for each group and each block of 32 columns:
+      Q4_0: d[8] fp16                    | q[c][r][j] = qs[4c + j] of row r, c < 4, j < 4   (16 + 128 bytes)
+      Q4_1: d[8] fp16 | m[8] fp16         | same 128 nibble bytes                           (32 + 128 bytes)
+      Q8_0: d[8] fp16                    | q[c][r][j] = qs[4c + j] of row r, c < 8, j < 4   (16 + 256 bytes)
+    """
+    _, type_size = gguf.GGML_QUANT_SIZES[qt]
+    nb = cols // 32
+    raw = np.ascontiguousarray(data).reshape(rows, nb, type_size)
+    groups = (rows + 7) // 8
+    if groups * 8 != rows:
+        raw = np.concatenate([raw, np.zeros((groups * 8 - rows, nb, type_size), np.uint8)], axis=0)
+    raw = raw.reshape(groups, 8, nb, type_size)
+    head = 4 if qt == _QT.Q4_1 else 2
+    scales = raw[..., :head].reshape(groups, 8, nb, head // 2, 2).transpose(0, 2, 3, 1, 4)  # (g, nb, k, 8, 2)
+    quants = raw[..., head:]
+    chunks = quants.shape[-1] // 4
+    quants = quants.reshape(groups, 8, nb, chunks, 4).transpose(0, 2, 3, 1, 4)  # (g, nb, c, 8, 4)
+    out = np.concatenate(
+        [scales.reshape(groups, nb, -1), quants.reshape(groups, nb, -1)], axis=-1
+    )
+    return np.ascontiguousarray(out).reshape(-1)
+
+
+def _check_gguf_args(qt, data: np.ndarray, shape) -> tuple[int, int]:
+    try:
+        rows, cols = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be (out_features, in_features), got {shape!r}") from None
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
+    if rows <= 0 or cols <= 0 or cols % block:
+        raise ValueError(
+            f"shape {shape!r}: in_features must be a positive multiple of {block} for {qt.name}"
+        )
+    data = np.asarray(data)
+    expected = (rows, cols // block * type_size)
+    if data.dtype != np.uint8 or data.size != expected[0] * expected[1]:
+        raise ValueError(
+            f"{qt.name} data for shape {shape!r} must be uint8 {expected} (rows, bytes_per_row); "
+            f"got {data.dtype} {tuple(data.shape)}"
+        )
+    return rows, cols
+
+
+# ------------------------------------------------------------------------------------------------------------
+# modules
+# ------------------------------------------------------------------------------------------------------------
+class QuantizedLinear(torch.nn.Module):
+    """y = x W^T (+ bias) with W kept packed (see the module docstring).
+
+    forward: x (..., in_features) float32 -> (..., out_features) float32; other float dtypes are computed in
+    float32 and cast back.  Inference only (no autograd through the weight or x).
+    """
+
+    def __init__(self, qtype, packed: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        ext = _load_ext()
+        if ext is None:
+            raise RuntimeError(f"lmgen quant kernels unavailable: {_ext_error}")
+        self.qtype = _qtype(qtype)
+        self.out_features = int(out_features)
+        self.in_features = int(in_features)
+        expected = ext.packed_bytes(int(self.qtype), self.out_features, self.in_features)
+        if packed.dtype != torch.uint8 or packed.numel() != expected:
+            raise ValueError(f"packed {self.qtype.name} weight must be {expected} uint8 bytes, got {packed.numel()}")
+        self.register_buffer("packed", packed.contiguous().view(-1), persistent=True)
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).contiguous().view(-1)
+            if bias.numel() != self.out_features:
+                raise ValueError(f"bias has {bias.numel()} values, expected {self.out_features}")
+        self.register_buffer("bias", bias, persistent=True)
+        self._qid = int(self.qtype)
+        self._fn = ext.qlinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"expected input (..., {k}), got {tuple(x.shape)}")
+        dtype = x.dtype
+        x2 = x.reshape(-1, k)
+        if dtype != torch.float32:
+            x2 = x2.to(torch.float32)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self._fn(x2, self.packed, self._qid, self.out_features, k, self.bias,
+                     DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS)
+        if dtype != torch.float32:
+            y = y.to(dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as fp32 (out_features, in_features) (a new tensor; for tests and debugging)."""
+        return _load_ext().dequantize(self.packed, self._qid, self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
+                f"bias={self.bias is not None}")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_fn", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fn = _load_ext().qlinear
+
+
+class TorchPackedLinear(torch.nn.Module):
+    """Pure-PyTorch fallback for `quantize_linear` when the compiled kernels are unavailable: keeps Q8_0 / Q4_1
+    blocks as small tensors and dequantizes the whole weight on every call (correct and memory-light, slower
+    than a float Linear)."""
+
+    def __init__(self, qtype, data: np.ndarray, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qtype = _qtype(qtype)
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        nb = self.in_features // 32
+        _, ts = gguf.GGML_QUANT_SIZES[self.qtype]
+        raw = np.ascontiguousarray(data).reshape(self.out_features, nb, ts)
+        head = {_QT.Q8_0: 2, _QT.Q4_1: 4, _QT.Q4_0: 2}[self.qtype]
+        scales = np.ascontiguousarray(raw[..., :head]).view(np.float16)  # (out, nb, 1|2)
+        self.register_buffer("scales", torch.from_numpy(scales.copy()))
+        self.register_buffer("quants", torch.from_numpy(np.ascontiguousarray(raw[..., head:])))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).reshape(-1))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        s = self.scales.to(torch.float32)
+        if self.qtype == _QT.Q8_0:
+            w = self.quants.view(torch.int8).to(torch.float32) * s[..., 0:1]
+        else:
+            q = self.quants
+            w = torch.cat([q & 0x0F, q >> 4], dim=-1).to(torch.float32)
+            w = w * s[..., 0:1] + (s[..., 1:2] if self.qtype == _QT.Q4_1 else -8.0 * s[..., 0:1])
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight()
+        y = torch.nn.functional.linear(x.to(torch.float32), w, self.bias)
+        return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# public constructors
+# ------------------------------------------------------------------------------------------------------------
+def packed_linear_from_gguf(qtype, data: np.ndarray, shape: tuple[int, int],
+                            bias: torch.Tensor | None = None) -> torch.nn.Module | None:
+    """A linear layer that keeps GGUF blocks packed.
+
+    qtype: gguf.GGMLQuantizationType (or its int); data: raw blocks (rows, bytes_per_row) of an
+    (out_features, in_features) = `shape` weight, several matrices possibly concatenated along rows (fused
+    QKV / gate+up: pass the summed out_features).  Returns None for a type not packed here (see
+    `supported_packed_qtypes()`); the caller then dequantizes to a float layer.  Raises ValueError for an unknown
+    type or data that does not match `shape`.
+    """
+    qt = _qtype(qtype)
+    if qt.name not in _R8_TYPES + _KQ_TYPES:
+        return None
+    rows, cols = _check_gguf_args(qt, data, shape)
+    if _load_ext() is None:
+        return None
+    data = np.asarray(data)
+    if qt.name in _R8_TYPES:
+        packed = _pack_r8(qt, data, rows, cols)
+    else:
+        packed = np.ascontiguousarray(data).reshape(-1).copy()  # K-quants keep the file layout (owned copy)
+    return QuantizedLinear(qt, torch.from_numpy(packed), rows, cols, bias)
+
+
+_MODES = {"int8": "Q8_0", "int4": "Q4_1"}
+
+
+def quantize_linear(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> torch.nn.Module:
+    """Quantize a float (out_features, in_features) weight at load time and return a packed linear layer.
+
+    mode "int8": Q8_0 blocks (32 values, one fp16 scale; error <= max|w_block| / 254 per weight).
+    mode "int4": Q4_1 blocks (32 values, fp16 scale and min; error <= (max - min)_block / 30 per weight).
+    in_features must be a multiple of 32 (ValueError otherwise).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"quantize_linear mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if cols % 32 or rows == 0:
+        raise ValueError(f"weight shape {tuple(weight.shape)}: in_features must be a multiple of 32 for {mode}")
+    qt = _QT[_MODES[mode]]
+    w = weight.detach().to(torch.float32).cpu().contiguous().numpy()
+    data = gguf.quants.quantize(w, qt)  # (rows, bytes_per_row) uint8
+    if _load_ext() is not None:
+        module = packed_linear_from_gguf(qt, data, (rows, cols), bias)
+        if module is not None:
+            return module
+    return TorchPackedLinear(qt, data, rows, cols, bias)
