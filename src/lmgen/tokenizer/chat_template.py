@@ -20,6 +20,7 @@ and the data a template sees is rebuilt from plain JSON types first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import traceback
@@ -200,6 +201,12 @@ def _environment() -> _StrictSandbox:
     return _ENV
 
 
+@functools.lru_cache(maxsize=64)
+def _compile(source: str) -> jinja2.Template:
+    # Compiling a large template takes milliseconds; callers often build a ChatTemplate per request.
+    return _environment().from_string(source)
+
+
 # --------------------------------------------------------------------------------------
 # Input preparation, mirroring transformers' apply_chat_template / render_jinja_template.
 # --------------------------------------------------------------------------------------
@@ -327,7 +334,7 @@ class ChatTemplate:
         self.eos_token = eos_token
         self.name = name or "chat template"
         try:
-            self._template = _environment().from_string(source)
+            self._template = _compile(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ChatTemplateError(
                 f"{self.name}: syntax error at line {e.lineno}: {e.message}"
