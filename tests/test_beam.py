@@ -247,8 +247,30 @@ def test_argument_validation():
     # too few candidates for 2 beams (needs 4 per sequence)
     with pytest.raises(ValueError, match="at least 4"):
         beam_search([1], fn, beam_width=2, max_tokens=3, eos_token_ids={0})
-    # two EOS ids: (1 + 2) * 2 = 6 needed
     fn4 = lambda seqs: [{0: -0.1, 1: -2.5, 2: -3.0, 3: -4.0} for _ in seqs]  # noqa: E731
-    beam_search([1], fn4, beam_width=2, max_tokens=3, eos_token_ids={0})
-    with pytest.raises(ValueError, match="at least 6"):
-        beam_search([1], fn4, beam_width=2, max_tokens=3, eos_token_ids={0, 1})
+    res = beam_search([1], fn4, beam_width=2, max_tokens=3, eos_token_ids={0}, n=2)
+    # hand-checked: "0" (EOS) at step 1 scores -0.1; the best live beam "1"
+    # continues with EOS: (-2.5 - 0.1) / 2 = -1.3
+    assert [r.token_ids for r in res] == [[0], [1, 0]]
+    assert [r.finish_reason for r in res] == ["stop", "stop"]
+    assert res[0].score == pytest.approx(-0.1) and res[1].score == pytest.approx(-1.3)
+
+
+@pytest.mark.parametrize("es", [False, True])
+def test_multiple_eos_ids(models, eos_ids, es):
+    """Two EOS ids: transformers keeps (1 + 2) * K continuations per step."""
+    seed, prompt = CASES[0]
+    model = models[seed]
+    second = pick_eos(model, prompt[:-1])  # another token the model likes
+    eos = [eos_ids[seed], second] if second != eos_ids[seed] else [eos_ids[seed], 7]
+    K = 3
+    ours = beam_search(
+        prompt, logprob_fn(model), beam_width=K, max_tokens=MAX_NEW, eos_token_ids=set(eos),
+        early_stopping=es, n=K,
+    )
+    out = hf_generate(model, prompt, eos, num_beams=K, num_return_sequences=K, early_stopping=es)
+    lengths = (out.beam_indices != -1).sum(dim=1).tolist()
+    assert [r.token_ids for r in ours] == [strip(out.sequences[i], len(prompt), lengths[i]) for i in range(K)]
+    for r, s in zip(ours, out.sequences_scores.tolist()):
+        assert r.score == pytest.approx(s, abs=1e-5)
+    assert any(r.finish_reason == "stop" for r in ours)

@@ -80,8 +80,11 @@ def beam_search(
     ``next_logprobs(seqs)`` receives full sequences (prompt + generated so far)
     and returns one ``{token_id: logprob}`` per sequence holding at least the
     ``candidates_needed(beam_width, eos_token_ids)`` most likely tokens
-    (``2 * beam_width`` with one EOS id; fewer is a ``ValueError``, so the
-    vocabulary must be at least that large), or the whole distribution.  All
+    (``2 * beam_width`` with one EOS id), or the whole distribution.  Fewer
+    than ``2 * beam_width`` is a ``ValueError``; with ``m > 1`` EOS ids and
+    fewer than ``(1 + m) * beam_width`` entries the search still works but
+    may, rarely, differ from transformers (which ranks ``(1 + m) * K``
+    continuations per step).  All
     sequences of one call have the same length; identical sequences are
     asked for once.  Returns the ``n`` best finished hypotheses, best first.
 
@@ -163,10 +166,10 @@ def beam_search(
         cand_lp: list[float] = []
         for b, seq in enumerate(running):
             dist = dists[unique[tuple(seq)]]
-            if len(dist) < beams_to_keep:
+            if len(dist) < 2 * K:
                 raise ValueError(
-                    f"next_logprobs must return at least {beams_to_keep} log-probs per sequence "
-                    f"(beam_width={K}, {len(eos)} EOS ids), got {len(dist)}"
+                    f"next_logprobs must return at least {2 * K} log-probs per sequence "
+                    f"(2 * beam_width), got {len(dist)}"
                 )
             for tok in sorted(dist):
                 cand_beam.append(b)
@@ -175,7 +178,8 @@ def beam_search(
         accumulated = torch.tensor(cand_lp, dtype=torch.float32) + running_scores[torch.tensor(cand_beam)]
 
         # c. top-(2K) continuations
-        topk_scores, topk_idx = torch.topk(accumulated, k=beams_to_keep)
+        keep_now = min(beams_to_keep, len(cand_tok))
+        topk_scores, topk_idx = torch.topk(accumulated, k=keep_now)
         topk_seqs = [running[cand_beam[i]] + [cand_tok[i]] for i in topk_idx.tolist()]
         at_limit = cur_len + 1 >= max_length
         hits = torch.tensor([at_limit or seq[-1] in eos for seq in topk_seqs], dtype=torch.bool)
@@ -187,7 +191,7 @@ def beam_search(
         running_scores = topk_running_scores[next_idx]
 
         # f. finished hypotheses: only the top-K continuations may finish
-        just_finished = hits & top_num_beam_mask
+        just_finished = hits & top_num_beam_mask[:keep_now]
         normalised = topk_scores / ((cur_len + 1 - prompt_len) ** length_penalty)
         full = bool(is_finished.all()) and early_stopping is True
         normalised = normalised + float(full) * _BIG
