@@ -1,1 +1,21 @@
-"""lmgen: a readable text-generation engine for LLaMA-family models."""
+"""lmgen: a readable, fast text-generation engine for LLaMA-family models.
+
+    from lmgen import LLM, SamplingParams
+    llm = LLM()                                     # embedded SmolLM2-135M-Instruct (GGUF)
+    print(llm.generate("Hello", SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text)
+"""
+
+from lmgen.chat.conversation import Conversation
+from lmgen.config import ModelConfig, UnsupportedModelError
+from lmgen.engine.engine import ContextOverflowError, Engine
+from lmgen.engine.request import CompletionOutput, RequestOutput, RequestStatus
+from lmgen.llm import LLM
+from lmgen.loader.errors import ModelLoadError
+from lmgen.sampling.params import SamplingParams
+from lmgen.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from lmgen.tokenizer.tokenizer import Tokenizer
+
+__all__ = [
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestStatus", "ChatTemplate", "ChatTemplateError",
+    "Conversation", "Tokenizer", "ModelConfig", "Engine", "ContextOverflowError", "ModelLoadError", "UnsupportedModelError",
+]

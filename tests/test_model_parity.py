@@ -1,0 +1,133 @@
+"""lmgen's forward pass against Hugging Face transformers: logits to 1e-4 and identical greedy tokens.
+
+Oracles: random-initialised transformers checkpoints (Llama with GQA + llama3 RoPE + tied embeddings,
+Llama with biases + explicit head_dim + linear RoPE, Mistral, Qwen2 with q/k/v biases) saved with
+save_pretrained, and the embedded SmolLM2 GGUF as transformers itself reads it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmgen import LLM, SamplingParams
+from lmgen.engine.request import Request
+
+from conftest import TINY_CONFIGS
+
+
+def lmgen_logits_per_step(llm: LLM, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
+    """Drives lmgen's scheduler/runner/model by hand: logits of every prompt position (one prefill call),
+    then of each decode step feeding `continuation` one token at a time through the KV cache."""
+    eng = llm.engine
+    req = Request("parity", prompt, SamplingParams(max_tokens=len(continuation) + 1))
+    eng.scheduler.add(req)
+    results = []
+    try:
+        sched = eng.scheduler.schedule()
+        assert sched.scheduled == [(req, len(prompt))]  # the whole prompt in one prefill call
+        input_ids, positions, meta = eng.runner.prepare(sched)
+        with torch.inference_mode():
+            hidden = llm.model(input_ids, positions, eng.kv_cache.layers, meta)
+            results.append(llm.model.compute_logits(hidden))  # (prompt_len, vocab)
+        req.num_computed_tokens = len(prompt)
+        for tok in continuation:
+            req.output_token_ids.append(tok)
+            sched = eng.scheduler.schedule()
+            assert sched.scheduled == [(req, 1)]  # one decode token, the rest read from the cache
+            out = eng.runner.run(sched)
+            req.num_computed_tokens += 1
+            results.append(out.logits)  # (1, vocab)
+    finally:
+        eng.scheduler.finish(req, req.status.FINISHED_ABORTED)
+    return results
+
+
+@pytest.mark.parametrize("kind", list(TINY_CONFIGS))
+def test_random_checkpoint_logits_and_greedy_match_transformers(kind, tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dirs[kind]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = LLM(str(folder), dtype="float32")
+    assert llm.config.architecture == TINY_CONFIGS[kind]["architectures"][0]
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(3, llm.config.vocab_size, (24,), generator=gen).tolist()
+
+    with torch.no_grad():
+        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, 24, dtype=torch.long))
+    hf_tokens = hf_out[0, 24:].tolist()
+    assert len(hf_tokens) == 32
+
+    # logits at every prompt position and at each of 16 decode steps
+    steps = lmgen_logits_per_step(llm, prompt, hf_tokens[:16])
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + hf_tokens[:16]])).logits[0]  # (24+16, vocab)
+    torch.testing.assert_close(steps[0], ref[:24], atol=1e-4, rtol=0)
+    for i, step in enumerate(steps[1:]):
+        torch.testing.assert_close(step[0], ref[24 + i], atol=1e-4, rtol=0)
+
+    ours = llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
+    assert ours.outputs[0].token_ids == hf_tokens
+    assert ours.outputs[0].finish_reason == "length"
+
+
+def test_batched_prompts_of_different_lengths_match_single_runs(tiny_model_dirs):
+    llm = LLM(str(tiny_model_dirs["qwen2"]), dtype="float32")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (5, 17, 40, 1)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert together == alone
+
+
+@pytest.fixture(scope="module")
+def smol_greedy_reference(hf_smol_model, hf_smol_tokenizer):
+    prompts = ["The capital of France is", "Once upon a time, in a small village,", "大语言模型是"]
+    out = {}
+    for p in prompts:
+        ids = hf_smol_tokenizer(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = hf_smol_model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2,
+                                         attention_mask=torch.ones_like(ids))
+        out[p] = (ids[0].tolist(), gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def test_embedded_gguf_greedy_tokens_match_transformers(smol_llm, smol_greedy_reference):
+    for prompt, (ids, hf_tokens) in smol_greedy_reference.items():
+        assert smol_llm.tokenizer.encode(prompt) == ids
+        ours = smol_llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
+        assert ours.prompt_token_ids == ids
+        assert ours.outputs[0].token_ids == hf_tokens, prompt
+
+
+def test_embedded_gguf_logits_match_transformers(smol_llm, hf_smol_model, smol_greedy_reference):
+    ids, hf_tokens = smol_greedy_reference["大语言模型是"]
+    steps = lmgen_logits_per_step(smol_llm, ids, hf_tokens[:4])
+    with torch.no_grad():
+        ref = hf_smol_model(torch.tensor([ids + hf_tokens[:4]])).logits[0]
+    torch.testing.assert_close(steps[0], ref[: len(ids)], atol=2e-3, rtol=1e-4)
+    for i, step in enumerate(steps[1:]):
+        torch.testing.assert_close(step[0], ref[len(ids) + i], atol=2e-3, rtol=1e-4)
+
+
+def test_chat_answers_paris(smol_llm):
+    out = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=40, temperature=0))
+    assert "Paris" in out[0].outputs[0].text
+    assert out[0].outputs[0].finish_reason == "stop"  # ended by <|im_end|>, which is not in the text
+    assert "<|im_end|>" not in out[0].outputs[0].text
+
+
+def test_bfloat16_runs_and_agrees_with_float32(tiny_model_dirs):
+    folder = str(tiny_model_dirs["llama"])
+    f32, bf16 = LLM(folder, dtype="float32"), LLM(folder, dtype="bfloat16")
+    assert bf16.model.embed_tokens.dtype == torch.bfloat16
+    prompt = list(range(100, 124))
+    a = lmgen_logits_per_step(f32, prompt, [5, 6])
+    b = lmgen_logits_per_step(bf16, prompt, [5, 6])
+    for x, y in zip(a, b):
+        assert torch.isfinite(y).all()
+        assert (x - y).abs().max() < 0.1  # bf16 keeps ~3 significant digits
