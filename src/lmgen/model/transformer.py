@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
+from lmgen.loader.errors import ModelLoadError
 from lmgen.model.linear import WeightSource, build_linear, to_float
 from lmgen.model.rope import RotaryEmbedding, apply_rotary
 
@@ -115,7 +116,7 @@ class Transformer(torch.nn.Module):
 
         def take(name: str) -> WeightSource:
             if name not in weights:
-                raise ValueError(f"checkpoint is missing the tensor {name!r}")
+                raise ModelLoadError(f"checkpoint is missing the tensor {name!r}")
             return weights[name]
 
         def norm(name: str) -> RMSNorm:
@@ -184,4 +185,4 @@ class _TiedHead(torch.nn.Module):
 def _check_shape(name: str, source: WeightSource, expected: tuple[int, ...]) -> None:
     shape = tuple(source.shape)
     if shape != expected:
-        raise ValueError(f"tensor {name!r} has shape {shape}, expected {expected} from the model config")
+        raise ModelLoadError(f"tensor {name!r} has shape {shape}, expected {expected} from the model config")
