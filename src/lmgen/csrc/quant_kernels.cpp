@@ -26,7 +26,6 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -34,409 +33,73 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_kernels.h"
+
 namespace {
-
-constexpr int64_t QK = 32;     // elements per Q4_0 / Q4_1 / Q8_0 block
-constexpr int64_t QK_K = 256;  // elements per K-quant super-block
-
-// GGML type ids (gguf.GGMLQuantizationType values)
-enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
-
-inline int64_t r8_block_bytes(int64_t qtype) {
-  switch (qtype) {
-    case T_Q4_0: return 144;
-    case T_Q4_1: return 160;
-    case T_Q8_0: return 272;
-    default: return 0;
-  }
-}
-
-inline int64_t kq_block_bytes(int64_t qtype) {
-  switch (qtype) {
-    case T_Q4_K: return 144;
-    case T_Q5_K: return 176;
-    case T_Q6_K: return 210;
-    default: return 0;
-  }
-}
-
-inline bool is_r8(int64_t qtype) { return r8_block_bytes(qtype) != 0; }
-inline bool is_kq(int64_t qtype) { return kq_block_bytes(qtype) != 0; }
-
-inline float fp16_to_f32(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-inline int32_t load_i32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline int32_t hsum8_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
+using namespace lmgen_q;
 
 // ---------------------------------------------------------------------------------------------------------
-// Activation quantization: one row of K floats -> K int8 (blocks of 32, symmetric, scale = amax / 127),
-// d[b] = block scale, s[b] = d[b] * sum(q in block) (used by the Q4_0 offset and the Q4_1 min term).
-// Rounding is to nearest (even); |q| <= 127, which keeps every int16 partial sum below in range.
+// tuning (set from Python: lmgen.model.quant.set_tuning)
 // ---------------------------------------------------------------------------------------------------------
-void quantize_act_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
-  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t b = 0; b < K / QK; ++b) {
-    const float* xb = x + b * QK;
-    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
-    __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-    __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_mask, v0), _mm256_andnot_ps(sign_mask, v1)),
-                                _mm256_max_ps(_mm256_andnot_ps(sign_mask, v2), _mm256_andnot_ps(sign_mask, v3)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float am = _mm_cvtss_f32(m4);
-    const float dd = am / 127.0f;
-    const float id = am > 0.0f ? 127.0f / am : 0.0f;
-    const __m256 vid = _mm256_set1_ps(id);
-    constexpr int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), R));
-    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), R));
-    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), R));
-    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), R));
-    const int32_t isum = hsum8_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-    p = _mm256_permutevar8x32_epi32(p, perm);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
-    d[b] = dd;
-    s[b] = dd * static_cast<float>(isum);
-  }
-}
-
-struct ActQ8 {
-  const int8_t* q;
-  const float* d;
-  const float* s;
-};
-
-// ---------------------------------------------------------------------------------------------------------
-// r8 kernels: one group of 8 weight rows x MR activation rows; acc[r] lane i = output (act row r, weight row i)
-// ---------------------------------------------------------------------------------------------------------
-template <int MR>
-inline void r8_q4_group(const uint8_t* wg, int64_t nb, bool has_min, const ActQ8* act, __m256* acc) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t bb = has_min ? 160 : 144;
-  const int64_t qoff = has_min ? 32 : 16;
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wg + b * bb;
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    __m256 mw = _mm256_setzero_ps();
-    if (has_min) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
-    const uint8_t* q = blk + qoff;
-    __m256i lo[4], hi[4];
-    for (int c = 0; c < 4; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-      lo[c] = _mm256_and_si256(v, m4);
-      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    }
-    for (int r = 0; r < MR; ++r) {
-      const int8_t* xa = act[r].q + b * QK;
-      // |sum| <= 8 * 2 * 15 * 127 = 30480: fits int16
-      __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(load_i32(xa)));
-      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(load_i32(xa + 16))));
-      for (int c = 1; c < 4; ++c) {
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(load_i32(xa + 4 * c))));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(load_i32(xa + 16 + 4 * c))));
-      }
-      const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-      if (has_min) {
-        // sum_j (d q_j + m) * x_j = d dx sum(q qx) + m sx
-        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), p, acc[r]);
-        acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), acc[r]);
-      } else {
-        // sum_j d (q_j - 8) x_j = d (dx sum(q qx) - 8 sx)
-        const __m256 t = _mm256_fmsub_ps(_mm256_set1_ps(act[r].d[b]), p, _mm256_set1_ps(8.0f * act[r].s[b]));
-        acc[r] = _mm256_fmadd_ps(dw, t, acc[r]);
-      }
-    }
-  }
-}
-
-template <int MR>
-inline void r8_q8_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wg + b * 272;
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const uint8_t* q = blk + 16;
-    __m256i s32[MR];
-    for (int r = 0; r < MR; ++r) s32[r] = _mm256_setzero_si256();
-    for (int c = 0; c < 8; ++c) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-      const __m256i aw = _mm256_sign_epi8(w, w);  // |w| (as unsigned: -128 -> 128)
-      for (int r = 0; r < MR; ++r) {
-        const __m256i xa = _mm256_set1_epi32(load_i32(act[r].q + b * QK + 4 * c));
-        // |pair sum| <= 2 * 128 * 127 = 32512: fits int16; widen right away
-        const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xa, w));
-        s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p16, ones));
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), _mm256_cvtepi32_ps(s32[r]), acc[r]);
-  }
-}
-
-template <int MR>
-inline void r8_group(int64_t qtype, const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
-  if (qtype == T_Q8_0)
-    r8_q8_group<MR>(wg, nb, act, acc);
-  else
-    r8_q4_group<MR>(wg, nb, qtype == T_Q4_1, act, acc);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Dequantization of r8 groups to fp32 rows (prefill path, tests)
-// ---------------------------------------------------------------------------------------------------------
-// 16 bytes of nibbles (GGUF block order) -> 32 floats v*scale + bias
-inline void nibbles_to_f32(const uint8_t* qs16, float scale, float bias, float* out) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs16));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(v, m4);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-  const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
-  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int k = 0; k < 4; ++k) {
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k]));
-    _mm256_storeu_ps(out + 8 * k, _mm256_fmadd_ps(f, vs, vb));
-  }
-}
-
-inline void int8_to_f32(const int8_t* q32, float scale, float* out) {
-  const __m256 vs = _mm256_set1_ps(scale);
-  for (int k = 0; k < 4; ++k) {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q32 + 8 * k));
-    _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), vs));
-  }
-}
-
-// rows [8g, 8g+nvalid) of an r8 weight -> out (row stride ld)
-void r8_dequant_group(int64_t qtype, const uint8_t* wg, int64_t nb, int nvalid, float* out, int64_t ld) {
-  const int64_t bb = r8_block_bytes(qtype);
-  alignas(32) uint8_t tmp[32];
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wg + b * bb;
-    for (int r = 0; r < nvalid; ++r) {
-      float* o = out + r * ld + b * QK;
-      const float d = fp16_to_f32(blk + 2 * r);
-      if (qtype == T_Q8_0) {
-        for (int c = 0; c < 8; ++c) std::memcpy(tmp + 4 * c, blk + 16 + 32 * c + 4 * r, 4);
-        int8_to_f32(reinterpret_cast<const int8_t*>(tmp), d, o);
-      } else {
-        const int64_t qoff = qtype == T_Q4_1 ? 32 : 16;
-        for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, blk + qoff + 32 * c + 4 * r, 4);
-        const float bias = qtype == T_Q4_1 ? fp16_to_f32(blk + 16 + 2 * r) : -8.0f * d;
-        nibbles_to_f32(tmp, d, bias, o);
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// K-quants (GGUF layout), dequantize one super-block of 256 to floats
-// ---------------------------------------------------------------------------------------------------------
-inline void kq_scale_min(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
-  // 12 bytes hold 8 6-bit scales and 8 6-bit mins
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
-void dequant_q4_k(const uint8_t* blk, float* y) {
-  const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
-  const uint8_t* scales = blk + 4;
-  const uint8_t* q = blk + 16;
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  for (int j = 0; j < 4; ++j) {  // 64 elements: 32 low nibbles then 32 high nibbles of 32 bytes
-    uint8_t sc, m;
-    kq_scale_min(2 * j, scales, &sc, &m);
-    const float d1 = d * sc, m1 = dmin * m;
-    kq_scale_min(2 * j + 1, scales, &sc, &m);
-    const float d2 = d * sc, m2 = dmin * m;
-    for (int h = 0; h < 2; ++h) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
-      const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-      const __m256 a1 = _mm256_set1_ps(d1), b1 = _mm256_set1_ps(-m1), a2 = _mm256_set1_ps(d2), b2 = _mm256_set1_ps(-m2);
-      _mm256_storeu_ps(y + 16 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), a1, b1));
-      _mm256_storeu_ps(y + 16 * h + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), a1, b1));
-      _mm256_storeu_ps(y + 32 + 16 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), a2, b2));
-      _mm256_storeu_ps(y + 32 + 16 * h + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), a2, b2));
-    }
-    q += 32;
-    y += 64;
-  }
-}
-
-void dequant_q5_k(const uint8_t* blk, float* y) {
-  const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
-  const uint8_t* scales = blk + 4;
-  const uint8_t* qh = blk + 16;
-  const uint8_t* ql = blk + 48;
-  alignas(32) uint8_t v[64];
-  for (int j = 0; j < 4; ++j) {
-    uint8_t sc, m;
-    kq_scale_min(2 * j, scales, &sc, &m);
-    const float d1 = d * sc, m1 = dmin * m;
-    kq_scale_min(2 * j + 1, scales, &sc, &m);
-    const float d2 = d * sc, m2 = dmin * m;
-    const uint8_t u1 = 1u << (2 * j), u2 = 2u << (2 * j);
-    for (int l = 0; l < 32; ++l) {
-      v[l] = (ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0);
-      v[32 + l] = (ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0);
-    }
-    for (int l = 0; l < 32; ++l) y[l] = d1 * v[l] - m1;
-    for (int l = 0; l < 32; ++l) y[32 + l] = d2 * v[32 + l] - m2;
-    ql += 32;
-    y += 64;
-  }
-}
-
-void dequant_q6_k(const uint8_t* blk, float* y) {
-  const uint8_t* ql = blk;
-  const uint8_t* qh = blk + 128;
-  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-  const float d = fp16_to_f32(blk + 208);
-  for (int n = 0; n < 2; ++n) {  // two halves of 128
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      const int q1 = static_cast<int>((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-      const int q2 = static_cast<int>((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-      const int q3 = static_cast<int>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-      const int q4 = static_cast<int>((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-      y[l] = d * sc[is] * q1;
-      y[l + 32] = d * sc[is + 2] * q2;
-      y[l + 64] = d * sc[is + 4] * q3;
-      y[l + 96] = d * sc[is + 6] * q4;
-    }
-    y += 128;
-    ql += 64;
-    qh += 32;
-    sc += 8;
-  }
-}
-
-inline void kq_dequant_block(int64_t qtype, const uint8_t* blk, float* y) {
-  if (qtype == T_Q4_K)
-    dequant_q4_k(blk, y);
-  else if (qtype == T_Q5_K)
-    dequant_q5_k(blk, y);
-  else
-    dequant_q6_k(blk, y);
-}
-
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-  }
-  return hsum8(_mm256_add_ps(s0, s1));
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// llama.cpp-style kernel on the raw GGUF layout (one row at a time, horizontal sum per row).  Kept only as a
-// benchmark baseline for the r8 repacking (benchmarks/matmul_candidates.py); M = 1, Q4_1 and Q8_0.
-// ---------------------------------------------------------------------------------------------------------
-float raw_dot_q4_1(const uint8_t* row, int64_t nb, const ActQ8& a) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
-  float summ = 0.0f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * 20;
-    const float d = fp16_to_f32(blk), m = fp16_to_f32(blk + 2);
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + b * QK));
-    const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), p, acc);
-    summ += m * a.s[b];
-  }
-  return hsum8(acc) + summ;
-}
-
-float raw_dot_q8_0(const uint8_t* row, int64_t nb, const ActQ8& a) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * 34;
-    const float d = fp16_to_f32(blk);
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + b * QK));
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc);
-  }
-  return hsum8(acc);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// drivers
-// ---------------------------------------------------------------------------------------------------------
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "x must be a CPU float32 tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "x must be contiguous (M, ", K, ")");
-}
-
-void check_w(const torch::Tensor& w, int64_t expected_bytes) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
-              "packed weight must be a contiguous CPU uint8 tensor");
-  TORCH_CHECK(w.numel() == expected_bytes, "packed weight has ", w.numel(), " bytes, expected ", expected_bytes);
-}
+int64_t g_dequant_min_batch = 32;  // batches of at least this many rows: dequantize a tile + at::mm
+int64_t g_tile_rows = 4096;        // weight rows dequantized at once on that path
+int64_t g_min_units = 1024;        // least work (group-blocks x batch rows) worth a thread
 
 inline int64_t grain_for(int64_t units_per_item, int64_t min_units) {
   return std::max<int64_t>(1, (min_units + units_per_item - 1) / std::max<int64_t>(1, units_per_item));
 }
 
-// y[M, N] = x[M, K] @ W^T (+ bias), W packed r8.  min_units: smallest amount of work (group-blocks x rows)
-// worth handing to a thread.
-void r8_gemm_into(const torch::Tensor& x, const uint8_t* w, int64_t qtype, int64_t N, int64_t K,
+int64_t packed_bytes(int64_t qtype, int64_t N, int64_t K) {
+  if (is_r8(qtype)) return (N + 7) / 8 * (K / QK) * r8_block_bytes(qtype);
+  return N * (K / QK_K) * kq_block_bytes(qtype);
+}
+
+void check_qtype_shape(int64_t qtype, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(is_r8(qtype) || is_kq(qtype), "unsupported qtype ", qtype);
+  TORCH_CHECK_VALUE(N > 0 && K > 0 && K % (is_r8(qtype) ? QK : QK_K) == 0, "bad shape (", N, ", ", K, ")");
+}
+
+void check_w(const torch::Tensor& w, int64_t expected_bytes) {
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
+                    "packed weight must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK_VALUE(w.numel() == expected_bytes, "packed weight has ", w.numel(), " bytes, expected ", expected_bytes);
+}
+
+// per-thread scratch for the quantized activations (grows, never shrinks)
+struct Scratch {
+  std::vector<int8_t> q;
+  std::vector<float> ds;
+};
+thread_local Scratch t_scratch;
+
+// y[M, N] (row stride ldy) = x[M, K] @ W^T (+ bias), W packed r8.
+void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, int64_t N, int64_t K,
                   const float* bias, float* y, int64_t ldy, int64_t min_units) {
-  const int64_t M = x.size(0), nb = K / QK, G = (N + 7) / 8;
+  const int64_t nb = K / QK, G = (N + 7) / 8;
   const int64_t gbytes = nb * r8_block_bytes(qtype);
-  // quantize the activations
-  std::vector<int8_t> q(static_cast<size_t>(M * K));
-  std::vector<float> ds(static_cast<size_t>(2 * M * nb));
-  const float* xp = x.data_ptr<float>();
+  Scratch& sc = t_scratch;
+  if (static_cast<int64_t>(sc.q.size()) < M * K) sc.q.resize(M * K);
+  if (static_cast<int64_t>(sc.ds.size()) < 2 * M * nb) sc.ds.resize(2 * M * nb);
+  int8_t* q = sc.q.data();
+  float* ds = sc.ds.data();
   auto quant_rows = [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      quantize_act_row(xp + m * K, K, q.data() + m * K, ds.data() + m * nb, ds.data() + (M + m) * nb);
+    for (int64_t m = m0; m < m1; ++m) quantize_act_row(xp + m * K, K, q + m * K, ds + m * nb, ds + (M + m) * nb);
   };
-  if (M >= 16)
-    at::parallel_for(0, M, 8, quant_rows);
+  if (M * K >= 32768)
+    at::parallel_for(0, M, 1, quant_rows);
   else
     quant_rows(0, M);
-  std::vector<ActQ8> act(static_cast<size_t>(M));
-  for (int64_t m = 0; m < M; ++m) act[m] = {q.data() + m * K, ds.data() + m * nb, ds.data() + (M + m) * nb};
+  ActQ8 act_small[8];
+  std::vector<ActQ8> act_big;
+  ActQ8* act = act_small;
+  if (M > 8) {
+    act_big.resize(M);
+    act = act_big.data();
+  }
+  for (int64_t m = 0; m < M; ++m) act[m] = {q + m * K, ds + m * nb, ds + (M + m) * nb};
 
-  at::parallel_for(0, G, grain_for(nb * M, min_units), [&](int64_t g0, int64_t g1) {
-    alignas(32) float tmp[4][8];
+  auto work = [&](int64_t g0, int64_t g1) {
+    alignas(32) float tmp[8];
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* wg = w + g * gbytes;
       const int nvalid = static_cast<int>(std::min<int64_t>(8, N - 8 * g));
@@ -451,16 +114,16 @@ void r8_gemm_into(const torch::Tensor& x, const uint8_t* w, int64_t qtype, int64
         __m256 acc[4];
         int mr;
         if (left >= 4) {
-          r8_group<4>(qtype, wg, nb, &act[m], acc);
+          r8_group<4>(qtype, wg, nb, act + m, acc);
           mr = 4;
         } else if (left == 3) {
-          r8_group<3>(qtype, wg, nb, &act[m], acc);
+          r8_group<3>(qtype, wg, nb, act + m, acc);
           mr = 3;
         } else if (left == 2) {
-          r8_group<2>(qtype, wg, nb, &act[m], acc);
+          r8_group<2>(qtype, wg, nb, act + m, acc);
           mr = 2;
         } else {
-          r8_group<1>(qtype, wg, nb, &act[m], acc);
+          r8_group<1>(qtype, wg, nb, act + m, acc);
           mr = 1;
         }
         for (int r = 0; r < mr; ++r) {
@@ -469,32 +132,41 @@ void r8_gemm_into(const torch::Tensor& x, const uint8_t* w, int64_t qtype, int64
           if (nvalid == 8) {
             _mm256_storeu_ps(yo, o);
           } else {
-            _mm256_store_ps(tmp[r], o);
-            std::memcpy(yo, tmp[r], sizeof(float) * nvalid);
+            _mm256_store_ps(tmp, o);
+            std::memcpy(yo, tmp, sizeof(float) * nvalid);
           }
         }
         m += mr;
       }
     }
-  });
+  };
+  const int64_t grain = grain_for(nb * M, min_units);
+  if (G <= grain)
+    work(0, G);  // skip the OpenMP team entirely
+  else
+    at::parallel_for(0, G, grain, work);
 }
 
-// rows [r0, r1) of a K-quant weight times x -> y (M = x rows, y row stride ldy), float path
-void kq_gemm_into(const torch::Tensor& x, const uint8_t* w, int64_t qtype, int64_t N, int64_t K,
+// K-quant weight (GGUF rows) times x -> y (row stride ldy), float path
+void kq_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, int64_t N, int64_t K,
                   const float* bias, float* y, int64_t ldy, int64_t min_units) {
-  const int64_t M = x.size(0), nsb = K / QK_K, bpr = nsb * kq_block_bytes(qtype);
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, N, grain_for(nsb * 8 * M, min_units), [&](int64_t n0, int64_t n1) {
+  const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype), bpr = nsb * bb;
+  auto work = [&](int64_t n0, int64_t n1) {
     alignas(32) float buf[QK_K];
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = w + n * bpr;
       for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = bias ? bias[n] : 0.0f;
-      for (int64_t sb = 0; sb < nsb; ++sb) {
-        kq_dequant_block(qtype, row + sb * kq_block_bytes(qtype), buf);
-        for (int64_t m = 0; m < M; ++m) y[m * ldy + n] += dot_f32(buf, xp + m * K + sb * QK_K, QK_K);
+      for (int64_t s = 0; s < nsb; ++s) {
+        kq_dequant_block(qtype, row + s * bb, buf);
+        for (int64_t m = 0; m < M; ++m) y[m * ldy + n] += dot_f32(buf, xp + m * K + s * QK_K, QK_K);
       }
     }
-  });
+  };
+  const int64_t grain = grain_for(nsb * M, min_units);  // a 256 super-block ~ a group-block of work
+  if (N <= grain)
+    work(0, N);
+  else
+    at::parallel_for(0, N, grain, work);
 }
 
 // rows [n0, n1) of the weight (n0 a multiple of 8 for r8 types) -> out (n1 - n0, K) fp32
@@ -512,93 +184,112 @@ void dequant_rows_into(const uint8_t* w, int64_t qtype, int64_t N, int64_t K, in
     const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype), bpr = nsb * bb;
     at::parallel_for(n0, n1, 64, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n)
-        for (int64_t sb = 0; sb < nsb; ++sb) kq_dequant_block(qtype, w + n * bpr + sb * bb, out + (n - n0) * K + sb * QK_K);
+        for (int64_t s = 0; s < nsb; ++s) kq_dequant_block(qtype, w + n * bpr + s * bb, out + (n - n0) * K + s * QK_K);
     });
   }
 }
 
-int64_t packed_bytes(int64_t qtype, int64_t N, int64_t K) {
-  if (is_r8(qtype)) return (N + 7) / 8 * (K / QK) * r8_block_bytes(qtype);
-  return N * (K / QK_K) * kq_block_bytes(qtype);
-}
-
-void check_qtype_shape(int64_t qtype, int64_t N, int64_t K) {
-  TORCH_CHECK(is_r8(qtype) || is_kq(qtype), "unsupported qtype ", qtype);
-  TORCH_CHECK(N > 0 && K > 0 && K % (is_r8(qtype) ? QK : QK_K) == 0, "bad shape (", N, ", ", K, ")");
-}
-
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------------------
-// Python entry points
-// ---------------------------------------------------------------------------------------------------------
-
-// x (M, K) float32 contiguous -> (M, N).  M >= dequant_min_batch: dequantize tiles of `tile_rows` weight rows
-// to fp32 and use at::mm; otherwise the integer (r8) or fused-dequant (K-quant) kernels.
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t N, int64_t K,
-                      const c10::optional<torch::Tensor>& bias, int64_t dequant_min_batch, int64_t tile_rows,
-                      int64_t min_units) {
-  check_qtype_shape(qtype, N, K);
-  check_x(x, K);
-  check_w(w, packed_bytes(qtype, N, K));
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
-                "bias must be a contiguous float32 tensor of ", N);
-    bp = bias->data_ptr<float>();
-  }
+// x (M, K) float32 contiguous -> y (M, N)
+torch::Tensor linear_2d(const torch::Tensor& x, const uint8_t* wp, int64_t qtype, int64_t N, int64_t K,
+                        const c10::optional<torch::Tensor>& bias, int64_t dequant_min_batch, int64_t tile_rows,
+                        int64_t min_units) {
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (M >= dequant_min_batch) {
     tile_rows = std::max<int64_t>(8, tile_rows / 8 * 8);
-    if (tile_rows >= N) {
-      auto wt = torch::empty({N, K}, x.options());
-      dequant_rows_into(wp, qtype, N, K, 0, N, wt.data_ptr<float>());
+    const int64_t rows = std::min(N, tile_rows);
+    auto wt = torch::empty({rows, K}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t n1 = std::min(N, n0 + rows);
+      auto wtile = wt.narrow(0, 0, n1 - n0);
+      dequant_rows_into(wp, qtype, N, K, n0, n1, wtile.data_ptr<float>());
+      auto ys = rows == N ? y : y.narrow(1, n0, n1 - n0);
       if (bias.has_value())
-        at::addmm_out(y, *bias, x, wt.t());
+        at::addmm_out(ys, bias->narrow(0, n0, n1 - n0), x, wtile.t());
       else
-        at::mm_out(y, x, wt.t());
-    } else {
-      auto wt = torch::empty({tile_rows, K}, x.options());
-      for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
-        const int64_t n1 = std::min(N, n0 + tile_rows);
-        auto wtile = wt.narrow(0, 0, n1 - n0);
-        dequant_rows_into(wp, qtype, N, K, n0, n1, wtile.data_ptr<float>());
-        auto ys = y.narrow(1, n0, n1 - n0);
-        if (bias.has_value())
-          at::addmm_out(ys, bias->narrow(0, n0, n1 - n0), x, wtile.t());
-        else
-          at::mm_out(ys, x, wtile.t());
-      }
+        at::mm_out(ys, x, wtile.t());
     }
     return y;
   }
   if (is_r8(qtype))
-    r8_gemm_into(x, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
+    r8_gemm_into(x.data_ptr<float>(), M, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
   else
-    kq_gemm_into(x, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
+    kq_gemm_into(x.data_ptr<float>(), M, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
   return y;
 }
 
-torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t N, int64_t K) {
-  check_qtype_shape(qtype, N, K);
-  check_w(w, packed_bytes(qtype, N, K));
-  auto out = torch::empty({N, K}, torch::kFloat32);
-  dequant_rows_into(w.data_ptr<uint8_t>(), qtype, N, K, 0, N, out.data_ptr<float>());
-  return out;
+// (..., K) any float dtype / layout -> (M, K) float32 contiguous
+torch::Tensor as_rows(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "expected input (..., ", K, "), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "input must be on the CPU");
+  torch::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, K});
+  if (x2.scalar_type() != torch::kFloat32) x2 = x2.to(torch::kFloat32);
+  if (!x2.is_contiguous()) x2 = x2.contiguous();
+  return x2;
 }
+
+torch::Tensor restore(torch::Tensor y, const torch::Tensor& x, int64_t N) {
+  if (x.scalar_type() != torch::kFloat32) y = y.to(x.scalar_type());
+  if (x.dim() != 2) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = N;
+    y = y.view(sizes);
+  }
+  return y;
+}
+
+// A packed weight and its forward; held by lmgen.model.quant.QuantizedLinear.
+struct PackedLinear {
+  torch::Tensor w;
+  int64_t qtype, N, K;
+  c10::optional<torch::Tensor> bias;
+
+  PackedLinear(torch::Tensor w_, int64_t qtype_, int64_t N_, int64_t K_, c10::optional<torch::Tensor> bias_)
+      : w(std::move(w_)), qtype(qtype_), N(N_), K(K_), bias(std::move(bias_)) {
+    check_qtype_shape(qtype, N, K);
+    check_w(w, packed_bytes(qtype, N, K));
+    if (bias.has_value()) {
+      TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() &&
+                            bias->numel() == N,
+                        "bias must be a contiguous CPU float32 tensor of ", N, " values");
+    }
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) const {
+    const torch::Tensor x2 = as_rows(x, K);
+    return restore(linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, g_dequant_min_batch, g_tile_rows, g_min_units),
+                   x, N);
+  }
+
+  // explicit path choice, for benchmarks: path 0 = as tuned, 1 = integer/fused kernels, 2 = dequantize + at::mm
+  torch::Tensor forward_path(const torch::Tensor& x, int64_t path, int64_t min_units) const {
+    const torch::Tensor x2 = as_rows(x, K);
+    const int64_t mb = path == 1 ? INT64_MAX : path == 2 ? 0 : g_dequant_min_batch;
+    return restore(linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, mb, g_tile_rows,
+                             min_units > 0 ? min_units : g_min_units),
+                   x, N);
+  }
+
+  torch::Tensor dequantize() const {
+    auto out = torch::empty({N, K}, torch::kFloat32);
+    dequant_rows_into(w.data_ptr<uint8_t>(), qtype, N, K, 0, N, out.data_ptr<float>());
+    return out;
+  }
+};
+
+}  // namespace
 
 // x (M, K) -> (q int8 (M, K), d (M, K/32), s (M, K/32)); exposed for tests
 std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "x must be (M, K) with K % 32 == 0");
-  check_x(x, x.size(1));
-  const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % QK == 0, "x must be (M, K) with K % 32 == 0");
+  const torch::Tensor x2 = as_rows(x, x.size(1));
+  const int64_t M = x2.size(0), K = x2.size(1), nb = K / QK;
   auto q = torch::empty({M, K}, torch::kInt8);
   auto d = torch::empty({M, nb}, torch::kFloat32), s = torch::empty({M, nb}, torch::kFloat32);
   for (int64_t m = 0; m < M; ++m)
-    quantize_act_row(x.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * nb,
+    quantize_act_row(x2.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * nb,
                      s.data_ptr<float>() + m * nb);
   return {q, d, s};
 }
@@ -606,29 +297,49 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
 // benchmark baseline: llama.cpp-style dot products on the raw GGUF layout (Q4_1 / Q8_0), x (1, K)
 torch::Tensor raw_gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t qtype, int64_t N, int64_t K,
                        int64_t min_units) {
-  TORCH_CHECK(qtype == T_Q4_1 || qtype == T_Q8_0, "raw_gemv: Q4_1 or Q8_0 only");
-  check_x(x, K);
-  TORCH_CHECK(x.size(0) == 1, "raw_gemv: batch 1 only");
+  TORCH_CHECK_VALUE(qtype == T_Q4_1 || qtype == T_Q8_0, "raw_gemv: Q4_1 or Q8_0 only");
+  const torch::Tensor x2 = as_rows(x, K);
+  TORCH_CHECK_VALUE(x2.size(0) == 1, "raw_gemv: batch 1 only");
   const int64_t nb = K / QK, bpr = nb * (qtype == T_Q4_1 ? 20 : 34);
   check_w(raw, N * bpr);
-  std::vector<int8_t> q(K);
-  std::vector<float> d(nb), s(nb);
-  quantize_act_row(x.data_ptr<float>(), K, q.data(), d.data(), s.data());
-  const ActQ8 a{q.data(), d.data(), s.data()};
-  auto y = torch::empty({1, N}, x.options());
+  Scratch& sc = t_scratch;
+  if (static_cast<int64_t>(sc.q.size()) < K) sc.q.resize(K);
+  if (static_cast<int64_t>(sc.ds.size()) < 2 * nb) sc.ds.resize(2 * nb);
+  quantize_act_row(x2.data_ptr<float>(), K, sc.q.data(), sc.ds.data(), sc.ds.data() + nb);
+  const ActQ8 a{sc.q.data(), sc.ds.data(), sc.ds.data() + nb};
+  auto y = torch::empty({1, N}, x2.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = raw.data_ptr<uint8_t>();
-  at::parallel_for(0, N, grain_for(nb, min_units * 8), [&](int64_t n0, int64_t n1) {
+  auto work = [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       yp[n] = qtype == T_Q4_1 ? raw_dot_q4_1(wp + n * bpr, nb, a) : raw_dot_q8_0(wp + n * bpr, nb, a);
-  });
+  };
+  const int64_t grain = grain_for(nb, min_units * 8);
+  if (N <= grain)
+    work(0, N);
+  else
+    at::parallel_for(0, N, grain, work);
   return y;
 }
 
+void set_tuning(int64_t dequant_min_batch, int64_t tile_rows, int64_t min_units) {
+  g_dequant_min_batch = std::max<int64_t>(1, dequant_min_batch);
+  g_tile_rows = std::max<int64_t>(8, tile_rows);
+  g_min_units = std::max<int64_t>(1, min_units);
+}
+
+std::vector<int64_t> get_tuning() { return {g_dequant_min_batch, g_tile_rows, g_min_units}; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "packed-weight linear: x (M,K) f32 -> (M,N)");
-  m.def("dequantize", &dequantize, "packed weight -> (N,K) f32");
-  m.def("quantize_activations", &quantize_activations, "x (M,K) -> int8 blocks of 32, scales, scaled sums");
+  pybind11::class_<PackedLinear>(m, "PackedLinear")
+      .def(pybind11::init<torch::Tensor, int64_t, int64_t, int64_t, c10::optional<torch::Tensor>>(), "packed weight (flat "
+           "uint8), qtype (GGML id), out_features, in_features, bias or None")
+      .def("__call__", &PackedLinear::forward, "x (..., in) -> (..., out)")
+      .def("forward_path", &PackedLinear::forward_path, "x, path (0 tuned, 1 integer kernels, 2 dequant+mm), min_units")
+      .def("dequantize", &PackedLinear::dequantize, "the weight as fp32 (out, in)");
+  m.def("packed_bytes", &packed_bytes, "bytes of a packed (N, K) weight of a qtype");
+  m.def("quantize_activations", &quantize_activations, "x (M, K) -> int8 blocks of 32, scales, scaled sums");
   m.def("raw_gemv", &raw_gemv, "benchmark baseline: llama.cpp-style dot products on raw GGUF rows");
-  m.def("packed_bytes", &packed_bytes, "bytes of a packed (N,K) weight");
+  m.def("set_tuning", &set_tuning, "dequant_min_batch, tile_rows, min_units");
+  m.def("get_tuning", &get_tuning, "(dequant_min_batch, tile_rows, min_units)");
 }

@@ -30,6 +30,7 @@ LMGEN_QUANT_KERNELS=0 to disable the extension, LMGEN_QUANT_VERBOSE=1 to see the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -69,6 +70,7 @@ _R8_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _KQ_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.cpp"
+_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"))
 _ext_lock = threading.Lock()
 _ext_module = None
 _ext_error: str | None = None
@@ -109,13 +111,16 @@ def _load_ext():
             try:
                 from torch.utils import cpp_extension
 
+                # the JIT cache keys on the .cpp and the flags, not on headers: hash all sources into a define
+                digest = hashlib.sha1(b"".join(f.read_bytes() for f in _CSRC_FILES)).hexdigest()[:12]
                 _ext_module = cpp_extension.load(
                     name="lmgen_quant_kernels",
                     sources=[str(_CSRC)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DLMGEN_SRC_HASH={digest}"],
                     extra_ldflags=["-fopenmp"],
                     verbose=os.environ.get("LMGEN_QUANT_VERBOSE", "0") == "1",
                 )
+                _ext_module.set_tuning(DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS)
             except Exception as exc:  # no compiler, no ninja, build error
                 _ext_error = f"building {_CSRC.name} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
         if _ext_error is not None:
@@ -201,49 +206,44 @@ class QuantizedLinear(torch.nn.Module):
     """y = x W^T (+ bias) with W kept packed (see the module docstring).
 
     forward: x (..., in_features) float32 -> (..., out_features) float32; other float dtypes are computed in
-    float32 and cast back.  Inference only (no autograd through the weight or x).
+    float32 and cast back.  Inference only (no autograd through the weight or x).  The whole forward runs in
+    C++ (`PackedLinear.__call__`): one Python frame per call.
     """
 
     def __init__(self, qtype, packed: torch.Tensor, out_features: int, in_features: int,
                  bias: torch.Tensor | None = None):
         super().__init__()
-        ext = _load_ext()
-        if ext is None:
+        if _load_ext() is None:
             raise RuntimeError(f"lmgen quant kernels unavailable: {_ext_error}")
         self.qtype = _qtype(qtype)
         self.out_features = int(out_features)
         self.in_features = int(in_features)
-        expected = ext.packed_bytes(int(self.qtype), self.out_features, self.in_features)
-        if packed.dtype != torch.uint8 or packed.numel() != expected:
-            raise ValueError(f"packed {self.qtype.name} weight must be {expected} uint8 bytes, got {packed.numel()}")
-        self.register_buffer("packed", packed.contiguous().view(-1), persistent=True)
         if bias is not None:
             bias = bias.detach().to(torch.float32).contiguous().view(-1)
-            if bias.numel() != self.out_features:
-                raise ValueError(f"bias has {bias.numel()} values, expected {self.out_features}")
-        self.register_buffer("bias", bias, persistent=True)
-        self._qid = int(self.qtype)
-        self._fn = ext.qlinear
+        self.register_buffer("packed", packed.contiguous().view(-1))
+        self.register_buffer("bias", bias)
+        self._bind()
+
+    def _bind(self):
+        # validates qtype / shape / byte count / bias (ValueError) and holds references to the buffers
+        self._impl = _load_ext().PackedLinear(self.packed, int(self.qtype), self.out_features, self.in_features,
+                                              self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.in_features
-        if x.shape[-1] != k:
-            raise ValueError(f"expected input (..., {k}), got {tuple(x.shape)}")
-        dtype = x.dtype
-        x2 = x.reshape(-1, k)
-        if dtype != torch.float32:
-            x2 = x2.to(torch.float32)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = self._fn(x2, self.packed, self._qid, self.out_features, k, self.bias,
-                     DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS)
-        if dtype != torch.float32:
-            y = y.to(dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._impl(x)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as fp32 (out_features, in_features) (a new tensor; for tests and debugging)."""
-        return _load_ext().dequantize(self.packed, self._qid, self.out_features, self.in_features)
+        return self._impl.dequantize()
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .share_memory() may replace the buffers
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._bind()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
@@ -251,12 +251,12 @@ class QuantizedLinear(torch.nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_fn", None)
+        state.pop("_impl", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._fn = _load_ext().qlinear
+        self._bind()
 
 
 class TorchPackedLinear(torch.nn.Module):

@@ -1,0 +1,370 @@
+// lmgen packed-weight kernels: per-group dot products, activation quantization, dequantization.
+// Plain C++ + x86 intrinsics (no torch), so benchmarks can drive it standalone; see quant_kernels.cpp.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace lmgen_q {
+
+constexpr int64_t QK = 32;     // elements per Q4_0 / Q4_1 / Q8_0 block
+constexpr int64_t QK_K = 256;  // elements per K-quant super-block
+
+// GGML type ids (gguf.GGMLQuantizationType values)
+enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+inline int64_t r8_block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case T_Q4_0: return 144;
+    case T_Q4_1: return 160;
+    case T_Q8_0: return 272;
+    default: return 0;
+  }
+}
+
+inline int64_t kq_block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    default: return 0;
+  }
+}
+
+inline bool is_r8(int64_t qtype) { return r8_block_bytes(qtype) != 0; }
+inline bool is_kq(int64_t qtype) { return kq_block_bytes(qtype) != 0; }
+
+inline float fp16_to_f32(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum8_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Activation quantization: one row of K floats -> K int8 (blocks of 32, symmetric, scale = amax / 127),
+// d[b] = block scale, s[b] = d[b] * sum(q in block) (used by the Q4_0 offset and the Q4_1 min term).
+// Rounding is to nearest (even); |q| <= 127, which keeps every int16 partial sum below in range.
+// ---------------------------------------------------------------------------------------------------------
+inline void quantize_act_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+    __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+    __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_mask, v0), _mm256_andnot_ps(sign_mask, v1)),
+                                _mm256_max_ps(_mm256_andnot_ps(sign_mask, v2), _mm256_andnot_ps(sign_mask, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float am = _mm_cvtss_f32(m4);
+    const float dd = am / 127.0f;
+    const float id = am > 0.0f ? 127.0f / am : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    constexpr int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), R));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), R));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), R));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), R));
+    const int32_t isum = hsum8_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+    d[b] = dd;
+    s[b] = dd * static_cast<float>(isum);
+  }
+}
+
+struct ActQ8 {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// r8 kernels: one group of 8 weight rows x MR activation rows; acc[r] lane i = output (act row r, weight row i)
+// ---------------------------------------------------------------------------------------------------------
+template <int MR, bool HAS_MIN>
+inline void r8_q4_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int64_t bb = HAS_MIN ? 160 : 144;
+  constexpr int64_t qoff = HAS_MIN ? 32 : 16;
+  __m256 accm[MR];  // min / offset term, kept apart to shorten the loop-carried FMA chain
+  for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wg + b * bb;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 mw = HAS_MIN ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                              : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    const uint8_t* q = blk + qoff;
+    __m256i lo[4], hi[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+      lo[c] = _mm256_and_si256(v, m4);
+      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* xa = act[r].q + b * QK;
+      // nibble (0..15) x int8 (|q| <= 127) pairs: |sum of 8 maddubs lanes| <= 8 * 2 * 15 * 127 = 30480, fits int16
+      __m256i sa = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(load_i32(xa)));
+      __m256i sb = _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(load_i32(xa + 16)));
+      for (int c = 1; c < 4; ++c) {
+        sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(load_i32(xa + 4 * c))));
+        sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(load_i32(xa + 16 + 4 * c))));
+      }
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(sa, sb), ones));
+      // Q4_1: sum_j (d q_j + m) x_j ~= d dx sum(q qx) + m sx;  Q4_0: d dx sum(q qx) - 8 d sx
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), p, acc[r]);
+      accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), accm[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], accm[r]);
+}
+
+template <int MR>
+inline void r8_q8_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wg + b * 272;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const uint8_t* q = blk + 16;
+    __m256i s32[MR];
+    for (int r = 0; r < MR; ++r) s32[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+      const __m256i aw = _mm256_sign_epi8(w, w);  // |w| (as unsigned: -128 -> 128)
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xa = _mm256_set1_epi32(load_i32(act[r].q + b * QK + 4 * c));
+        // |pair sum| <= 2 * 128 * 127 = 32512: fits int16; widen right away
+        const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xa, w));
+        s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p16, ones));
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), _mm256_cvtepi32_ps(s32[r]), acc[r]);
+  }
+}
+
+template <int MR>
+inline void r8_group(int64_t qtype, const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  if (qtype == T_Q8_0)
+    r8_q8_group<MR>(wg, nb, act, acc);
+  else if (qtype == T_Q4_1)
+    r8_q4_group<MR, true>(wg, nb, act, acc);
+  else
+    r8_q4_group<MR, false>(wg, nb, act, acc);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dequantization of r8 groups to fp32 rows (prefill path, tests)
+// ---------------------------------------------------------------------------------------------------------
+// 16 bytes of nibbles (GGUF block order) -> 32 floats v*scale + bias
+inline void nibbles_to_f32(const uint8_t* qs16, float scale, float bias, float* out) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs16));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, m4);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+  const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int k = 0; k < 4; ++k) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k]));
+    _mm256_storeu_ps(out + 8 * k, _mm256_fmadd_ps(f, vs, vb));
+  }
+}
+
+inline void int8_to_f32(const int8_t* q32, float scale, float* out) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int k = 0; k < 4; ++k) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q32 + 8 * k));
+    _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), vs));
+  }
+}
+
+// rows [8g, 8g+nvalid) of an r8 weight -> out (row stride ld)
+inline void r8_dequant_group(int64_t qtype, const uint8_t* wg, int64_t nb, int nvalid, float* out, int64_t ld) {
+  const int64_t bb = r8_block_bytes(qtype);
+  alignas(32) uint8_t tmp[32];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wg + b * bb;
+    for (int r = 0; r < nvalid; ++r) {
+      float* o = out + r * ld + b * QK;
+      const float d = fp16_to_f32(blk + 2 * r);
+      if (qtype == T_Q8_0) {
+        for (int c = 0; c < 8; ++c) std::memcpy(tmp + 4 * c, blk + 16 + 32 * c + 4 * r, 4);
+        int8_to_f32(reinterpret_cast<const int8_t*>(tmp), d, o);
+      } else {
+        const int64_t qoff = qtype == T_Q4_1 ? 32 : 16;
+        for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, blk + qoff + 32 * c + 4 * r, 4);
+        const float bias = qtype == T_Q4_1 ? fp16_to_f32(blk + 16 + 2 * r) : -8.0f * d;
+        nibbles_to_f32(tmp, d, bias, o);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// K-quants (GGUF layout), dequantize one super-block of 256 to floats
+// ---------------------------------------------------------------------------------------------------------
+inline void kq_scale_min(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+  // 12 bytes hold 8 6-bit scales and 8 6-bit mins
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+inline void dequant_q4_k(const uint8_t* blk, float* y) {
+  const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
+  const uint8_t* scales = blk + 4;
+  const uint8_t* q = blk + 16;
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int j = 0; j < 4; ++j) {  // 64 elements: 32 low nibbles then 32 high nibbles of 32 bytes
+    uint8_t sc, m;
+    kq_scale_min(2 * j, scales, &sc, &m);
+    const float d1 = d * sc, m1 = dmin * m;
+    kq_scale_min(2 * j + 1, scales, &sc, &m);
+    const float d2 = d * sc, m2 = dmin * m;
+    for (int h = 0; h < 2; ++h) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
+      const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+      const __m256 a1 = _mm256_set1_ps(d1), b1 = _mm256_set1_ps(-m1), a2 = _mm256_set1_ps(d2), b2 = _mm256_set1_ps(-m2);
+      _mm256_storeu_ps(y + 16 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), a1, b1));
+      _mm256_storeu_ps(y + 16 * h + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), a1, b1));
+      _mm256_storeu_ps(y + 32 + 16 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), a2, b2));
+      _mm256_storeu_ps(y + 32 + 16 * h + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), a2, b2));
+    }
+    q += 32;
+    y += 64;
+  }
+}
+
+inline void dequant_q5_k(const uint8_t* blk, float* y) {
+  const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
+  const uint8_t* scales = blk + 4;
+  const uint8_t* qh = blk + 16;
+  const uint8_t* ql = blk + 48;
+  alignas(32) uint8_t v[64];
+  for (int j = 0; j < 4; ++j) {
+    uint8_t sc, m;
+    kq_scale_min(2 * j, scales, &sc, &m);
+    const float d1 = d * sc, m1 = dmin * m;
+    kq_scale_min(2 * j + 1, scales, &sc, &m);
+    const float d2 = d * sc, m2 = dmin * m;
+    const uint8_t u1 = 1u << (2 * j), u2 = 2u << (2 * j);
+    for (int l = 0; l < 32; ++l) {
+      v[l] = (ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0);
+      v[32 + l] = (ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0);
+    }
+    for (int l = 0; l < 32; ++l) y[l] = d1 * v[l] - m1;
+    for (int l = 0; l < 32; ++l) y[32 + l] = d2 * v[32 + l] - m2;
+    ql += 32;
+    y += 64;
+  }
+}
+
+inline void dequant_q6_k(const uint8_t* blk, float* y) {
+  const uint8_t* ql = blk;
+  const uint8_t* qh = blk + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+  const float d = fp16_to_f32(blk + 208);
+  for (int n = 0; n < 2; ++n) {  // two halves of 128
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = static_cast<int>((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = static_cast<int>((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = static_cast<int>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = static_cast<int>((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[l] = d * sc[is] * q1;
+      y[l + 32] = d * sc[is + 2] * q2;
+      y[l + 64] = d * sc[is + 4] * q3;
+      y[l + 96] = d * sc[is + 6] * q4;
+    }
+    y += 128;
+    ql += 64;
+    qh += 32;
+    sc += 8;
+  }
+}
+
+inline void kq_dequant_block(int64_t qtype, const uint8_t* blk, float* y) {
+  if (qtype == T_Q4_K)
+    dequant_q4_k(blk, y);
+  else if (qtype == T_Q5_K)
+    dequant_q5_k(blk, y);
+  else
+    dequant_q6_k(blk, y);
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  return hsum8(_mm256_add_ps(s0, s1));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// llama.cpp-style kernel on the raw GGUF layout (one row at a time, horizontal sum per row).  Kept only as a
+// benchmark baseline for the r8 repacking (benchmarks/matmul_candidates.py); M = 1, Q4_1 and Q8_0.
+// ---------------------------------------------------------------------------------------------------------
+inline float raw_dot_q4_1(const uint8_t* row, int64_t nb, const ActQ8& a) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  float summ = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 20;
+    const float d = fp16_to_f32(blk), m = fp16_to_f32(blk + 2);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + b * QK));
+    const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), p, acc);
+    summ += m * a.s[b];
+  }
+  return hsum8(acc) + summ;
+}
+
+inline float raw_dot_q8_0(const uint8_t* row, int64_t nb, const ActQ8& a) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 34;
+    const float d = fp16_to_f32(blk);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + b * QK));
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc);
+  }
+  return hsum8(acc);
+}
+
+}  // namespace lmgen_q
