@@ -1,0 +1,146 @@
+"""Scheduler and BlockManager with faked sampled tokens and no model (vLLM tests/v1/core style)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmgen.engine.kv_cache import BlockManager
+from lmgen.engine.request import Request, RequestStatus
+from lmgen.engine.scheduler import Scheduler
+from lmgen.sampling.params import SamplingParams
+
+
+def make_req(rid: str, prompt_len: int, max_tokens: int = 8, start: int = 0) -> Request:
+    return Request(rid, list(range(start, start + prompt_len)), SamplingParams(max_tokens=max_tokens))
+
+
+def fake_step(sched: Scheduler, token: int = 7) -> list[tuple[str, int]]:
+    """What the engine does after the model ran: advance counters, sample a fake token where due."""
+    out = sched.schedule()
+    for req, n in out.scheduled:
+        req.num_computed_tokens += n
+        sched.block_manager.cache_full_blocks(req)
+        if req.num_computed_tokens == req.num_tokens:
+            req.output_token_ids.append(token)
+            if len(req.output_token_ids) >= req.max_output_tokens:
+                sched.finish(req, RequestStatus.FINISHED_LENGTH)
+    return [(r.request_id, n) for r, n in out.scheduled]
+
+
+def test_prefill_then_decode_on_token_counters():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(make_req("a", 10, max_tokens=3))
+    assert fake_step(sched) == [("a", 10)]  # prefill: the whole prompt
+    assert fake_step(sched) == [("a", 1)]  # decode: one token
+    assert fake_step(sched) == [("a", 1)]
+    assert sched.num_unfinished == 0
+    assert bm.num_used_blocks == 0  # blocks returned on finish
+
+
+def test_chunked_prefill_shares_steps_with_running_decodes():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8)
+    sched.add(make_req("short", 3, max_tokens=10))
+    assert fake_step(sched) == [("short", 3)]
+    sched.add(make_req("long", 20, max_tokens=2, start=100))
+    # the long prompt is cut into chunks that fit the budget left after the running decode
+    assert fake_step(sched) == [("short", 1), ("long", 7)]
+    assert fake_step(sched) == [("short", 1), ("long", 7)]
+    assert fake_step(sched) == [("short", 1), ("long", 6)]  # last chunk: long samples its first token
+    assert fake_step(sched) == [("short", 1), ("long", 1)]
+
+
+def test_max_num_seqs_limits_admission():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(3):
+        sched.add(make_req(f"r{i}", 4, start=10 * i))
+    assert [rid for rid, _ in fake_step(sched)] == ["r0", "r1"]
+    assert len(sched.waiting) == 1
+
+
+def test_prefix_cache_hits_skip_shared_blocks_and_leave_one_token():
+    bm = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
+    a = make_req("a", 10, max_tokens=1)
+    sched.add(a)
+    fake_step(sched)  # a finishes after its prefill (max_tokens=1); its 2 full blocks stay cached
+    assert a.is_finished and bm.num_used_blocks == 0
+    b = Request("b", list(range(10)) + [99, 98], SamplingParams(max_tokens=1))
+    sched.add(b)
+    assert fake_step(sched) == [("b", 4)]  # 8 of 12 tokens came from the cache
+    assert b.num_cached_tokens == 8
+    c = Request("c", list(range(8)), SamplingParams(max_tokens=1))  # exactly 2 full blocks
+    sched.add(c)
+    assert fake_step(sched) == [("c", 4)]  # only block 0 reused: the last token must be computed for logits
+    assert bm.prefix_hits == 3
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    bm = BlockManager(num_blocks=4, block_size=4)  # 16 slots in all
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
+    a, b = make_req("a", 7, max_tokens=6), make_req("b", 7, max_tokens=6, start=50)
+    sched.add(a)
+    sched.add(b)
+    assert fake_step(sched) == [("a", 7), ("b", 7)]  # 2 blocks each, all 4 used
+    assert fake_step(sched) == [("a", 1), ("b", 1)]  # positions 7: still inside block 2
+    out = sched.schedule()  # a needs a 3rd block: b (the newest) is preempted, never a crash
+    assert out.preempted == [b] and b.status == RequestStatus.PREEMPTED
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("a", 1)]
+    assert b.num_computed_tokens == 0 and b.block_table == [] and len(b.output_token_ids) == 2
+    for req, n in out.scheduled:
+        req.num_computed_tokens += n
+        req.output_token_ids.append(7)
+    while not a.is_finished:
+        fake_step(sched)
+    # b comes back and recomputes prompt + its 2 generated tokens in one go; its first block survived
+    # in the prefix cache (freed blocks keep their hash; a's allocation evicted b's last one first)
+    assert fake_step(sched) == [("b", 5)]
+    assert b.num_cached_tokens == 4
+    while sched.num_unfinished:
+        fake_step(sched)
+    assert len(b.output_token_ids) == 6 and bm.num_used_blocks == 0
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent, child = make_req("p", 6), make_req("c", 6)
+    assert bm.allocate_slots(parent, 6)
+    parent.num_computed_tokens = 6
+    copy = bm.fork(parent, child)
+    assert child.block_table[0] == parent.block_table[0]  # full block shared
+    assert copy == (parent.block_table[1], child.block_table[1])  # partial block copied
+    assert bm.ref_counts[parent.block_table[0]] == 2
+    bm.free_request(parent)
+    bm.free_request(child)
+    assert bm.num_used_blocks == 0
+
+
+def test_abort_frees_blocks_and_waiting_requests():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=100)
+    a, b = make_req("a", 5), make_req("b", 5, start=40)
+    sched.add(a)
+    sched.add(b)
+    fake_step(sched)
+    sched.finish(a, RequestStatus.FINISHED_ABORTED)
+    sched.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert sched.num_unfinished == 0 and bm.num_used_blocks == 0
+    assert a.finish_reason == "abort"
+
+
+def test_request_status_order_and_finish_reasons():
+    assert not RequestStatus.PREEMPTED.is_finished
+    assert all(s.is_finished for s in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
+    r = make_req("x", 2)
+    r.status = RequestStatus.FINISHED_LENGTH
+    assert r.finish_reason == "length"
+
+
+def test_bad_sizes_raise():
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 16)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Scheduler(BlockManager(4, 4), max_num_seqs=0)
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        Scheduler(BlockManager(2, 4)).add(make_req("big", 9))
