@@ -327,8 +327,9 @@ _MODES = {"int8": "Q8_0", "int4": "Q4_1"}
 def quantize_linear(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> torch.nn.Module:
     """Quantize a float (out_features, in_features) weight at load time and return a packed linear layer.
 
-    mode "int8": Q8_0 blocks (32 values, one fp16 scale; error <= max|w_block| / 254 per weight).
-    mode "int4": Q4_1 blocks (32 values, fp16 scale and min; error <= (max - min)_block / 30 per weight).
+    mode "int8": Q8_0 blocks (32 values, one fp16 scale); per weight |w - w_q| <= max|w_block| (1/254 + 2^-11).
+    mode "int4": Q4_1 blocks (32 values, fp16 scale and min); |w - w_q| <= (max - min)_block / 30 + max|w_block| 2^-9.
+    (The 2^-k terms are the fp16 rounding of the block scale / min.)
     in_features must be a multiple of 32 (ValueError otherwise).
     """
     if mode not in _MODES:

