@@ -112,11 +112,12 @@ def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.std
     )
 
 
-def _print_logprobs(llm, out, file=sys.stdout) -> None:
+def _print_logprobs(llm, token_ids: list[int], logprobs: list[dict[int, float]] | None, file=sys.stdout) -> None:
+    """One line per generated token: the chosen token, then the top candidates with probabilities."""
     import math
 
     tok = llm.tokenizer
-    for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs or [])):
+    for step, (token, entry) in enumerate(zip(token_ids, logprobs or [])):
         ranked = sorted(entry.items(), key=lambda kv: -kv[1])
         cands = "  ".join(f"{tok.decode([t])!r} {math.exp(lp):.3f}" for t, lp in ranked)
         print(f"  [{step}] {tok.decode([token])!r:>14}  <- {cands}", file=file)
@@ -131,7 +132,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     before = _copy_stats(llm)
     t0 = time.perf_counter()
     if params.n == 1 and params.beam_width == 1 and not args.no_stream:
-        text_out = []
         if not args.chat:
             print(prompt, end="", flush=True)
         last = None
@@ -139,12 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(so.delta_text, end="", flush=True)
             last = so
         print()
-        outputs = [last.request] if last else []
-        if params.logprobs is not None and last is not None:
-            from lmgen.engine.request import CompletionOutput
-
-            req = last.request
-            _print_logprobs(llm, CompletionOutput(0, "".join(text_out), req.output_token_ids, req.cumulative_logprob, req.logprobs))
+        if last is not None and params.logprobs is not None:
+            _print_logprobs(llm, last.request.output_token_ids, last.request.logprobs)
         n_prompt = last.request.num_prompt_tokens if last else 0
     else:
         result = llm.generate(prompt, params)[0]
@@ -153,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(header + (f" score={c.score:.4f}" if hasattr(c, "score") else ""))
             print(c.text)
             if params.logprobs is not None:
-                _print_logprobs(llm, c)
+                _print_logprobs(llm, c.token_ids, c.logprobs)
         n_prompt = len(result.prompt_token_ids)
     if args.stats:
         print_stats(llm, n_prompt, before, time.perf_counter() - t0)
@@ -177,6 +173,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     pieces = tok.convert_ids_to_tokens(ids)
     print(f"{len(ids)} tokens")
     print("ids:", ids)
+    print("      id  piece (vocabulary form)  text ('\ufffd' = part of a multi-byte UTF-8 character)")
     for i, p in zip(ids, pieces):
         print(f"{i:>8}  {p!r:<24} {tok.decode([i])!r}")
     return 0
