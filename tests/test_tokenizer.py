@@ -280,6 +280,46 @@ def test_sentencepiece_gguf_details(spm_tok, spm):
     assert text.startswith("<s>[INST]") and "hi" in text
 
 
+def test_sentencepiece_gguf_decodes_invalid_bytes_like_sentencepiece(spm_tok, spm):
+    """Each byte that is not part of a valid character is one U+FFFD, and complete characters before it
+    stay (tokenizers' ByteFallback would turn the whole run of byte tokens into U+FFFDs)."""
+
+    def byte_ids(*values):
+        return [spm.piece_to_id(f"<0x{v:02X}>") for v in values]
+
+    for ids in [
+        byte_ids(0xCC, 0x80, 0xCC),  # a combining grave accent, then half of another
+        byte_ids(0xE4, 0xB8),  # two thirds of a CJK character
+        byte_ids(0xE4, 0xB8) + spm.encode("A"),
+        byte_ids(0xFF, 0x41),
+        spm.encode("x") + byte_ids(0xF0, 0x9F, 0x91),
+    ]:
+        assert spm_tok.decode(ids) == spm.decode(ids)
+    assert spm_tok.decode(byte_ids(0xCC, 0x80, 0xCC)) == "\u0300\ufffd"
+
+
+def test_hf_folder_sentencepiece(tmp_path, spm_files, spm):
+    """A Llama-2 style folder, as transformers writes it from the SentencePiece model: same ids as transformers,
+    and decoding like SentencePiece."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    source = tmp_path / "sp"
+    source.mkdir()
+    shutil.copy(spm_files[0], source / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tok = Tokenizer.from_hf_folder(tmp_path / "hf")
+    for text in SPM_TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf(text).input_ids
+        assert tok.decode(ids) == hf.decode(ids)
+    assert tok.bos_token == "<s>" and tok.eos_token_ids == frozenset({2})
+    broken = [spm.piece_to_id("<0xCC>"), spm.piece_to_id("<0x80>"), spm.piece_to_id("<0xCC>")]
+    assert tok.decode(broken) == spm.decode(broken) == "\u0300\ufffd"
+
+
 def test_sentencepiece_gguf_without_space_prefix(spm_files):
     """add_space_prefix = false: the oracle is the same SentencePiece model with add_dummy_prefix off."""
     import sentencepiece

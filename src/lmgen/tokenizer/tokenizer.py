@@ -17,6 +17,7 @@ it (`add_bos_token`). `eos_token_ids` collects *every* id that ends generation.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import logging
 import os
@@ -105,6 +106,89 @@ class _TokenizersBackend:
 
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
+
+
+def _replace_each_byte(error: UnicodeDecodeError) -> tuple[str, int]:
+    """One U+FFFD per byte that is not part of a valid UTF-8 character (as SentencePiece decodes)."""
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("lmgen.replace_each_byte", _replace_each_byte)
+
+# tokenizer.json decoder of Llama 2 / Mistral / TinyLlama / Gemma style vocabularies (Strip optional)
+_SPM_DECODER_STEPS = [
+    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+    {"type": "ByteFallback"},
+    {"type": "Fuse"},
+]
+_SPM_DECODER_STRIP = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+
+
+class _SentencePieceBackend(_TokenizersBackend):
+    """Encodes with `tokenizers`; decodes as SentencePiece and llama.cpp do: a ``<0xNN>`` token is that raw
+    byte, ``▁`` is a space, and each byte that is not part of a valid UTF-8 character becomes U+FFFD.
+
+    (tokenizers' ByteFallback decoder turns a whole run of byte tokens into U+FFFDs when any byte of it is
+    invalid, so text already streamed could later decode differently; this decode never revises a
+    complete character.)"""
+
+    def __init__(self, tk: tokenizers.Tokenizer, special_ids: Iterable[int] = (), strip_leading_space: bool = True):
+        super().__init__(tk, special_ids)
+        self.strip_leading_space = strip_leading_space
+        self._byte_of: dict[int, int] = {}
+        for b in range(256):
+            t_id = tk.token_to_id(f"<0x{b:02X}>")
+            if t_id is not None:
+                self._byte_of[t_id] = b
+        self._bytes_cache: dict[int, bytes] = {}
+
+    def _token_bytes(self, i: int) -> bytes:
+        raw = self._bytes_cache.get(i)
+        if raw is None:
+            if i in self._byte_of:
+                raw = bytes([self._byte_of[i]])
+            else:
+                piece = self.tk.id_to_token(i)
+                raw = b"" if piece is None else piece.replace("\u2581", " ").encode("utf-8")
+            self._bytes_cache[i] = raw
+        return raw
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        skip = self.special_ids if skip_special_tokens else ()
+        data = b"".join(self._token_bytes(int(i)) for i in ids if int(i) not in skip)
+        text = data.decode("utf-8", errors="lmgen.replace_each_byte")
+        if self.strip_leading_space and text.startswith(" "):
+            text = text[1:]
+        return text
+
+
+def _spm_decoder_strip(tk: tokenizers.Tokenizer) -> bool | None:
+    """For a tokenizer.json whose decoder is the standard SentencePiece chain: whether it strips the leading
+    space. None for any other decoder."""
+    try:
+        decoder = json.loads(tk.to_str()).get("decoder") or {}
+    except Exception:
+        return None
+    if decoder.get("type") != "Sequence":
+        return None
+    steps = decoder.get("decoders") or []
+    if steps == _SPM_DECODER_STEPS:
+        return False
+    if steps == _SPM_DECODER_STEPS + [_SPM_DECODER_STRIP]:
+        return True
+    return None
+
+
+def _byte_fallback_ids(tk: tokenizers.Tokenizer) -> frozenset[int]:
+    """Ids of ``<0xNN>`` tokens when the decoder uses tokenizers' ByteFallback (see _SentencePieceBackend)."""
+    try:
+        decoder = json.dumps(json.loads(tk.to_str()).get("decoder"))
+    except Exception:
+        return frozenset()
+    if "ByteFallback" not in decoder:
+        return frozenset()
+    ids = (tk.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
 
 
 class _TiktokenBackend:
@@ -205,6 +289,11 @@ class Tokenizer:
         self.pad_token_id = pad_token_id
         self.unk_token_id = unk_token_id
         self.vocab_size = int(vocab_size if vocab_size is not None else backend.vocab_size())
+        # Ids whose text can still change with the tokens that follow them (byte tokens under tokenizers'
+        # ByteFallback decoder): a streaming detokenizer holds text back while the last id is one of these.
+        self.stream_hold_ids: frozenset[int] = (
+            _byte_fallback_ids(backend.tk) if type(backend) is _TokenizersBackend else frozenset()
+        )
 
         # What encode(add_special_tokens=True) puts around the text.
         if prefix_ids is None:
@@ -355,7 +444,11 @@ class Tokenizer:
         `gguf_vocab.GGUFVocab` already read from one."""
         vocab = reader if isinstance(reader, gguf_vocab.GGUFVocab) else gguf_vocab.read_gguf_vocab(reader)
         tk = gguf_vocab.build_tokenizer(vocab)
-        backend = _TokenizersBackend(tk, gguf_vocab.special_token_ids(vocab))
+        if vocab.model == "llama":
+            strip = True if vocab.add_space_prefix is None else vocab.add_space_prefix
+            backend: _TokenizersBackend = _SentencePieceBackend(tk, gguf_vocab.special_token_ids(vocab), strip)
+        else:
+            backend = _TokenizersBackend(tk, gguf_vocab.special_token_ids(vocab))
         eos_extra = [i for i in (vocab.eot_token_id, vocab.eom_token_id) if i is not None]
         return cls(
             backend,
@@ -451,7 +544,8 @@ class Tokenizer:
         tk.post_processor = None
 
         chat_template, named = _hf_chat_templates(folder, config)
-        backend = _TokenizersBackend(tk)
+        strip = _spm_decoder_strip(tk)
+        backend = _TokenizersBackend(tk) if strip is None else _SentencePieceBackend(tk, (), strip)
         return cls(
             backend,
             bos_token_id=bos_id,
