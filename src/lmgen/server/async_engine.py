@@ -1,0 +1,354 @@
+"""AsyncEngine: the synchronous, not thread-safe Engine driven by ONE background thread, fed from asyncio.
+
+Only the engine thread touches the Engine (add_request, step, abort, release). Coroutines talk to it
+through a thread-safe command queue (add / abort / stop); the thread answers each request on that
+request's own asyncio.Queue through `loop.call_soon_threadsafe`. The thread blocks on the command
+queue while there is nothing to run, and otherwise alternates "take every pending command" with one
+`engine.step()`, so a new request joins the running batch at the next step (continuous batching).
+
+What a coroutine receives are `StepOutput`s whose `request` is a `RequestSnapshot`: a copy of the
+Request's fields taken in the engine thread at that step, so the event loop never reads a Request
+the engine thread is still mutating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from lmgen.engine.request import RequestStatus, StepOutput
+from lmgen.sampling.params import SamplingParams
+from lmgen.server.metrics import ServerMetrics
+
+logger = logging.getLogger("lmgen.server")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit (`max_queue`); the server answers 503."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down (or its thread died) and takes no new requests."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed; the requests it was running were failed with this error."""
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """A Request's state right after one step, copied in the engine thread.
+
+    `logprobs` holds only the entries of this step's new tokens ({token_id: logprob}, top-k plus the
+    chosen one), or None when the request did not ask for logprobs. `output_token_ids` is the full
+    list, copied only at the final step (None before). `prompt_logprobs` is sent with the first output
+    only (None afterwards)."""
+
+    request_id: str
+    index: int
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    cumulative_logprob: float
+    logprobs: list[dict[int, float]] | None
+    prompt_logprobs: list[dict[int, float] | None] | None
+    output_token_ids: list[int] | None
+    stop_reason: int | str | None
+    finish_reason: str | None
+
+
+_ACCEPTED = object()  # first item on a stream: the engine took the request
+_DONE = object()  # last item: every one of the request's n sequences finished
+
+
+class RequestStream:
+    """One request's outputs, as an async iterator of StepOutputs (all n sequences interleaved).
+
+    `abort()` (or leaving an `async for` early through `aclose`) cancels the request and frees its
+    cache blocks; it is a no-op once the request finished."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, n: int, loop: asyncio.AbstractEventLoop):
+        self._engine, self.request_id, self.n, self._loop = engine, request_id, n, loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self.remaining = n  # engine thread: sequences still running
+        self.sent_prompt_logprobs = False  # engine thread
+
+    # engine thread -> event loop
+    def _put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def _accepted(self) -> None:
+        item = await self._queue.get()
+        if item is not _ACCEPTED:
+            self.finished = True
+            raise item
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled (client gone): cancel the request too
+            self.abort()
+            raise
+        if item is _DONE:
+            self.finished = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine._submit(("abort", self.request_id))
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class AsyncEngine:
+    """Runs `llm.engine` in a background thread and serves many asyncio callers at once."""
+
+    def __init__(self, llm, max_queue: int = 256, max_num_seqs: int | None = None, metrics: ServerMetrics | None = None):
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+        self.llm = llm
+        self.engine = llm.engine
+        if max_num_seqs is not None:
+            if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+                raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+            self.engine.scheduler.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.metrics = metrics or ServerMetrics()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only (len() is read elsewhere)
+        # adds submitted by the event loop / taken by the engine thread: each counter has one writer
+        self._adds_submitted = 0
+        self._adds_taken = 0
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+        self._stopping = False  # engine thread
+        self.dead: BaseException | None = None  # set if the engine thread itself crashed
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lmgen-engine", daemon=True)
+                self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    @property
+    def num_in_flight(self) -> int:
+        """User requests accepted and not finished (plus those on their way to the thread)."""
+        return len(self._streams) + self.num_pending
+
+    @property
+    def num_pending(self) -> int:
+        """Requests handed to the engine thread that it has not picked up yet."""
+        return self._adds_submitted - self._adds_taken
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops taking requests, lets in-flight ones finish for up to `timeout` seconds, aborts the
+        rest, then stops the thread."""
+        self._closed = True
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.num_in_flight and time.monotonic() < deadline and self._thread.is_alive():
+            await asyncio.sleep(0.05)
+        if self.num_in_flight:
+            logger.warning("shutdown: aborting %d request(s) still running after %.0fs", self.num_in_flight, timeout)
+        self._submit(("stop",))
+        await asyncio.to_thread(self._thread.join, 30.0)
+
+    # ---- requests (event loop side) ---------------------------------------------------------------
+    async def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Hands a request to the engine and returns its stream once the engine accepted it. Raises what
+        the engine raised on admission (ValueError / ContextOverflowError), QueueFullError, or
+        EngineClosedError."""
+        if self._closed or self.dead is not None:
+            raise EngineClosedError("the server is shutting down" if self._closed else f"the engine stopped: {self.dead}")
+        self.start()
+        stream = RequestStream(self, request_id, params.n, asyncio.get_running_loop())
+        self._adds_submitted += 1
+        self._submit(("add", stream, list(prompt_ids), params))
+        try:
+            await stream._accepted()
+        except asyncio.CancelledError:
+            stream.finished = False
+            stream.abort()  # it may have been accepted meanwhile
+            raise
+        return stream
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """Yields the request's StepOutputs as the engine produces them; cancelling (or closing) the
+        generator aborts the request and frees its blocks."""
+        stream = await self.add_request(prompt_ids, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def _submit(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.engine.has_unfinished():
+                    self._handle(self._commands.get())  # idle: sleep until something arrives
+                while not self._stopping:
+                    try:
+                        self._handle(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if not self._stopping and self.engine.has_unfinished():
+                    self._step()
+        except BaseException as e:  # a bug in this loop itself: fail everyone, refuse new work
+            logger.exception("engine thread crashed")
+            self.dead = e
+        finally:
+            err = EngineClosedError("the server shut down before this request finished") if self.dead is None else \
+                EngineClosedError(f"the engine stopped: {self.dead!r}")
+            for rid in list(self._streams):
+                self._fail(rid, err, abort=True)
+            # anything still queued gets an answer too
+            while True:
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    self._adds_taken += 1
+                    cmd[1]._put(err)
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, stream, ids, params = cmd
+            self._adds_taken += 1
+            self._add(stream, ids, params)
+        elif kind == "abort":
+            rid = cmd[1]
+            if self._streams.pop(rid, None) is not None:
+                self.engine.abort(rid)
+                self.metrics.request_finished("abort")
+        elif kind == "stop":
+            self._stopping = True
+
+    def _queue_is_full(self) -> bool:
+        sched = self.engine.scheduler
+        free_seats = max(0, sched.max_num_seqs - len(sched.running))
+        return len(sched.waiting) >= self.max_queue + free_seats
+
+    def _add(self, stream: RequestStream, ids: list[int], params: SamplingParams) -> None:
+        if stream.finished:  # cancelled before the thread got to it
+            return
+        if self._queue_is_full():
+            self.metrics.request_rejected("queue_full")
+            stream._put(QueueFullError(
+                f"the server is busy: {len(self.engine.scheduler.waiting)} requests are already waiting "
+                f"(limit {self.max_queue}); retry later"))
+            return
+        if stream.request_id in self._streams:
+            stream._put(ValueError(f"request id {stream.request_id!r} is already running"))
+            return
+        try:
+            self.engine.add_request(ids, params, stream.request_id)
+        except Exception as e:  # invalid for the engine: only this request hears about it
+            self.metrics.request_rejected("invalid")
+            stream._put(e)
+            return
+        self._streams[stream.request_id] = stream
+        stream._put(_ACCEPTED)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self._recover(e)
+            return
+        self.metrics.harvest(self.engine.stats)
+        for so in outputs:
+            stream = self._streams.get(so.request_id)
+            if stream is None:  # aborted meanwhile
+                continue
+            stream._put(self._snapshot(so, stream))
+            if so.finished:
+                stream.remaining -= 1
+                if stream.remaining == 0:
+                    del self._streams[so.request_id]
+                    self.engine.release(so.request_id)
+                    self.metrics.request_finished(so.finish_reason)
+                    stream._put(_DONE)
+
+    @staticmethod
+    def _snapshot(so: StepOutput, stream: RequestStream) -> StepOutput:
+        req = so.request
+        k = len(so.new_token_ids)
+        prompt_lp = None
+        if req.prompt_logprobs is not None and not stream.sent_prompt_logprobs and so.index == 0:
+            prompt_lp = list(req.prompt_logprobs)
+            stream.sent_prompt_logprobs = True
+        snap = RequestSnapshot(
+            request_id=req.request_id, index=so.index, num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob,
+            logprobs=list(req.logprobs[-k:]) if req.logprobs is not None and k else (None if req.logprobs is None else []),
+            prompt_logprobs=prompt_lp,
+            output_token_ids=list(req.output_token_ids) if so.finished else None,
+            stop_reason=req.stop_reason, finish_reason=so.finish_reason,
+        )
+        return StepOutput(so.request_id, so.index, list(so.new_token_ids), so.delta_text, so.finished, so.finish_reason, snap)
+
+    def _recover(self, error: Exception) -> None:
+        """A step raised. If nothing runs and the oldest waiting request can never be scheduled, only it
+        fails; otherwise the step's batch is unknown, so every live request fails with the error and the
+        loop carries on with a clean engine."""
+        self.metrics.engine_error()
+        sched = self.engine.scheduler
+        if not sched.running and sched.waiting:
+            culprits = [sched.waiting[0].parent_id]
+        else:
+            culprits = list(self._streams)
+            logger.exception("engine step failed; failing %d request(s)", len(culprits), exc_info=error)
+        err = error if isinstance(error, (ValueError, RuntimeError)) else EngineStepError(repr(error))
+        for rid in culprits:
+            self._fail(rid, err, abort=True)
+        for req in list(sched.waiting) + list(sched.running):  # orphans (no stream): never leave them stuck
+            if req.parent_id not in self._streams:
+                self.engine.abort(req.parent_id)
+                if not req.is_finished:
+                    sched.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def _fail(self, rid: str, error: BaseException, abort: bool) -> None:
+        stream = self._streams.pop(rid, None)
+        if abort:
+            try:
+                self.engine.abort(rid)
+            except Exception:  # pragma: no cover - a broken engine must not stop the failing
+                logger.exception("abort of %s failed", rid)
+        if stream is not None:
+            self.metrics.request_finished("error")
+            stream._put(error)
