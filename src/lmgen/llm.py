@@ -8,7 +8,8 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
-from lmgen.engine.engine import ContextOverflowError, Engine
+from lmgen.engine.engine import Engine
+from lmgen.errors import ContextOverflowError
 from lmgen.engine.request import CompletionOutput, RequestOutput, StepOutput
 from lmgen.loader import LoadedModel, load_model
 from lmgen.model.transformer import Transformer
@@ -213,14 +214,41 @@ class LLM:
 
     def chat(self, messages, params: SamplingParams | None = None, chat_template: str | None = None,
              add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
-        """Chat completion for one conversation (a list of {role, content}) or a list of conversations."""
+        """Chat completion for one conversation (a list of {role, content}) or a list of conversations.
+
+        The model has no memory: the whole history is the prompt. If it does not fit the context window with
+        `max_tokens` left for the answer, the oldest turns are dropped whole (never the system prompt) and
+        `RequestOutput.dropped_messages` says how many; a last message too long alone raises ContextOverflowError.
+        """
+        params = params or SamplingParams()
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.render_chat(m, chat_template, add_generation_prompt, **template_kwargs) for m in convs]
-        return self.generate(prompts, params)
+        fitted = [self.fit_chat(m, params.max_tokens, chat_template, add_generation_prompt, **template_kwargs) for m in convs]
+        outs = self.generate([ids for ids, _ in fitted], params)
+        for out, (_, dropped) in zip(outs, fitted):
+            out.dropped_messages = dropped
+        return outs
+
+    def fit_chat(self, messages: list[dict], max_tokens: int | None, chat_template: str | None = None,
+                 add_generation_prompt: bool = True, **template_kwargs) -> tuple[list[int], int]:
+        """Renders `messages`, dropping the oldest turns if needed; returns (prompt ids, messages dropped)."""
+        from lmgen.chat.conversation import Conversation
+
+        ids = self.render_chat(messages, chat_template, add_generation_prompt, **template_kwargs)
+        budget = max_tokens or 1
+        if len(ids) + budget <= self.context_length:
+            return ids, 0
+        system = messages[0]["content"] if messages and messages[0].get("role") == "system" else None
+        conv = Conversation(system=system, messages=[dict(m) for m in messages[1 if system is not None else 0:]])
+        dropped = conv.fit(lambda msgs: len(self.render_chat(msgs, chat_template, add_generation_prompt, **template_kwargs)),
+                           self.context_length, budget)
+        return self.render_chat(conv.to_messages(), chat_template, add_generation_prompt, **template_kwargs), dropped
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, chat_template: str | None = None,
                     **template_kwargs) -> Iterator[str]:
-        return self.stream(self.render_chat(messages, chat_template, True, **template_kwargs), params)
+        """Streams the assistant's answer to one conversation (history fitted to the window like `chat`)."""
+        params = params or SamplingParams()
+        ids, _ = self.fit_chat(messages, params.max_tokens, chat_template, True, **template_kwargs)
+        return self.stream(ids, params)
 
     # ---- beam search ----------------------------------------------------------------------------
     def _beam_search(self, text: str | None, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:

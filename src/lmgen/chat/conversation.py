@@ -16,20 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmgen.errors import ContextOverflowError
+
 __all__ = ["ContextOverflowError", "Conversation"]
 
 _TURN_ROLES = ("user", "assistant")
-
-
-class ContextOverflowError(ValueError):
-    """Even the shortest allowed history (system prompt + last turn) does not fit the context window."""
-
-    def __init__(self, message: str, *, needed: int, context_length: int, prompt_tokens: int, max_tokens: int):
-        super().__init__(message)
-        self.needed = needed
-        self.context_length = context_length
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
 
 
 @dataclass

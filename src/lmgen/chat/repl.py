@@ -13,7 +13,6 @@ import time
 from typing import TextIO
 
 from lmgen.chat.conversation import ContextOverflowError, Conversation
-from lmgen.engine.engine import ContextOverflowError as PromptOverflowError
 
 HELP = """commands:
   /help               this help
@@ -150,7 +149,7 @@ class ChatREPL:
         except KeyboardInterrupt:
             parts.append(" [interrupted]")
             print(" [interrupted]", end="", file=self.out)
-        except (PromptOverflowError, ValueError) as e:
+        except ValueError as e:  # e.g. a prompt over the window (ContextOverflowError)
             self.conv.messages.pop()
             print(f"[error: {e}]", file=self.out)
             return

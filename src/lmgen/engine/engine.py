@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmgen.engine.kv_cache import BlockManager, KVCache
+from lmgen.errors import ContextOverflowError
 from lmgen.engine.request import Request, RequestStatus, StepOutput
 from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import Scheduler
@@ -17,10 +18,6 @@ from lmgen.model.transformer import Transformer
 from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.sampler import Sampler, SamplingMetadata
 from lmgen.tokenizer.detokenizer import IncrementalDetokenizer
-
-
-class ContextOverflowError(ValueError):
-    """A prompt does not fit the context window (the message carries both numbers)."""
 
 
 @dataclass
@@ -82,7 +79,8 @@ class Engine:
         if len(ids) >= self.context_length:
             raise ContextOverflowError(
                 f"the prompt has {len(ids)} tokens but the context window is {self.context_length} tokens "
-                f"(at least one must be left to generate)"
+                f"(at least one must be left to generate)",
+                needed=len(ids) + 1, context_length=self.context_length, prompt_tokens=len(ids), max_tokens=params.max_tokens,
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.children:

@@ -121,6 +121,7 @@ class RequestOutput:
     finished: bool = True
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    dropped_messages: int = 0  # chat only: oldest history messages dropped to fit the context window
     metrics: dict[str, float] = field(default_factory=dict)
 
 

@@ -38,7 +38,12 @@ WeightSource = Union[torch.Tensor, PackedTensor]
 
 
 def to_float(source: WeightSource, dtype: torch.dtype) -> torch.Tensor:
-    return source.dequantize(dtype) if isinstance(source, PackedTensor) else source.to(dtype)
+    """Any weight source as a float tensor of `dtype` (lazy loader handles are read here)."""
+    if isinstance(source, PackedTensor):
+        return source.dequantize(dtype)
+    if hasattr(source, "materialize"):  # lmgen.loader.hf.LazyTensor
+        source = source.materialize()
+    return source.to(dtype)
 
 
 class DenseLinear(torch.nn.Module):

@@ -148,13 +148,11 @@ class Transformer(torch.nn.Module):
             )
             tick()
         self.norm = norm("model.norm.weight")
-        if config.tie_word_embeddings or "lm_head.weight" not in weights:
-            head_source: WeightSource = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-        else:
-            head_source = weights["lm_head.weight"]
+        tied = config.tie_word_embeddings or "lm_head.weight" not in weights
+        head_source = weights["model.embed_tokens.weight"] if tied else weights["lm_head.weight"]
         _check_shape("lm_head.weight", head_source, (config.vocab_size, h))
-        if quantization == "none" and head_source is weights["model.embed_tokens.weight"]:
-            self.lm_head: torch.nn.Module = _TiedHead(self)
+        if tied and quantization == "none":
+            self.lm_head: torch.nn.Module = _TiedHead(self)  # no second copy of the (vocab, hidden) matrix
         else:
             self.lm_head = build_linear([head_source], None, dtype, self.device, quantization)
 

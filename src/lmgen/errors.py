@@ -1,0 +1,16 @@
+"""Errors shared across stages."""
+
+from __future__ import annotations
+
+
+class ContextOverflowError(ValueError):
+    """A prompt (or the shortest history a chat can keep) does not fit the context window; the message and
+    the attributes carry the numbers."""
+
+    def __init__(self, message: str, *, needed: int | None = None, context_length: int | None = None,
+                 prompt_tokens: int | None = None, max_tokens: int | None = None):
+        super().__init__(message)
+        self.needed = needed
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens

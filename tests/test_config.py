@@ -1,0 +1,86 @@
+"""ModelConfig from real config.json shapes, and building Llama-3-8B's full shape without its weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmgen.config import ModelConfig, UnsupportedModelError
+from lmgen.model.rope import inv_frequencies
+from lmgen.model.transformer import AttentionMetadata, Transformer
+
+# meta-llama/Llama-3.1-8B-Instruct config.json (transformers 4.x layout: rope_theta + rope_scaling)
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}
+
+
+def test_llama31_config_parses_with_eos_list_and_llama3_rope():
+    cfg = ModelConfig.from_hf_config(LLAMA_31_8B)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4096, 32, 32, 8, 128)
+    assert cfg.eos_token_ids == (128001, 128008, 128009)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3"
+    gen = ModelConfig.from_hf_config(LLAMA_31_8B, {"eos_token_id": [128001, 128009]})
+    assert gen.eos_token_ids == (128001, 128009)  # generation_config.json wins
+
+
+def test_rope_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for scaling in (None, {"rope_type": "linear", "factor": 4.0}, LLAMA_31_8B["rope_scaling"],
+                    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}):
+        hf = LlamaConfig(**{k: v for k, v in LLAMA_31_8B.items() if k not in ("rope_scaling", "architectures")},
+                         rope_scaling=scaling)
+        kind = (scaling or {}).get("rope_type", "default")
+        if kind == "default":
+            expected, factor = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128)), 1.0
+        else:
+            expected, factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+        ours, our_factor = inv_frequencies(ModelConfig.from_hf_config({**LLAMA_31_8B, "rope_scaling": scaling}))
+        torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
+        assert our_factor == pytest.approx(factor)
+
+
+def test_llama3_8b_shape_builds_and_runs_on_meta_device():
+    """The full 8B shape (4096 wide, 32 layers, 128k vocabulary) loads: every tensor is checked against the
+    config and a forward pass propagates shapes — on PyTorch's meta device, which allocates nothing."""
+    cfg = ModelConfig.from_hf_config(LLAMA_31_8B)
+    h, inter, q, kv = 4096, 14336, 4096, 1024
+    shapes = {"model.embed_tokens.weight": (128256, h), "model.norm.weight": (h,), "lm_head.weight": (128256, h)}
+    for i in range(32):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                   p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)}
+    weights = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in shapes.items()}
+    model = Transformer(cfg, weights, dtype=torch.bfloat16, device="meta")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == 8_030_261_248  # Llama-3-8B's published parameter count
+    tokens, slots = 5, 64
+    caches = [(torch.empty(slots, 8, 128, dtype=torch.bfloat16, device="meta"),) * 2 for _ in range(32)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(tokens, device="meta"), query_index=torch.zeros(1, tokens, dtype=torch.long, device="meta"),
+        output_index=torch.arange(tokens, device="meta"), kv_index=torch.zeros(1, tokens, dtype=torch.long, device="meta"),
+        mask=torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device="meta"),
+    )
+    hidden = model(torch.zeros(tokens, dtype=torch.long, device="meta"), torch.arange(tokens, device="meta"), caches, meta)
+    assert hidden.shape == (tokens, 4096)
+    assert model.compute_logits(hidden).shape == (tokens, 128256)
+
+
+def test_unsupported_options_are_named():
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        ModelConfig.from_hf_config({**LLAMA_31_8B, "hidden_act": "gelu"})
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        ModelConfig.from_hf_config({**LLAMA_31_8B, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        ModelConfig.from_hf_config({k: v for k, v in LLAMA_31_8B.items() if k != "num_hidden_layers"})
