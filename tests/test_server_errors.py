@@ -1,0 +1,355 @@
+"""Server error handling: every bad request gets OpenAI's error shape with the right status, and the
+server keeps serving afterwards. One `lmgen serve` subprocess (max 1 running sequence, queue of 1, API
+key) for the HTTP cases; AsyncEngine's own failure paths are tested on a fake engine (no model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from lmgen.engine.engine import EngineStats
+from lmgen.engine.request import Request, RequestStatus, StepOutput
+from lmgen.sampling.params import SamplingParams
+from lmgen.server.async_engine import AsyncEngine, EngineClosedError, QueueFullError
+from lmgen.server.metrics import parse_metrics
+
+MODEL = "smol"
+KEY = "sekrit"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """`lmgen serve` with --max-num-seqs 1 --max-queue 1 on a free loopback port (bounded startup wait)."""
+    port = _free_port()
+    log_path = Path(tmp_path_factory.mktemp("server")) / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmgen.cli", "serve", "--quantization", "none", "--port", str(port), "--api-key", KEY,
+         "--served-model-name", MODEL, "--max-num-seqs", "1", "--max-queue", "1"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def http(base):
+    with httpx.Client(base_url=base, headers=AUTH, timeout=120) as h:
+        yield h
+
+
+def assert_still_serving(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, contains: tuple[str, ...] = ()) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    for fragment in contains:
+        assert fragment in err["message"], err
+    return err
+
+
+# ---- 400: the body -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw", ['{"model": "smol", "prompt": ', "not json at all", "", "[1, 2, 3]", '"just a string"'])
+def test_malformed_json(http, raw):
+    r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    assert_still_serving(http)
+
+
+COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": "10"}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "n": 1.5}, "n"),
+    ("/v1/completions", {**COMPLETION, "stream": "yes"}, "stream"),
+    ("/v1/completions", {**COMPLETION, "prompt": 12}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "Hi"}, "model"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"15": "big"}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "messages": "Hi"}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": "yes"}, "logprobs"),
+])
+def test_wrong_types(http, path, body, param):
+    assert_error(http.post(path, json=body), 400, param)
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize("path, body, param, fragment", [
+    ("/v1/completions", {**COMPLETION, "temperature": -0.5}, "temperature", "temperature must be non-negative"),
+    ("/v1/chat/completions", {**CHAT, "temperature": -1}, "temperature", "temperature"),
+    ("/v1/completions", {**COMPLETION, "top_p": 1.5}, "top_p", "top_p must be in (0, 1]"),
+    ("/v1/completions", {**COMPLETION, "n": 0}, "n", "n must be at least 1"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 50}, "logprobs", "logprobs"),
+    ("/v1/completions", {**COMPLETION, "presence_penalty": 3}, "presence_penalty", "presence_penalty"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"99999999": 1}}, "logit_bias", "logit_bias"),
+    ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**9]}, "stop_token_ids", "vocabulary"),
+    ("/v1/completions", {**COMPLETION, "prompt": [1, 2, 10**9]}, "prompt", "vocabulary"),
+    ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt", "empty"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", "empty"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "text"),
+])
+def test_invalid_sampling_values(http, path, body, param, fragment):
+    assert_error(http.post(path, json=body), 400, param, (fragment,))
+    assert_still_serving(http)
+
+
+def test_over_long_prompt_names_both_numbers(http):
+    prompt = "hello " * 9000
+    n_prompt = http.post("/tokenize", json={"prompt": prompt}).json()["count"]
+    assert n_prompt > 8192
+    err = assert_error(http.post("/v1/completions", json={**COMPLETION, "prompt": prompt}), 400, "prompt",
+                       (str(n_prompt), "8192"))
+    assert err["code"] == "context_length_exceeded"
+    # the prompt fits but prompt + max_tokens does not
+    err = assert_error(http.post("/v1/completions", json={**COMPLETION, "max_tokens": 8192}), 400, "prompt", ("8192",))
+    n = http.post("/tokenize", json={"prompt": "Hi"}).json()["count"]
+    assert f"{n + 8192} tokens" in err["message"] and f"{n} in the prompt" in err["message"]
+    err = assert_error(http.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 9000}), 400, "messages",
+                       ("8192", "9000 in the completion"))
+    assert_still_serving(http)
+
+
+# ---- 401 / 404 ---------------------------------------------------------------------------------------
+def test_api_key(base, http):
+    openai = pytest.importorskip("openai")
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        bad.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert exc.value.status_code == 401
+    assert_error(httpx.post(base + "/v1/completions", json=COMPLETION), 401)  # no key at all
+    assert_error(httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"Authorization": "Basic " + KEY}), 401)
+    assert_error(httpx.get(base + "/v1/models"), 401)
+    assert httpx.get(base + "/health").status_code == 200  # health and metrics stay open
+    assert httpx.get(base + "/metrics").status_code == 200
+    good = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+    assert_still_serving(http)
+
+
+def test_unknown_model_and_route(base, http):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert exc.value.status_code == 404
+    err = assert_error(http.post("/v1/completions", json={**COMPLETION, "model": "nope"}), 404, "model", ("nope",))
+    assert err["code"] == "model_not_found"
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get("/v1/completions"), 405)
+    assert_still_serving(http)
+
+
+# ---- 503: queue full ---------------------------------------------------------------------------------
+def test_queue_full_is_503_then_recovers(base, http):
+    long = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=base, headers=AUTH, timeout=120) as a, httpx.Client(base_url=base, headers=AUTH, timeout=120) as b:
+        with a.stream("POST", "/v1/completions", json=long) as ra:  # runs (the single running seat)
+            assert ra.status_code == 200
+            with b.stream("POST", "/v1/completions", json=long) as rb:  # waits (the single queue place)
+                assert rb.status_code == 200
+                r = http.post("/v1/completions", json={**COMPLETION, "max_tokens": 1})
+                err = assert_error(r, 503)
+                assert err["code"] == "queue_full" and r.headers.get("retry-after") == "1"
+                waiting = parse_metrics(http.get("/metrics").text)
+                assert waiting["lmgen_requests_running"] == 1 and waiting["lmgen_requests_waiting"] >= 1
+    deadline = time.monotonic() + 60  # both streams were closed: their requests get aborted
+    while time.monotonic() < deadline:
+        m = parse_metrics(http.get("/metrics").text)
+        if m["lmgen_requests_running"] == 0 and m["lmgen_requests_waiting"] == 0 and m["lmgen_kv_cache_blocks_used"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"aborted requests still hold the engine: {m}")
+    assert m['lmgen_requests_rejected_total{reason="queue_full"}'] >= 1
+    assert_still_serving(http)
+
+
+# ---- AsyncEngine on a fake engine: its failure paths, without a model ------------------------------------
+class FakeEngine:
+    """Just enough of lmgen.engine.Engine: one token per running request per step; a prompt starting
+    with POISON makes the step raise; a prompt [BAD] is refused at admission."""
+
+    POISON, BAD = 13, 666
+
+    def __init__(self, max_num_seqs: int = 4, step_seconds: float = 0.005):
+        self.scheduler = SimpleNamespace(running=[], waiting=deque(), max_num_seqs=max_num_seqs, finish=self._finish)
+        self.stats = EngineStats()
+        self.step_seconds = step_seconds
+        self.requests: dict[str, Request] = {}
+        self.aborted: list[str] = []
+        self.steps = 0
+
+    def add_request(self, ids, params, request_id):
+        if ids == [self.BAD]:
+            raise ValueError("prompt token id 666 is cursed")
+        req = Request(request_id, ids, params)
+        self.requests[request_id] = req
+        self.scheduler.waiting.append(req)
+        return request_id
+
+    def has_unfinished(self):
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def _finish(self, req, status):
+        req.status = status
+        if req in self.scheduler.running:
+            self.scheduler.running.remove(req)
+        if req in self.scheduler.waiting:
+            self.scheduler.waiting.remove(req)
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+        req = self.requests.pop(rid, None)
+        if req is not None and not req.is_finished:
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def release(self, rid):
+        self.requests.pop(rid, None)
+
+    def step(self):
+        self.steps += 1
+        time.sleep(self.step_seconds)
+        sched = self.scheduler
+        while sched.waiting and len(sched.running) < sched.max_num_seqs:
+            req = sched.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            sched.running.append(req)
+        if any(r.prompt_token_ids[0] == self.POISON for r in sched.running):
+            raise RuntimeError("poisoned batch")
+        outs = []
+        for req in list(sched.running):
+            req.output_token_ids.append(7)
+            self.stats.generation_tokens += 1
+            done = len(req.output_token_ids) >= req.params.max_tokens
+            if done:
+                self._finish(req, RequestStatus.FINISHED_LENGTH)
+            outs.append(StepOutput(req.request_id, 0, [7], "x", done, req.finish_reason, req))
+        return outs
+
+
+def _async_engine(**kw) -> tuple[AsyncEngine, FakeEngine]:
+    fake = FakeEngine(**{k: kw.pop(k) for k in ("max_num_seqs", "step_seconds") if k in kw})
+    return AsyncEngine(SimpleNamespace(engine=fake), **kw), fake
+
+
+async def _text(engine: AsyncEngine, ids, max_tokens: int, rid: str) -> str:
+    return "".join([so.delta_text async for so in engine.generate(ids, SamplingParams(max_tokens=max_tokens), rid)])
+
+
+def test_async_engine_step_error_fails_only_its_batch_and_loop_survives():
+    async def main():
+        engine, fake = _async_engine()
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await _text(engine, [FakeEngine.POISON, 1], 5, "poison")
+        with pytest.raises(ValueError, match="cursed"):  # refused at admission: only this request hears it
+            await _text(engine, [FakeEngine.BAD], 5, "bad")
+        assert await _text(engine, [1, 2], 3, "fine") == "xxx"  # the loop carries on
+        assert engine.is_running and not fake.has_unfinished()
+        assert engine.metrics.engine_errors == 1
+        await engine.shutdown(timeout=5)
+        assert not engine.is_running
+
+    asyncio.run(main())
+
+
+def test_async_engine_queue_full_and_cancel_aborts():
+    async def main():
+        engine, fake = _async_engine(max_num_seqs=1, max_queue=1)
+        a = await engine.add_request([1], SamplingParams(max_tokens=10_000), "a")
+        b = await engine.add_request([1], SamplingParams(max_tokens=10_000), "b")
+        with pytest.raises(QueueFullError):
+            await engine.add_request([1], SamplingParams(max_tokens=1), "c")
+        assert engine.metrics.rejected == {"queue_full": 1}
+
+        async def consume(stream):
+            async for _ in stream:
+                pass
+
+        task = asyncio.create_task(consume(a))
+        await asyncio.sleep(0.05)
+        task.cancel()  # a client going away: the request is aborted, its seat freed
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        b.abort()
+        for _ in range(200):
+            if not fake.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(fake.aborted) == ["a", "b"] and not fake.has_unfinished()
+        assert await _text(engine, [1], 2, "d") == "xx"
+        await engine.shutdown(timeout=5)
+
+    asyncio.run(main())
+
+
+def test_async_engine_shutdown_finishes_in_flight_then_refuses():
+    async def main():
+        engine, fake = _async_engine(step_seconds=0.01)
+        pending = asyncio.create_task(_text(engine, [1], 20, "slow"))  # ~0.2 s of steps
+        await asyncio.sleep(0.03)
+        await engine.shutdown(timeout=10)
+        assert await pending == "x" * 20  # finished, not cut off
+        with pytest.raises(EngineClosedError):
+            await engine.add_request([1], SamplingParams(max_tokens=1), "late")
+
+        engine2, fake2 = _async_engine(step_seconds=0.01)
+        endless = asyncio.create_task(_text(engine2, [1], 100_000, "endless"))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await engine2.shutdown(timeout=0.2)  # the bounded wait runs out: the request is aborted
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(EngineClosedError):
+            await endless
+        assert fake2.aborted == ["endless"] and not engine2.is_running
+
+    asyncio.run(main())
