@@ -113,21 +113,30 @@ def test_sentencepiece_stream_equals_decode(spm_tok, text, data):
     assert detok.output_text == full
 
 
+def _check_prompt_context(tokenizer, text, data):
+    ids = tokenizer.encode(text)
+    if not ids or REPLACEMENT in tokenizer.decode(ids):
+        return  # (bytes the vocabulary lacks decode as U+FFFD: no clean prompt text to continue)
+    cut = data.draw(st.integers(1, len(ids)), label="cut")
+    prompt, generated = ids[:cut], ids[cut:]
+    # a character the prompt leaves incomplete is output whole
+    prompt_text = tokenizer.decode(prompt, skip_special_tokens=True).rstrip(REPLACEMENT)
+    expected = tokenizer.decode(prompt + generated, skip_special_tokens=True)[len(prompt_text) :]
+    detok, deltas = stream(tokenizer, generated, prompt_token_ids=prompt)
+    _check_stream(tokenizer, generated, deltas, expected, expected)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=TEXT, data=st.data())
 def test_prompt_context_stream_equals_decode_in_context(spm_tok, text, data):
     """With prompt ids as context, the output is what the generated ids add to the prompt's text."""
-    ids = spm_tok.encode(text)
-    cut = data.draw(st.integers(1, len(ids)), label="cut")
-    prompt, generated = ids[:cut], ids[cut:]
-    prompt_text = spm_tok.decode(prompt, skip_special_tokens=True)
-    if REPLACEMENT in text:
-        return
-    # a character the prompt leaves incomplete is output whole
-    prompt_text = prompt_text.rstrip(REPLACEMENT)
-    expected = spm_tok.decode(prompt + generated, skip_special_tokens=True)[len(prompt_text) :]
-    detok, deltas = stream(spm_tok, generated, prompt_token_ids=prompt)
-    _check_stream(spm_tok, generated, deltas, expected, expected)
+    _check_prompt_context(spm_tok, text, data)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT, data=st.data())
+def test_prompt_context_byte_level(smol, text, data):
+    _check_prompt_context(smol, text, data)
 
 
 # --- hand cases ------------------------------------------------------------------------------------

@@ -78,7 +78,10 @@ def test_gguf_digits_split_like_smollm_tokenizer_json(smol, hf_smol_tokenizer):
 
     oracle = HFTokenizer.from_str(hf_smol_tokenizer.backend_tokenizer.to_str())
     oracle.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     for text in ["circled ①② and Arabic ٣٤٥ digits", "½ ⅔ Ⅻ x²", TEXTS["numbers"], PYTHON_CODE]:
         assert smol.encode(text) == oracle.encode(text, add_special_tokens=False).ids

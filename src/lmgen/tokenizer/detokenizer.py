@@ -21,7 +21,7 @@ from typing import Any
 _REPLACEMENT = "\ufffd"
 # How many prompt tokens to decode in front of the first generated one (enough for a SentencePiece
 # word boundary or a multi-byte character; the window itself is never longer than what is pending).
-_PROMPT_CONTEXT = 6
+_PROMPT_CONTEXT = 8
 
 
 class IncrementalDetokenizer:
@@ -52,15 +52,10 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._hold_ids: frozenset[int] = frozenset(getattr(tokenizer, "stream_hold_ids", ()) or ())
 
-        context = [int(i) for i in list(prompt_token_ids)[-_PROMPT_CONTEXT:]]
-        read = len(context)
-        # A prompt that ends inside a character: its last tokens stay pending, so that the character
-        # is output whole once the generated tokens complete it.
-        while read > 0 and len(context) - read < 4 and self._decode(context[:read]).endswith(_REPLACEMENT):
-            read -= 1
-        if read > 0 and self._decode(context[:read]).endswith(_REPLACEMENT):
-            context, read = [], 0  # no clean context (invalid bytes): decode the output on its own
+        tail = list(prompt_token_ids)[-(_PROMPT_CONTEXT + 8) :]
+        context, read, skip = self._prompt_context([int(i) for i in tail])
         self._ids: list[int] = context  # context + generated ids (only the part still needed is kept)
+        self._skip_chars = skip  # prompt text inside the pending context tokens, not to be output again
         self._prefix_offset = 0
         self._read_offset = read
         self.token_ids: list[int] = []  # every generated id
@@ -108,6 +103,34 @@ class IncrementalDetokenizer:
         self.finished = True
         return delta
 
+    def _prompt_context(self, prompt: list[int]) -> tuple[list[int], int, int]:
+        """The last prompt tokens to decode in front of the output; how many of them are read (the rest
+        end inside a character the output will complete); how many characters of the prompt's text the
+        unread ones hold (a token can hold a whole character and the start of the next)."""
+        if not prompt:
+            return [], 0, 0
+        # The context must start on a character boundary: its text has to be the end of the prompt's.
+        reference = self._decode(prompt[-(_PROMPT_CONTEXT + 8) :])
+        first = max(0, len(prompt) - _PROMPT_CONTEXT)
+        for start in range(first, max(-1, first - 5), -1):
+            if reference.endswith(self._decode(prompt[start:])):
+                context = prompt[start:]
+                break
+        else:
+            return [], 0, 0
+        # A prompt that ends inside a character: its last tokens stay pending, so that the character
+        # is output whole once the generated tokens complete it (a character is at most 4 bytes).
+        read = len(context)
+        while read > 0 and len(context) - read < 4 and self._decode(context[:read]).endswith(_REPLACEMENT):
+            read -= 1
+        if read > 0 and self._decode(context[:read]).endswith(_REPLACEMENT):
+            return [], 0, 0  # invalid bytes at the end of the prompt: decode the output on its own
+        skip = 0
+        if read < len(context):
+            shown = self._decode(context).rstrip(_REPLACEMENT)
+            skip = max(0, len(shown) - len(self._decode(context[:read])))
+        return context, read, skip
+
     # -- internals ------------------------------------------------------------------------------------
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -127,6 +150,9 @@ class IncrementalDetokenizer:
         # Tokenizers' decoders are prefix-stable once the window starts on a character boundary, so the
         # window's text starts with prefix_text.
         delta = new_text[len(prefix_text) :]
+        if self._skip_chars:
+            cut = min(self._skip_chars, len(delta))
+            delta, self._skip_chars = delta[cut:], self._skip_chars - cut
         # Advance, and drop ids no later window needs.
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)

@@ -10,9 +10,10 @@ ids ...). Two vocabulary kinds are supported, the ones LLaMA-family models use:
   its ``LLAMA_VOCAB_PRE_TYPE_*`` (several regexes are applied one after the other, each splitting
   the pieces of the previous one, keeping both matches and gaps).
 * ``llama``: SentencePiece (Llama 1/2, Mistral 7B, TinyLlama, ...): ``▁`` stands for a space, a
-  space is put in front of the text (and after each special token) when ``add_space_prefix``, characters missing from the
-  vocabulary fall back to ``<0xNN>`` byte tokens, and the merge order is recovered from the token
-  scores (SentencePiece BPE merges the adjacent pair whose result scores highest).
+  space is put in front of the text (and after each special token) when ``add_space_prefix``,
+  characters missing from the vocabulary fall back to ``<0xNN>`` byte tokens, and the merge order
+  is recovered from the token scores (SentencePiece BPE merges the adjacent pair whose result
+  scores highest).
 
 Token types (``tokenizer.ggml.token_type``) decide which tokens are matched whole in the input:
 control (3) and unknown (2) tokens become special added tokens, user-defined (4) tokens become
@@ -389,7 +390,7 @@ def _sentencepiece_bpe(vocab: GGUFVocab) -> Tokenizer:
 def _add_special_tokens(tokenizer: Tokenizer, vocab: GGUFVocab) -> None:
     """Control and unknown tokens (and the BOS/EOS/... ids, whatever their type) are matched whole in the
     text as special tokens; user-defined ones are matched whole as ordinary added tokens."""
-    named = {vocab.bos_token_id, vocab.eos_token_id, vocab.unk_token_id, vocab.pad_token_id, vocab.eot_token_id, vocab.eom_token_id}
+    named = set(_named_ids(vocab))
     special: list[AddedToken] = []
     plain: list[AddedToken] = []
     for index, token in enumerate(vocab.tokens):
@@ -413,9 +414,10 @@ def special_token_ids(vocab: GGUFVocab) -> set[int]:
         for index in range(len(vocab.tokens))
         if vocab.token_type(index) in (TOKEN_CONTROL, TOKEN_UNKNOWN)
     }
-    ids |= {
-        i
-        for i in (vocab.bos_token_id, vocab.eos_token_id, vocab.unk_token_id, vocab.pad_token_id, vocab.eot_token_id, vocab.eom_token_id)
-        if i is not None
-    }
+    ids |= set(_named_ids(vocab))
     return ids
+
+
+def _named_ids(vocab: GGUFVocab) -> list[int]:
+    named = (vocab.bos_token_id, vocab.eos_token_id, vocab.unk_token_id, vocab.pad_token_id)
+    return [i for i in (*named, vocab.eot_token_id, vocab.eom_token_id) if i is not None]

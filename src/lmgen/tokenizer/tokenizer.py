@@ -162,13 +162,20 @@ class _SentencePieceBackend(_TokenizersBackend):
         return text
 
 
+def _decoder_json(tk: tokenizers.Tokenizer) -> dict | None:
+    decoder = tk.decoder
+    if decoder is None:
+        return None
+    try:
+        return json.loads(decoder.__getstate__())
+    except Exception:  # a custom (Python) decoder
+        return None
+
+
 def _spm_decoder_strip(tk: tokenizers.Tokenizer) -> bool | None:
     """For a tokenizer.json whose decoder is the standard SentencePiece chain: whether it strips the leading
     space. None for any other decoder."""
-    try:
-        decoder = json.loads(tk.to_str()).get("decoder") or {}
-    except Exception:
-        return None
+    decoder = _decoder_json(tk) or {}
     if decoder.get("type") != "Sequence":
         return None
     steps = decoder.get("decoders") or []
@@ -181,11 +188,7 @@ def _spm_decoder_strip(tk: tokenizers.Tokenizer) -> bool | None:
 
 def _byte_fallback_ids(tk: tokenizers.Tokenizer) -> frozenset[int]:
     """Ids of ``<0xNN>`` tokens when the decoder uses tokenizers' ByteFallback (see _SentencePieceBackend)."""
-    try:
-        decoder = json.dumps(json.loads(tk.to_str()).get("decoder"))
-    except Exception:
-        return frozenset()
-    if "ByteFallback" not in decoder:
+    if "ByteFallback" not in json.dumps(_decoder_json(tk)):
         return frozenset()
     ids = (tk.token_to_id(f"<0x{b:02X}>") for b in range(256))
     return frozenset(i for i in ids if i is not None)
@@ -515,10 +518,12 @@ class Tokenizer:
                 t_id = tk.token_to_id(content)
             return t_id
 
-        bos_id, eos_id, pad_id, unk_id = special("bos_token"), special("eos_token"), special("pad_token"), special("unk_token")
-        for extra in list(config.get("additional_special_tokens") or []) + list(
-            (config.get("extra_special_tokens") or {}).values() if isinstance(config.get("extra_special_tokens"), dict) else (config.get("extra_special_tokens") or [])
-        ):
+        bos_id, eos_id = special("bos_token"), special("eos_token")
+        pad_id, unk_id = special("pad_token"), special("unk_token")
+        extras = config.get("extra_special_tokens") or []
+        if isinstance(extras, dict):
+            extras = list(extras.values())
+        for extra in list(config.get("additional_special_tokens") or []) + list(extras):
             content = _token_content(extra)
             if content and tk.token_to_id(content) is None:
                 tk.add_special_tokens([AddedToken(content, special=True, normalized=False)])
@@ -594,7 +599,9 @@ class Tokenizer:
                     token_b64, rank = line.split()
                     ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
                 except Exception:
-                    raise ValueError(f"{file}:{lineno}: not a tiktoken line (base64 token, space, rank): {line[:60]!r}") from None
+                    raise ValueError(
+                        f"{file}:{lineno}: not a tiktoken line (base64 token, space, rank): {line[:60]!r}"
+                    ) from None
         if not ranks:
             raise ValueError(f"{file}: empty tiktoken file")
         if special_tokens is None:
