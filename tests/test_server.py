@@ -282,7 +282,8 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
     with httpx.Client(timeout=120) as h:
         with h.stream("POST", server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
+            lines = r.iter_lines()  # keep a reference: a dropped httpx line iterator closes the connection
+            for line in lines:
                 if line.startswith("data: "):
                     got += 1
                     if got == 3:
@@ -294,6 +295,36 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
     key = 'lmgen_requests_finished_total{finish_reason="abort"}'
     assert after.get(key, 0) >= before.get(key, 0) + 1
     assert after["lmgen_generation_tokens_total"] - before["lmgen_generation_tokens_total"] < 500
+
+
+def test_client_timeout_on_non_streaming_request_aborts_it(server):
+    before = server.metrics()
+    body = {"model": MODEL, "prompt": "Count to one thousand: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+    after = _wait_idle(server, timeout=60)
+    assert after["lmgen_generation_tokens_total"] - before["lmgen_generation_tokens_total"] < 500
+    key = 'lmgen_requests_finished_total{finish_reason="abort"}'
+    assert after.get(key, 0) >= before.get(key, 0) + 1
+
+
+def test_sampling_extras_and_logit_bias(server, client):
+    greedy = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0)
+    assert greedy.choices[0].text.startswith(" Paris")
+    # top_k=1 at temperature 1 is greedy; the vLLM extras are accepted
+    top1 = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=1.0,
+                                     extra_body={"top_k": 1, "min_p": 0.05, "repetition_penalty": 1.0, "min_tokens": 3})
+    assert top1.choices[0].text == greedy.choices[0].text and top1.usage.completion_tokens == 3
+    paris = httpx.post(server.base + "/tokenize", json={"prompt": " Paris", "add_special_tokens": False},
+                       headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    assert len(paris) == 1
+    banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                       logit_bias={str(paris[0]): -100})
+    assert not banned.choices[0].text.startswith(" Paris")
+    stopped = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                        extra_body={"stop_token_ids": paris})
+    assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra.get("stop_reason") == paris[0]
 
 
 # ---- shutdown: keep this test last -------------------------------------------------------------------

@@ -217,14 +217,15 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 if not self.engine.has_unfinished():
-                    self._handle(self._commands.get())  # idle: sleep until something arrives
+                    self._guarded(self._handle, self._commands.get())  # idle: sleep until something arrives
                 while not self._stopping:
                     try:
-                        self._handle(self._commands.get_nowait())
+                        cmd = self._commands.get_nowait()
                     except queue.Empty:
                         break
+                    self._guarded(self._handle, cmd)
                 if not self._stopping and self.engine.has_unfinished():
-                    self._step()
+                    self._guarded(self._step)
         except BaseException as e:  # a bug in this loop itself: fail everyone, refuse new work
             logger.exception("engine thread crashed")
             self.dead = e
@@ -242,6 +243,18 @@ class AsyncEngine:
                 if cmd[0] == "add":
                     self._adds_taken += 1
                     cmd[1]._put(err)
+
+    def _guarded(self, fn, *args) -> None:
+        """Runs one unit of the loop; an exception there (a bug, or an engine call failing outside a
+        step) is logged and recovered from like a failed step, never allowed to end the loop."""
+        try:
+            fn(*args)
+        except Exception as e:
+            logger.exception("engine loop: %s failed", getattr(fn, "__name__", fn))
+            try:
+                self._recover(e)
+            except Exception:
+                logger.exception("engine loop: recovery failed")
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
