@@ -52,7 +52,11 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._hold_ids: frozenset[int] = frozenset(getattr(tokenizer, "stream_hold_ids", ()) or ())
 
-        tail = list(prompt_token_ids)[-(_PROMPT_CONTEXT + 8) :]
+        n = _PROMPT_CONTEXT + 8
+        try:
+            tail = list(prompt_token_ids[-n:])  # type: ignore[index]
+        except TypeError:  # not sliceable
+            tail = list(prompt_token_ids)[-n:]
         context, read, skip = self._prompt_context([int(i) for i in tail])
         self._ids: list[int] = context  # context + generated ids (only the part still needed is kept)
         self._skip_chars = skip  # prompt text inside the pending context tokens, not to be output again

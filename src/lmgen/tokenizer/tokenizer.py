@@ -312,7 +312,8 @@ class Tokenizer:
         backend.special_ids |= named
         self.all_special_ids: set[int] = set(backend.special_ids)
 
-        eos = {int(i) for i in extra_eos_token_ids if i is not None}
+        extra_eos = [int(i) for i in extra_eos_token_ids if i is not None]
+        eos = set(extra_eos)
         if eos_token_id is not None:
             eos.add(eos_token_id)
         for text in END_OF_TURN_TOKENS:
@@ -322,7 +323,7 @@ class Tokenizer:
         if "<|return|>" in self._special_texts() and "<|end|>" in self._special_texts():
             # gpt-oss (harmony): <|end|> closes a message, generation goes on (llama.cpp does the same)
             end_id = backend.token_to_id("<|end|>")
-            if end_id != eos_token_id and end_id not in set(extra_eos_token_ids):
+            if end_id != eos_token_id and end_id not in extra_eos:
                 eos.discard(end_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         if self.eos_token_id is None and eos:
