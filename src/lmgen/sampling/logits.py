@@ -56,19 +56,20 @@ def token_counts(token_ids: list[list[int]], vocab_size: int, device=None) -> to
     Ids outside ``[0, vocab_size)`` are ignored.
     """
     batch = len(token_ids)
-    counts = torch.zeros((batch, vocab_size + 1), dtype=torch.int32, device=device)
-    lengths = [len(ids) for ids in token_ids]
-    longest = max(lengths, default=0)
-    if longest:
-        padded = torch.full((batch, longest), vocab_size, dtype=torch.int64)
-        for i, ids in enumerate(token_ids):
-            if ids:
-                row = torch.as_tensor(ids, dtype=torch.int64)
-                row = torch.where((row >= 0) & (row < vocab_size), row, vocab_size)
-                padded[i, : len(ids)] = row
-        padded = padded.to(device)
-        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
-    return counts[:, :vocab_size]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, ids in enumerate(token_ids):
+        kept = [t for t in ids if 0 <= t < vocab_size]
+        rows.extend([i] * len(kept))
+        cols.extend(kept)
+    counts = torch.zeros((batch, vocab_size), dtype=torch.int32)
+    if cols:
+        counts.index_put_(
+            (torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64)),
+            torch.ones(len(cols), dtype=torch.int32),
+            accumulate=True,
+        )
+    return counts.to(device) if device is not None else counts
 
 
 def token_mask(token_ids: list[list[int]], vocab_size: int, device=None) -> torch.Tensor:
