@@ -146,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = llm.generate(prompt, params)[0]
         for c in result.outputs:
             header = f"--- [{c.index}] finish={c.finish_reason} cumulative_logprob={c.cumulative_logprob:.3f}"
-            print(header + (f" score={c.score:.4f}" if hasattr(c, "score") else ""))
+            print(header + (f" score={c.score:.4f}" if c.score is not None else ""))
             print(c.text)
             if params.logprobs is not None:
                 _print_logprobs(llm, c.token_ids, c.logprobs)

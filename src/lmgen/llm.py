@@ -274,8 +274,7 @@ class LLM:
         for i, b in enumerate(beams):
             ids = [t for t in b.token_ids if t not in eos]
             outputs.append(CompletionOutput(i, self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens),
-                                            list(b.token_ids), b.cumulative_logprob, None, b.finish_reason))
-            outputs[-1].score = b.score  # type: ignore[attr-defined]
+                                            list(b.token_ids), b.cumulative_logprob, None, b.finish_reason, score=b.score))
         return RequestOutput(f"beam-{id(beams)}", text, prompt_ids, outputs)
 
 

@@ -108,6 +108,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
 
 
 @dataclass

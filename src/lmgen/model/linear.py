@@ -74,7 +74,7 @@ def build_linear(
     if biases is not None and any(b is not None for b in biases):
         outs = [s.shape[0] for s in sources]
         bias = torch.cat(
-            [(b if b is not None else torch.zeros(n)).to(dtype) for b, n in zip(biases, outs)]
+            [to_float(b, dtype) if b is not None else torch.zeros(n, dtype=dtype) for b, n in zip(biases, outs)]
         ).to(device)
     if quantization != "none" and device.type == "cpu":
         module = _build_quantized(sources, bias, quantization)
