@@ -67,10 +67,11 @@ class ModelRunner:
             mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len_t[:, None, None])
             mask = mask[:, None, :, :]  # (batch, 1, max_q, max_kv)
         dev = self.device
+        single = batch == 1  # one sequence: no padding, queries are the tokens themselves
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping).to(dev),
-            query_index=query_index.to(dev),
-            output_index=output_index.to(dev),
+            query_index=None if single else query_index.to(dev),
+            output_index=None if single else output_index.to(dev),
             kv_index=kv_index.to(dev),
             mask=None if mask is None else mask.to(dev),
         )

@@ -27,8 +27,10 @@ class AttentionMetadata:
     """Index tensors for one forward step, built once by the ModelRunner and shared by every layer."""
 
     slot_mapping: torch.Tensor  # (tokens,) int64: flat cache slot where each new token's K/V is written
-    query_index: torch.Tensor  # (batch, max_q) int64: row of `tokens` for each sequence's queries (padded with 0)
-    output_index: torch.Tensor  # (tokens,) int64: position of each token in the flattened (batch*max_q) output
+    # (batch, max_q) int64: row of `tokens` for each sequence's queries (padded with 0); None when the batch
+    # is a single sequence, whose queries are simply all the tokens
+    query_index: torch.Tensor | None
+    output_index: torch.Tensor | None  # (tokens,) int64: row of each token in the flat (batch*max_q) output
     kv_index: torch.Tensor  # (batch, max_kv) int64: flat cache slots of each sequence's context (padded with 0)
     mask: torch.Tensor | None  # (batch, 1, max_q, max_kv) bool: True where a query may attend; None = all
 
@@ -67,11 +69,13 @@ class Attention(torch.nn.Module):
         # Write this step's K/V into the paged cache first, so the gather below sees them.
         k_cache.index_copy_(0, meta.slot_mapping, k)  # k_cache: (num_slots, kv_heads, head_dim)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        qp = q[meta.query_index].transpose(1, 2)  # (batch, heads, max_q, head_dim)
+        qp = (q[None] if meta.query_index is None else q[meta.query_index]).transpose(1, 2)  # (batch, heads, max_q, head_dim)
         kp = k_cache[meta.kv_index].transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
         vp = v_cache[meta.kv_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=self.scale, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(-1, self.q_size)[meta.output_index]  # (tokens, heads*head_dim)
+        out = out.transpose(1, 2).reshape(-1, self.q_size)  # (batch*max_q, heads*head_dim)
+        if meta.output_index is not None:
+            out = out[meta.output_index]  # (tokens, heads*head_dim): drop the padding rows
         return self.o_proj(out)
 
 
