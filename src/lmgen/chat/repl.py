@@ -62,6 +62,10 @@ class ChatREPL:
                     line = input(">>> " if not lines else "... ")
                 except EOFError:
                     return None if not lines else "\n".join(lines)
+                except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line being typed, as shells do
+                    print(file=self.out)
+                    lines, in_block = [], False
+                    continue
             else:
                 line = stdin.readline()
                 if not line:
