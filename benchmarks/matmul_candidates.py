@@ -192,8 +192,9 @@ def sweep(args, ext, tensors):
         for batch in (1, 2, 4, 8, 16, 24, 32, 48, 64, 128):
             x = torch.randn(batch, k)
             c = {"int": lambda: mod._impl.forward_path(x, 1, 0), "deq": lambda: mod._impl.forward_path(x, 2, 0)}
-            r = measure(c, args.rounds, args.target_s / 2)
-            print(f"{name:19s} b={batch:<4d} int {r['int'] * 1e6:8.1f}  deq {r['deq'] * 1e6:8.1f}", flush=True)
+            r = measure_stats(c, args.rounds, args.target_s / 2)
+            print(f"{name:19s} b={batch:<4d} " + "  ".join(
+                f"{a} {md * 1e6:8.1f} (min {mn * 1e6:8.1f})" for a, (md, mn) in r.items()), flush=True)
     print("# MIN_UNITS (threading threshold), batch 1, us per call")
     for name, k, n, _ in SHAPES:
         qtype, data = tensors[name]
@@ -202,8 +203,9 @@ def sweep(args, ext, tensors):
         c = {}
         for mu in (128, 512, 1024, 2048, 4096, 1 << 30):
             c[f"mu={mu if mu < 1 << 30 else 'inf'}"] = lambda mu=mu: mod._impl.forward_path(x, 1, mu)
-        r = measure(c, args.rounds, args.target_s / 2)
-        print(f"{name:19s} " + "  ".join(f"{a} {t * 1e6:7.1f}" for a, t in r.items()), flush=True)
+        r = measure_stats(c, args.rounds, args.target_s / 2)
+        print(f"{name:19s} " + "  ".join(f"{a} {md * 1e6:7.1f}/{mn * 1e6:7.1f}" for a, (md, mn) in r.items()),
+              flush=True)
 
 
 def decode_step(args, ext):
@@ -231,7 +233,7 @@ def decode_step(args, ext):
     for qtype, data, n, k in layers:
         w = None
         for name in args.step_cands:
-            if name == "lmgen":
+            if name.startswith("lmgen"):
                 built[name].append(quant.packed_linear_from_gguf(qtype, data, (n, k)))
                 continue
             if w is None:
@@ -248,13 +250,19 @@ def decode_step(args, ext):
                 lin.weight.data = w.clone()
                 built[name].append(torch.ao.nn.quantized.dynamic.Linear.from_float(
                     _with_qconfig(lin)))
+    settings = {  # lmgen variants: kernel threads / helper spin
+        "lmgen": {}, "lmgen-1t": {"threads": 1}, "lmgen-nospin": {"spin_us": 0}, "lmgen-spin2ms": {"spin_us": 2000},
+    }
     for name, mods in built.items():
         def run(mods=mods, name=name):
             xa, xb = (x576.to(torch.bfloat16), x1536.to(torch.bfloat16)) if name == "bf16" else (x576, x1536)
+            if name in settings:
+                quant.configure(**{"threads": 0, "spin_us": 300, **settings[name]})
             for m in mods:
                 m(xa if m_in(m) == 576 else xb)
         cands[name] = run
     res = measure_stats(cands, args.rounds, 0.0)
+    quant.configure(threads=0, spin_us=300)
     total = sum(getattr(m, "packed", torch.empty(0)).numel() for m in built.get("lmgen", []))
     print(f"# decode step: {len(layers)} matmuls, batch 1, ms per step (median / min of {args.rounds} rounds)"
           + (f"; lmgen packed bytes {total / 1e6:.1f} MB" if total else ""))

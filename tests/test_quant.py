@@ -1,10 +1,11 @@
 """lmgen.model.quant: packed GGUF linear layers against gguf-py's reference dequantizer.
 
 Error model checked here (see quant.py's docstring):
-  * integer path (batch < DEQUANT_MIN_BATCH, Q4_0 / Q4_1 / Q8_0): activations are rounded to int8 blocks of 32
+  * integer kernels (Q4_0 / Q4_1 / Q8_0, every batch by default): activations are rounded to int8 blocks of 32
     with scale d_x = max|x_block| / 127, so per output
         |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_{j in block} |W_deq[n, j]|   (+ fp32 rounding)
-  * K-quant path and dequantize+matmul path (batch >= DEQUANT_MIN_BATCH): fp32 rounding only.
+    (the AVX2 and the AVX-512 VNNI kernels are both checked where the CPU has VNNI)
+  * K-quant kernels and the dequantize + matmul path: fp32 rounding only.
   * quantize_linear: int8 = Q8_0, |w - w_q| <= max|w_block| / 254 + max|w_block| 2^-11 (fp16 scale);
     int4 = Q4_1, |w - w_q| <= (max - min)_block / 30 + max|w_block| 2^-9 (fp16 scale and min).
 """
@@ -44,6 +45,23 @@ def model_tensors():
         pytest.skip("embedded GGUF not installed")
     reader = gguf.GGUFReader(path)
     return {t.name: t for t in reader.tensors}
+
+
+def integer_path(layer, batch):
+    """Whether layer(x) with `batch` rows runs the integer kernels (activation rounding in the error bound)."""
+    if not isinstance(layer, quant.QuantizedLinear) or layer.qtype not in R8_TYPES:
+        return False
+    return quant.R8_DEQUANT_MIN_BATCH <= 0 or batch < quant.R8_DEQUANT_MIN_BATCH
+
+
+ISAS = ["auto", "avx2"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    quant.configure(isa=request.param)
+    yield request.param
+    quant.configure(isa="auto")
 
 
 def random_blocks(qtype, rows, cols, seed=0):
@@ -99,7 +117,7 @@ def test_supported_qtypes():
 @pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [44, 3, 64])  # 8-row groups: partial, smaller than one, exact
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 37])
-def test_r8_matches_reference(qtype, rows, batch):
+def test_r8_matches_reference(qtype, rows, batch, isa):
     cols = 256
     data = random_blocks(qtype, rows, cols, seed=rows)
     w = reference(qtype, data, (rows, cols))
@@ -107,7 +125,7 @@ def test_r8_matches_reference(qtype, rows, batch):
     assert isinstance(layer, quant.QuantizedLinear)
     np.testing.assert_array_equal(layer.dequantized_weight().numpy(), w.astype(np.float32))
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
-    check_close(layer(x), x, w, integer_path=batch < quant.DEQUANT_MIN_BATCH)
+    check_close(layer(x), x, w, integer_path=integer_path(layer, batch))
     check_close(layer._impl.forward_path(x, INT_PATH, 0), x, w, integer_path=True)
     check_close(layer._impl.forward_path(x, DEQ_PATH, 0), x, w, integer_path=False)
 
@@ -129,7 +147,7 @@ def test_kquants_match_reference(qtype, batch):
 @needs_kernels
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"])
 @pytest.mark.parametrize("batch", [1, 37])
-def test_real_gguf_tensors(model_tensors, name, batch):
+def test_real_gguf_tensors(model_tensors, name, batch, isa):
     t = model_tensors[name]
     data = np.asarray(t.data)
     shape = (data.shape[0], int(t.shape[0]))  # GGUF lists dims innermost first
@@ -140,15 +158,15 @@ def test_real_gguf_tensors(model_tensors, name, batch):
     layer = quant.packed_linear_from_gguf(t.tensor_type, data, shape)
     assert layer.packed.numel() == data.size + (-shape[0] % 8) * data.shape[1]  # packed size, nothing more
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(7))
-    err = check_close(layer(x), x, w, integer_path=batch < quant.DEQUANT_MIN_BATCH)
+    err = check_close(layer(x), x, w, integer_path=integer_path(layer, batch))
     ref_norm = np.linalg.norm(x.numpy().astype(np.float64) @ w.T)
-    assert np.linalg.norm(err) / ref_norm < (0.02 if batch < quant.DEQUANT_MIN_BATCH else 1e-5)
+    assert np.linalg.norm(err) / ref_norm < (0.02 if integer_path(layer, batch) else 1e-5)
     check_close(layer._impl.forward_path(x, INT_PATH, 0), x, w, integer_path=True)
 
 
 @needs_kernels
 @pytest.mark.parametrize("batch", [1, 37])
-def test_fused_rows_match_separate(model_tensors, batch):
+def test_fused_rows_match_separate(model_tensors, batch, isa):
     names = ["blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_v.weight"]
     parts = [np.asarray(model_tensors[n].data) for n in names]
     cols = int(model_tensors[names[0]].shape[0])
@@ -253,8 +271,7 @@ def test_quantize_linear(mode, batch):
     y = layer(x).double()
     ref = x.double() @ w.double().T + bias.double()
     bound = x.double().abs() @ per_weight.T + FP32_RTOL * (x.double().abs() @ w.double().abs().T) + 1e-6
-    integer_path = isinstance(layer, quant.QuantizedLinear) and batch < quant.DEQUANT_MIN_BATCH
-    if integer_path:
+    if integer_path(layer, batch):
         bound = bound + torch.from_numpy(act_bound(x.double().numpy(), wq.numpy()))
     assert torch.all((y - ref).abs() <= bound)
     # relative size of the error on random data, for the record: int8 ~0.5%, int4 ~8%

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "quant_kernels.h"
+#include "share_pool.h"
 
 namespace {
 using namespace lmgen_q;
@@ -41,9 +42,18 @@ using namespace lmgen_q;
 // ---------------------------------------------------------------------------------------------------------
 // tuning (set from Python: lmgen.model.quant.set_tuning)
 // ---------------------------------------------------------------------------------------------------------
-int64_t g_dequant_min_batch = 32;  // batches of at least this many rows: dequantize a tile + at::mm
+int64_t g_dequant_min_batch = 8;   // K-quants: batches of at least this many rows dequantize a tile + at::mm
+int64_t g_r8_dequant_min_batch = INT64_MAX;  // same for Q4_0/Q4_1/Q8_0 (the integer kernels win at any batch)
 int64_t g_tile_rows = 4096;        // weight rows dequantized at once on that path
-int64_t g_min_units = 1024;        // least work (group-blocks x batch rows) worth a thread
+int64_t g_min_units = 1024;        // work (group-blocks x batch rows) per chunk handed to a thread, ~5 us
+int64_t g_spin_us = 300;           // how long idle workers spin before sleeping
+int64_t g_threads = 0;             // threads for the kernels; 0: torch.get_num_threads()
+
+int64_t g_isa = 0;                 // 0: best available, 1: AVX2 only, 2: AVX-512 VNNI (when the CPU has it)
+
+inline bool use_vnni() { return g_isa != 1 && cpu_has_vnni(); }
+
+inline int kernel_threads() { return static_cast<int>(g_threads > 0 ? g_threads : at::get_num_threads()); }
 
 inline int64_t grain_for(int64_t units_per_item, int64_t min_units) {
   return std::max<int64_t>(1, (min_units + units_per_item - 1) / std::max<int64_t>(1, units_per_item));
@@ -86,7 +96,7 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
     for (int64_t m = m0; m < m1; ++m) quantize_act_row(xp + m * K, K, q + m * K, ds + m * nb, ds + (M + m) * nb);
   };
   if (M * K >= 32768)
-    at::parallel_for(0, M, 1, quant_rows);
+    parallel_chunks(M, std::max<int64_t>(1, 16384 / K), kernel_threads(), quant_rows);
   else
     quant_rows(0, M);
   ActQ8 act_small[8];
@@ -98,6 +108,7 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
   }
   for (int64_t m = 0; m < M; ++m) act[m] = {q + m * K, ds + m * nb, ds + (M + m) * nb};
 
+  const bool vnni = use_vnni();
   auto work = [&](int64_t g0, int64_t g1) {
     alignas(32) float tmp[8];
     for (int64_t g = g0; g < g1; ++g) {
@@ -114,16 +125,16 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
         __m256 acc[4];
         int mr;
         if (left >= 4) {
-          r8_group<4>(qtype, wg, nb, act + m, acc);
+          vnni ? r8_group_vnni<4>(qtype, wg, nb, act + m, acc) : r8_group<4>(qtype, wg, nb, act + m, acc);
           mr = 4;
         } else if (left == 3) {
-          r8_group<3>(qtype, wg, nb, act + m, acc);
+          vnni ? r8_group_vnni<3>(qtype, wg, nb, act + m, acc) : r8_group<3>(qtype, wg, nb, act + m, acc);
           mr = 3;
         } else if (left == 2) {
-          r8_group<2>(qtype, wg, nb, act + m, acc);
+          vnni ? r8_group_vnni<2>(qtype, wg, nb, act + m, acc) : r8_group<2>(qtype, wg, nb, act + m, acc);
           mr = 2;
         } else {
-          r8_group<1>(qtype, wg, nb, act + m, acc);
+          vnni ? r8_group_vnni<1>(qtype, wg, nb, act + m, acc) : r8_group<1>(qtype, wg, nb, act + m, acc);
           mr = 1;
         }
         for (int r = 0; r < mr; ++r) {
@@ -140,11 +151,7 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
       }
     }
   };
-  const int64_t grain = grain_for(nb * M, min_units);
-  if (G <= grain)
-    work(0, G);  // skip the OpenMP team entirely
-  else
-    at::parallel_for(0, G, grain, work);
+  parallel_chunks(G, grain_for(nb * M, min_units), kernel_threads(), work);
 }
 
 // K-quant weight (GGUF rows) times x -> y (row stride ldy), float path
@@ -162,11 +169,8 @@ void kq_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
       }
     }
   };
-  const int64_t grain = grain_for(nsb * M, min_units);  // a 256 super-block ~ a group-block of work
-  if (N <= grain)
-    work(0, N);
-  else
-    at::parallel_for(0, N, grain, work);
+  // a row's 256-value super-block costs about as much as a group-block (8 rows x 32) of the integer kernels
+  parallel_chunks(N, grain_for(nsb * M, min_units), kernel_threads(), work);
 }
 
 // rows [n0, n1) of the weight (n0 a multiple of 8 for r8 types) -> out (n1 - n0, K) fp32
@@ -174,16 +178,16 @@ void dequant_rows_into(const uint8_t* w, int64_t qtype, int64_t N, int64_t K, in
   if (is_r8(qtype)) {
     const int64_t nb = K / QK, gbytes = nb * r8_block_bytes(qtype);
     const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
-    at::parallel_for(g0, g1, 16, [&](int64_t a, int64_t b) {
-      for (int64_t g = a; g < b; ++g) {
+    parallel_chunks(g1 - g0, 16, kernel_threads(), [&](int64_t a, int64_t b) {
+      for (int64_t g = g0 + a; g < g0 + b; ++g) {
         const int nvalid = static_cast<int>(std::min<int64_t>(8, n1 - 8 * g));
         r8_dequant_group(qtype, w + g * gbytes, nb, nvalid, out + (8 * g - n0) * K, K);
       }
     });
   } else {
     const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype), bpr = nsb * bb;
-    at::parallel_for(n0, n1, 64, [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n)
+    parallel_chunks(n1 - n0, 64, kernel_threads(), [&](int64_t a, int64_t b) {
+      for (int64_t n = n0 + a; n < n0 + b; ++n)
         for (int64_t s = 0; s < nsb; ++s) kq_dequant_block(qtype, w + n * bpr + s * bb, out + (n - n0) * K + s * QK_K);
     });
   }
@@ -257,16 +261,17 @@ struct PackedLinear {
     }
   }
 
+  int64_t min_batch() const { return is_r8(qtype) ? g_r8_dequant_min_batch : g_dequant_min_batch; }
+
   torch::Tensor forward(const torch::Tensor& x) const {
     const torch::Tensor x2 = as_rows(x, K);
-    return restore(linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, g_dequant_min_batch, g_tile_rows, g_min_units),
-                   x, N);
+    return restore(linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, min_batch(), g_tile_rows, g_min_units), x, N);
   }
 
   // explicit path choice, for benchmarks: path 0 = as tuned, 1 = integer/fused kernels, 2 = dequantize + at::mm
   torch::Tensor forward_path(const torch::Tensor& x, int64_t path, int64_t min_units) const {
     const torch::Tensor x2 = as_rows(x, K);
-    const int64_t mb = path == 1 ? INT64_MAX : path == 2 ? 0 : g_dequant_min_batch;
+    const int64_t mb = path == 1 ? INT64_MAX : path == 2 ? 0 : min_batch();
     return restore(linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, mb, g_tile_rows,
                              min_units > 0 ? min_units : g_min_units),
                    x, N);
@@ -314,21 +319,27 @@ torch::Tensor raw_gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t
     for (int64_t n = n0; n < n1; ++n)
       yp[n] = qtype == T_Q4_1 ? raw_dot_q4_1(wp + n * bpr, nb, a) : raw_dot_q8_0(wp + n * bpr, nb, a);
   };
-  const int64_t grain = grain_for(nb, min_units * 8);
-  if (N <= grain)
-    work(0, N);
-  else
-    at::parallel_for(0, N, grain, work);
+  parallel_chunks(N, grain_for(nb, min_units * 8), kernel_threads(), work);
   return y;
 }
 
-void set_tuning(int64_t dequant_min_batch, int64_t tile_rows, int64_t min_units) {
-  g_dequant_min_batch = std::max<int64_t>(1, dequant_min_batch);
+void set_tuning(int64_t dequant_min_batch, int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_units,
+                int64_t threads, int64_t spin_us, int64_t isa) {
+  g_isa = isa;
+  g_dequant_min_batch = dequant_min_batch > 0 ? dequant_min_batch : INT64_MAX;  // 0: never
+  g_r8_dequant_min_batch = r8_dequant_min_batch > 0 ? r8_dequant_min_batch : INT64_MAX;
   g_tile_rows = std::max<int64_t>(8, tile_rows);
   g_min_units = std::max<int64_t>(1, min_units);
+  g_threads = std::max<int64_t>(0, threads);
+  g_spin_us = std::max<int64_t>(0, spin_us);
+  SharePool::instance().set_spin_us(g_spin_us);
 }
 
-std::vector<int64_t> get_tuning() { return {g_dequant_min_batch, g_tile_rows, g_min_units}; }
+std::vector<int64_t> get_tuning() {
+  return {g_dequant_min_batch, g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_threads, g_spin_us, g_isa};
+}
+
+std::string kernel_isa() { return use_vnni() ? "avx512vnni" : "avx2"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<PackedLinear>(m, "PackedLinear")
@@ -340,6 +351,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_bytes", &packed_bytes, "bytes of a packed (N, K) weight of a qtype");
   m.def("quantize_activations", &quantize_activations, "x (M, K) -> int8 blocks of 32, scales, scaled sums");
   m.def("raw_gemv", &raw_gemv, "benchmark baseline: llama.cpp-style dot products on raw GGUF rows");
-  m.def("set_tuning", &set_tuning, "dequant_min_batch, tile_rows, min_units");
-  m.def("get_tuning", &get_tuning, "(dequant_min_batch, tile_rows, min_units)");
+  m.def("set_tuning", &set_tuning,
+        "dequant_min_batch (K-quants), r8_dequant_min_batch (0: never), tile_rows, min_units, threads (0: torch's), "
+        "spin_us, isa (0 auto, 1 avx2)");
+  m.def("get_tuning", &get_tuning, "the values set_tuning takes, in order (INT64_MAX for never)");
+  m.def("kernel_isa", &kernel_isa, "instruction set the integer kernels use now");
 }

@@ -179,6 +179,87 @@ inline void r8_group(int64_t qtype, const uint8_t* wg, int64_t nb, const ActQ8* 
     r8_q4_group<MR, false>(wg, nb, act, acc);
 }
 
+// AVX-512 VNNI variants (256-bit vpdpbusd: u8 x s8, 4 products summed into each int32 lane, no int16
+// saturation), compiled for that target only and chosen at run time (cpu_has_vnni()).
+#define LMGEN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+inline bool cpu_has_vnni() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+template <int MR, bool HAS_MIN>
+LMGEN_VNNI inline void r8_q4_group_vnni(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  constexpr int64_t bb = HAS_MIN ? 160 : 144;
+  constexpr int64_t qoff = HAS_MIN ? 32 : 16;
+  __m256 accm[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wg + b * bb;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 mw = HAS_MIN ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                              : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    const uint8_t* q = blk + qoff;
+    __m256i lo[4], hi[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+      lo[c] = _mm256_and_si256(v, m4);
+      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* xa = act[r].q + b * QK;
+      __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(load_i32(xa)));
+      __m256i sb = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[0], _mm256_set1_epi32(load_i32(xa + 16)));
+      for (int c = 1; c < 4; ++c) {
+        sa = _mm256_dpbusd_epi32(sa, lo[c], _mm256_set1_epi32(load_i32(xa + 4 * c)));
+        sb = _mm256_dpbusd_epi32(sb, hi[c], _mm256_set1_epi32(load_i32(xa + 16 + 4 * c)));
+      }
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(sa, sb));
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), p, acc[r]);
+      accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), accm[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], accm[r]);
+}
+
+template <int MR>
+LMGEN_VNNI inline void r8_q8_group_vnni(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  // vpdpbusd wants unsigned weights: sum (w + 128) x = sum w x + 128 sum x, and 128 dx sum(qx) = 128 sx
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 accm[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wg + b * 272;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 mw = _mm256_mul_ps(dw, _mm256_set1_ps(-128.0f));
+    const uint8_t* q = blk + 16;
+    __m256i s32[MR];
+    for (int r = 0; r < MR; ++r) s32[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c)), bias);
+      for (int r = 0; r < MR; ++r)
+        s32[r] = _mm256_dpbusd_epi32(s32[r], u, _mm256_set1_epi32(load_i32(act[r].q + b * QK + 4 * c)));
+    }
+    for (int r = 0; r < MR; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), _mm256_cvtepi32_ps(s32[r]), acc[r]);
+      accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), accm[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], accm[r]);
+}
+
+template <int MR>
+LMGEN_VNNI void r8_group_vnni(int64_t qtype, const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  if (qtype == T_Q8_0)
+    r8_q8_group_vnni<MR>(wg, nb, act, acc);
+  else if (qtype == T_Q4_1)
+    r8_q4_group_vnni<MR, true>(wg, nb, act, acc);
+  else
+    r8_q4_group_vnni<MR, false>(wg, nb, act, acc);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Dequantization of r8 groups to fp32 rows (prefill path, tests)
 // ---------------------------------------------------------------------------------------------------------
@@ -322,13 +403,15 @@ inline void kq_dequant_block(int64_t qtype, const uint8_t* blk, float* y) {
     dequant_q6_k(blk, y);
 }
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
+inline float dot_f32(const float* a, const float* b, int64_t n) {  // n % 32 == 0
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32) {
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
   }
-  return hsum8(_mm256_add_ps(s0, s1));
+  return hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -55,22 +55,31 @@ __all__ = [
     "quantize_linear",
     "supported_packed_qtypes",
     "kernels_available",
+    "configure",
 ]
 
-# Batches of at least this many rows dequantize a weight tile and call at::mm instead of the integer kernels
-# (see benchmarks/matmul_candidates.py for the crossover on this machine).
-DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "32"))
+# K-quants: batches of at least this many rows dequantize a weight tile and call at::mm instead of the fused
+# dequantize-and-dot kernel.  Q4_0/Q4_1/Q8_0: the same switch for the integer kernels, 0 = never (they beat
+# dequantize + MKL sgemm at every batch we measured, see benchmarks/matmul_candidates.py).
+DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "8"))
+R8_DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_R8_DEQUANT_MIN_BATCH", "0"))
 # Rows of weight dequantized at once on that path (fp32 tile of TILE_ROWS x in_features).
 TILE_ROWS = int(os.environ.get("LMGEN_QUANT_TILE_ROWS", "4096"))
 # Smallest amount of work (8-row groups x blocks of 32 x batch rows) handed to a thread; smaller products run on
 # the calling thread, where starting the OpenMP team would cost more than it saves.
 MIN_UNITS = int(os.environ.get("LMGEN_QUANT_MIN_UNITS", "1024"))
+# Threads for the kernels (0: torch.get_num_threads()), and how long idle helper threads spin before sleeping.
+THREADS = int(os.environ.get("LMGEN_QUANT_THREADS", "0"))
+SPIN_US = int(os.environ.get("LMGEN_QUANT_SPIN_US", "300"))
+# Integer kernels' instruction set: "auto" (AVX-512 VNNI where the CPU has it, else AVX2) or "avx2".
+ISA = os.environ.get("LMGEN_QUANT_ISA", "auto")
+_ISA_CODES = {"auto": 0, "avx2": 1}
 
 _R8_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _KQ_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.cpp"
-_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"))
+_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"), _CSRC.parent / "share_pool.h")
 _ext_lock = threading.Lock()
 _ext_module = None
 _ext_error: str | None = None
@@ -111,21 +120,44 @@ def _load_ext():
             try:
                 from torch.utils import cpp_extension
 
-                # the JIT cache keys on the .cpp and the flags, not on headers: hash all sources into a define
-                digest = hashlib.sha1(b"".join(f.read_bytes() for f in _CSRC_FILES)).hexdigest()[:12]
+                # One build per source version (hash in the name): processes running different checkouts
+                # never rebuild over each other or load a stale module; torch's cache keys on the .cpp only.
+                cflags, ldflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], ["-fopenmp"]
+                digest = hashlib.sha1(b"".join(f.read_bytes() for f in _CSRC_FILES)
+                                      + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
                 _ext_module = cpp_extension.load(
-                    name="lmgen_quant_kernels",
+                    name=f"lmgen_quant_kernels_{digest}",
                     sources=[str(_CSRC)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DLMGEN_SRC_HASH={digest}"],
-                    extra_ldflags=["-fopenmp"],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
                     verbose=os.environ.get("LMGEN_QUANT_VERBOSE", "0") == "1",
                 )
-                _ext_module.set_tuning(DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS)
+                _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, THREADS, SPIN_US,
+                                       _ISA_CODES.get(ISA, 0))
             except Exception as exc:  # no compiler, no ninja, build error
                 _ext_error = f"building {_CSRC.name} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
         if _ext_error is not None:
             logger.warning("lmgen quant kernels unavailable (%s); packed GGUF weights will be dequantized", _ext_error)
         return _ext_module
+
+
+def configure(*, dequant_min_batch: int | None = None, r8_dequant_min_batch: int | None = None,
+              tile_rows: int | None = None, min_units: int | None = None, threads: int | None = None,
+              spin_us: int | None = None, isa: str | None = None) -> None:
+    """Change the kernels' tuning at run time (the defaults come from the LMGEN_QUANT_* environment)."""
+    global DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, THREADS, SPIN_US, ISA
+    if isa is not None and isa not in _ISA_CODES:
+        raise ValueError(f"isa must be one of {sorted(_ISA_CODES)}, got {isa!r}")
+    ISA = ISA if isa is None else isa
+    DEQUANT_MIN_BATCH = DEQUANT_MIN_BATCH if dequant_min_batch is None else int(dequant_min_batch)
+    R8_DEQUANT_MIN_BATCH = R8_DEQUANT_MIN_BATCH if r8_dequant_min_batch is None else int(r8_dequant_min_batch)
+    TILE_ROWS = TILE_ROWS if tile_rows is None else int(tile_rows)
+    MIN_UNITS = MIN_UNITS if min_units is None else int(min_units)
+    THREADS = THREADS if threads is None else int(threads)
+    SPIN_US = SPIN_US if spin_us is None else int(spin_us)
+    if _ext_module is not None:
+        _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, THREADS, SPIN_US,
+                               _ISA_CODES[ISA])
 
 
 def kernels_available() -> bool:
