@@ -34,6 +34,16 @@ SMOL_PROMPT = [504, 1450, 970, 288, 835, 314, 288]
 # ----------------------------------------------------------------- models
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models and 512..49k-wide rows: intra-op threads only add
+    overhead (a lot of it on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
