@@ -254,10 +254,14 @@ class LLM:
     def _beam_search(self, text: str | None, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
         """Beam search over the engine: each step scores every live beam as a 1-token request; the prefix
         cache makes the shared history cost nothing but its last partial block."""
-        from lmgen.sampling.beam import beam_search
+        from lmgen.sampling.beam import beam_search, candidates_needed
 
         k = sp.beam_width
-        score_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=min(2 * k, 20), ignore_eos=True)
+        eos = set() if sp.ignore_eos else set(self.engine.eos_token_ids) | set(sp.stop_token_ids or ())
+        score_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, ignore_eos=True)
+        # transformers ranks (1 + #eos) * K continuations per step; the user-facing cap of 20 logprobs does not
+        # apply to this internal scoring request, so the field is set after validation.
+        score_params.logprobs = candidates_needed(k, eos)
 
         def next_logprobs(seqs: list[list[int]]) -> list[dict[int, float]]:
             outs = self._run([(None, s) for s in seqs], [score_params] * len(seqs))
@@ -267,7 +271,6 @@ class LLM:
         max_tokens = min(max_tokens, self.context_length - len(prompt_ids))
         if max_tokens < 1:
             raise ContextOverflowError(f"the prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}")
-        eos = set() if sp.ignore_eos else set(self.engine.eos_token_ids) | set(sp.stop_token_ids or ())
         beams = beam_search(prompt_ids, next_logprobs, beam_width=k, max_tokens=max_tokens, eos_token_ids=eos,
                             length_penalty=sp.length_penalty, early_stopping=sp.early_stopping, n=sp.n)
         outputs = []

@@ -1,0 +1,184 @@
+"""CPU side by side on the embedded SmolLM2-135M-Instruct Q4_1 GGUF: lmgen (each quantization mode),
+transformers (gguf_file=, fp32) and llama.cpp (llama-cpp-python, `pip install -e .[bench]`, built from
+source) — prefill of a 512-token prompt, decode of 128 tokens, 2 threads, median of 5, peak RSS.
+
+    .venv/bin/python benchmarks/cpu_bench.py [--repeats 5] [--threads 2] [--engines lmgen:none,lmgen:auto,...]
+
+Each engine runs in its own subprocess (one after the other, same machine state) so that its peak RSS is
+its own. The script also measures the memory bandwidth, and prints each decode figure against the
+bandwidth limit: decode must read every weight once per token, so tok/s <= bandwidth / weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import embedded_gguf, machine  # noqa: E402
+
+ENGINES = ["lmgen:none", "lmgen:auto", "lmgen:int8", "lmgen:int4", "transformers", "llama.cpp"]
+
+
+def _prompts(n_prompt: int) -> tuple[list[int], list[int]]:
+    import random
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(100, 40000) for _ in range(n_prompt)]
+    return prompt, prompt[:16]
+
+
+def run_lmgen(mode: str, prompt, short, new_tokens: int, repeats: int) -> dict:
+    from lmgen import LLM, SamplingParams
+
+    llm = LLM(quantization=mode, enable_prefix_caching=False)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    many = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    prefill, decode = [], []
+    llm.generate(prompt, one)
+    llm.generate(short, many)  # warm-up (first calls build kernels / caches)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate(prompt, one)
+        prefill.append(time.perf_counter() - t0)
+        s0 = llm.engine.stats.decode_seconds
+        llm.generate(short, many)
+        decode.append((llm.engine.stats.decode_seconds - s0) / (new_tokens - 1))
+    weight_bytes = sum(b.numel() * b.element_size() for b in llm.model.buffers()) + sum(
+        p.numel() * p.element_size() for p in llm.model.parameters())
+    weight_bytes += sum(getattr(m, "nbytes", 0) for m in llm.model.modules())
+    return {"prefill": len(prompt) / statistics.median(prefill), "decode": 1 / statistics.median(decode),
+            "weight_bytes": weight_bytes}
+
+
+def run_transformers(prompt, short, new_tokens: int, repeats: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = embedded_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids, sid = torch.tensor([prompt]), torch.tensor([short])
+    prefill, decode = [], []
+    with torch.inference_mode():
+        model(ids)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids)
+            prefill.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model(sid)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(sid, attention_mask=torch.ones_like(sid), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=2)
+            decode.append((time.perf_counter() - t0 - first) / (new_tokens - 1))
+    return {"prefill": len(prompt) / statistics.median(prefill), "decode": 1 / statistics.median(decode),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def run_llama_cpp(prompt, short, new_tokens: int, repeats: int, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    path = embedded_gguf()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False, logits_all=False)
+    prefill, decode = [], []
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(time.perf_counter() - t0)
+        llm.reset()
+        llm.eval(short)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):  # like llama-bench's tg: one token per eval, no sampling
+            llm.eval([short[-1]])
+        decode.append((time.perf_counter() - t0) / (new_tokens - 1))
+    return {"prefill": len(prompt) / statistics.median(prefill), "decode": 1 / statistics.median(decode),
+            "weight_bytes": path.stat().st_size}
+
+
+def child(engine: str, args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    prompt, short = _prompts(args.prompt_tokens)
+    if engine.startswith("lmgen:"):
+        res = run_lmgen(engine.split(":", 1)[1], prompt, short, args.new_tokens, args.repeats)
+    elif engine == "transformers":
+        res = run_transformers(prompt, short, args.new_tokens, args.repeats)
+    elif engine == "llama.cpp":
+        res = run_llama_cpp(prompt, short, args.new_tokens, args.repeats, args.threads)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res))
+
+
+def bandwidth_gbs(size_mib: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth: summing a buffer much larger than the caches (torch, all threads)."""
+    import torch
+
+    x = torch.ones(size_mib * 2**20 // 4)
+    x.sum()
+    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    bw = bandwidth_gbs()
+    gguf_mib = embedded_gguf().stat().st_size / 2**20
+    print(f"memory read bandwidth: {bw:.1f} GB/s | model file {gguf_mib:.1f} MiB | prompt {args.prompt_tokens} tokens, "
+          f"decode {args.new_tokens} tokens, {args.threads} threads, median of {args.repeats}")
+    results = {}
+    for engine in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--child", engine, "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{engine:<22} skipped: {tail}")
+            continue
+        results[engine] = json.loads(line[0][7:])
+    ref = results.get("llama.cpp")
+    print(f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}{'weights MiB':>13}"
+          f"{'x llama.cpp pp':>16}{'x llama.cpp tg':>16}{'% bw limit':>12}")
+    for engine, r in results.items():
+        limit = bw * 1e9 / r["weight_bytes"]
+        rp = f"{r['prefill'] / ref['prefill']:.2f}" if ref else "-"
+        rd = f"{r['decode'] / ref['decode']:.2f}" if ref else "-"
+        print(f"{engine:<22}{r['prefill']:>14.1f}{r['decode']:>14.1f}{r['peak_rss_mib']:>14.0f}"
+              f"{r['weight_bytes'] / 2**20:>13.1f}{rp:>16}{rd:>16}{100 * r['decode'] / limit:>11.0f}%")
+
+
+if __name__ == "__main__":
+    main()
