@@ -141,28 +141,40 @@ def build_candidates(qtype, data, n, k, batch, ext, do_compile):
     qw = torch.quantize_per_channel(w, w.abs().amax(1).clamp_min(1e-8) / 127, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
     pp = torch.ops.quantized.linear_prepack(qw, None)
     cands["fbgemm-i8"] = lambda: torch.ops.quantized.linear_dynamic(x, pp, True)
+    slow_ok = batch * n * k <= 2e8  # int8pack / int4pack take seconds per call beyond this
     s8 = w.abs().amax(1).clamp_min(1e-8) / 127
     w8 = torch.round(w / s8[:, None]).to(torch.int8)
-    cands["int8pack"] = lambda: torch._weight_int8pack_mm(x, w8, s8)
-    if qtype == T.Q4_1:
+    if slow_ok:
+        cands["int8pack"] = lambda: torch._weight_int8pack_mm(x, w8, s8)
+    if qtype == T.Q4_1 and slow_ok:
         p4, sz = int4pack_args(qtype, data, n, k)
         cands["int4pack"] = lambda: torch._weight_int4pack_mm_for_cpu(x, p4, 32, sz)
     if do_compile:
         cf = make_compiled(qtype, data, n, k)
         cands["compiled"] = lambda: cf(x)
     mod = quant.packed_linear_from_gguf(qtype, data, (n, k))
+    impl = mod._impl
     if batch == 1:
         raw = torch.from_numpy(data.reshape(-1).copy())
         cands["raw-q"] = lambda: ext.raw_gemv(x, raw, int(qtype), n, k, quant.MIN_UNITS)
-    impl = mod._impl
-    cands["lmgen-int"] = lambda: impl.forward_path(x, 1, 0)
     cands["lmgen-deq"] = lambda: impl.forward_path(x, 2, 0)
+
+    def avx2():
+        quant.configure(isa="avx2")
+        try:
+            return impl.forward_path(x, 1, 0)
+        finally:
+            quant.configure(isa="auto")
+
+    cands["lmgen-avx2"] = avx2
     cands["lmgen"] = lambda: mod(x)
     return cands, w, x, mod
 
 
 def table(args, ext, tensors):
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, rounds {args.rounds}; us per call (x fp32)")
+    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, kernels {ext.kernel_isa()}, "
+          f"rounds {args.rounds}, load avg {open('/proc/loadavg').read().split()[0]}; us per call, speed-up vs fp32")
+    header_done = {}
     for batch in args.batches:
         for name, k, n, _ in SHAPES:
             if args.only and args.only not in name:
@@ -176,11 +188,14 @@ def table(args, ext, tensors):
                 rel = ((y - ref).norm() / ref.norm()).item()
                 if rel > 0.05:
                     print(f"  !! {cname}: relative error {rel:.3g}")
-            target = args.target_s * (0.3 if batch > 1 and n > 10000 else 1.0)
-            res = measure(cands, args.rounds if not (batch > 1 and n > 10000) else max(3, args.rounds // 2), target)
+            big = batch > 1 and n > 10000
+            res = measure(cands, max(3, args.rounds // 2) if big else args.rounds, args.target_s * (0.3 if big else 1.0))
             base = res["fp32"]
-            cells = "  ".join(f"{c} {t * 1e6:9.1f} ({base / t:4.2f})" for c, t in res.items())
-            print(f"{name:19s} {qtype.name:4s} b={batch:<4d} {cells}", flush=True)
+            if not header_done.get(batch):
+                print(f"{'shape':19s} {'type':4s} {'batch':>5s} " + " ".join(f"{c:>15s}" for c in res), flush=True)
+                header_done[batch] = True
+            cells = " ".join(f"{t * 1e6:9.1f} {base / t:4.2f}x" for t in res.values())
+            print(f"{name:19s} {qtype.name:4s} {batch:5d} {cells}", flush=True)
             del cands, w, x, mod
 
 

@@ -115,7 +115,7 @@ def test_supported_qtypes():
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [44, 3, 64])  # 8-row groups: partial, smaller than one, exact
+@pytest.mark.parametrize("rows", [44, 3, 72])  # 8-row groups: partial, smaller than one, odd number
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 37])
 def test_r8_matches_reference(qtype, rows, batch, isa):
     cols = 256
@@ -176,10 +176,8 @@ def test_fused_rows_match_separate(model_tensors, batch, isa):
     for path in (INT_PATH, DEQ_PATH):
         y = fused._impl.forward_path(x, path, 0)
         ys = torch.cat([s._impl.forward_path(x, path, 0) for s in separate], dim=-1)
-        if path == INT_PATH:  # each output row is computed independently of the others: bit-identical
-            torch.testing.assert_close(y, ys, rtol=0, atol=0)
-        else:
-            torch.testing.assert_close(y, ys, rtol=1e-5, atol=1e-5)
+        # rows are computed independently; only the kernel variant (tile shapes) may differ: fp32 rounding
+        torch.testing.assert_close(y, ys, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels

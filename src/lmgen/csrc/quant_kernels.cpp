@@ -109,49 +109,66 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
   for (int64_t m = 0; m < M; ++m) act[m] = {q + m * K, ds + m * nb, ds + (M + m) * nb};
 
   const bool vnni = use_vnni();
-  auto work = [&](int64_t g0, int64_t g1) {
-    alignas(32) float tmp[8];
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* wg = w + g * gbytes;
-      const int nvalid = static_cast<int>(std::min<int64_t>(8, N - 8 * g));
-      __m256 bv = _mm256_setzero_ps();
-      if (bias != nullptr) {
-        alignas(32) float bt[8] = {0};
-        std::memcpy(bt, bias + 8 * g, sizeof(float) * nvalid);
-        bv = _mm256_load_ps(bt);
-      }
-      for (int64_t m = 0; m < M;) {
-        const int64_t left = M - m;
-        __m256 acc[4];
-        int mr;
-        if (left >= 4) {
-          vnni ? r8_group_vnni<4>(qtype, wg, nb, act + m, acc) : r8_group<4>(qtype, wg, nb, act + m, acc);
-          mr = 4;
-        } else if (left == 3) {
-          vnni ? r8_group_vnni<3>(qtype, wg, nb, act + m, acc) : r8_group<3>(qtype, wg, nb, act + m, acc);
-          mr = 3;
-        } else if (left == 2) {
-          vnni ? r8_group_vnni<2>(qtype, wg, nb, act + m, acc) : r8_group<2>(qtype, wg, nb, act + m, acc);
-          mr = 2;
-        } else {
-          vnni ? r8_group_vnni<1>(qtype, wg, nb, act + m, acc) : r8_group<1>(qtype, wg, nb, act + m, acc);
-          mr = 1;
-        }
-        for (int r = 0; r < mr; ++r) {
-          float* yo = y + (m + r) * ldy + 8 * g;
-          const __m256 o = _mm256_add_ps(acc[r], bv);
-          if (nvalid == 8) {
-            _mm256_storeu_ps(yo, o);
-          } else {
-            _mm256_store_ps(tmp, o);
-            std::memcpy(yo, tmp, sizeof(float) * nvalid);
-          }
-        }
-        m += mr;
-      }
+  // y row m, weight rows 8g..8g+7 <- v (+ bias)
+  auto store = [&](int64_t g, int64_t m, __m256 v) {
+    const int nvalid = static_cast<int>(std::min<int64_t>(8, N - 8 * g));
+    alignas(32) float tmp[8] = {0};
+    if (bias != nullptr) {
+      std::memcpy(tmp, bias + 8 * g, sizeof(float) * nvalid);
+      v = _mm256_add_ps(v, _mm256_load_ps(tmp));
+    }
+    float* yo = y + m * ldy + 8 * g;
+    if (nvalid == 8) {
+      _mm256_storeu_ps(yo, v);
+    } else {
+      _mm256_store_ps(tmp, v);
+      std::memcpy(yo, tmp, sizeof(float) * nvalid);
     }
   };
-  parallel_chunks(G, grain_for(nb * M, min_units), kernel_threads(), work);
+  // one group, activation rows [m, M), up to 4 rows per pass
+  auto group_rows = [&](int64_t g, int64_t m) {
+    const uint8_t* wg = w + g * gbytes;
+    while (m < M) {
+      const int64_t left = M - m;
+      __m256 acc[4];
+      int mr;
+      if (left >= 4) {
+        vnni ? r8_group_vnni<4>(qtype, wg, nb, act + m, acc) : r8_group<4>(qtype, wg, nb, act + m, acc);
+        mr = 4;
+      } else if (left == 3) {
+        vnni ? r8_group_vnni<3>(qtype, wg, nb, act + m, acc) : r8_group<3>(qtype, wg, nb, act + m, acc);
+        mr = 3;
+      } else if (left == 2) {
+        vnni ? r8_group_vnni<2>(qtype, wg, nb, act + m, acc) : r8_group<2>(qtype, wg, nb, act + m, acc);
+        mr = 2;
+      } else {
+        vnni ? r8_group_vnni<1>(qtype, wg, nb, act + m, acc) : r8_group<1>(qtype, wg, nb, act + m, acc);
+        mr = 1;
+      }
+      for (int r = 0; r < mr; ++r) store(g, m + r, acc[r]);
+      m += mr;
+    }
+  };
+  const bool tiles = vnni && M >= GEMM_MR;
+  auto work = [&](int64_t g0, int64_t g1) {
+    int64_t g = g0;
+    if (tiles) {
+      for (; g + GEMM_NG <= g1; g += GEMM_NG) {
+        int64_t m = 0;
+        for (; m + GEMM_MR <= M; m += GEMM_MR) {
+          __m256 out[GEMM_NG * GEMM_MR];
+          gemm_tile_vnni(qtype, w + g * gbytes, gbytes, nb, act + m, out);
+          for (int gg = 0; gg < GEMM_NG; ++gg)
+            for (int r = 0; r < GEMM_MR; ++r) store(g + gg, m + r, out[gg * GEMM_MR + r]);
+        }
+        for (int gg = 0; gg < GEMM_NG; ++gg) group_rows(g + gg, m);
+      }
+    }
+    for (; g < g1; ++g) group_rows(g, 0);
+  };
+  int64_t grain = grain_for(nb * M, min_units);
+  if (tiles) grain = (grain + GEMM_NG - 1) / GEMM_NG * GEMM_NG;
+  parallel_chunks(G, grain, kernel_threads(), work);
 }
 
 // K-quant weight (GGUF rows) times x -> y (row stride ldy), float path
