@@ -17,9 +17,9 @@ Candidates:
   int4pack      torch._weight_int4pack_mm_for_cpu, group size 32 (the Q4_1 weight's 4-bit codes, scales, zeros)
   compiled      torch.compile of (Q4_1/Q8_0 blocks -> fp32 weight) + F.linear   [--compile]
   raw-q         lmgen extension, llama.cpp-style vec_dot on the file's block layout (batch 1 only)
-  lmgen-int     lmgen extension, r8-repacked integer kernel (activation quantized to int8 blocks)
-  lmgen-deq     lmgen extension, dequantize weight tile to fp32 + at::mm
-  lmgen         QuantizedLinear as shipped (module call; picks lmgen-int or lmgen-deq by batch)
+  lmgen-deq     lmgen extension, dequantize weight tile to fp32 + at::mm (MKL)
+  lmgen-avx2    lmgen extension, r8-repacked integer kernels, AVX2 only (activation quantized to int8 blocks)
+  lmgen         QuantizedLinear as shipped: module call, r8 integer kernels, AVX-512 VNNI where available
 
 Results (this machine: "AMD EPYC" VM, 2 vCPUs, AVX2/FMA/F16C + AVX-512 (F/BW/VL/VNNI/BF16), 1 MB L2,
 ~30 GB/s stream read; torch 2.13.0+cpu, 2 threads; shared with other jobs, so +-10-20% noise):
@@ -279,7 +279,8 @@ def decode_step(args, ext):
     res = measure_stats(cands, args.rounds, 0.0)
     quant.configure(threads=0, spin_us=300)
     total = sum(getattr(m, "packed", torch.empty(0)).numel() for m in built.get("lmgen", []))
-    print(f"# decode step: {len(layers)} matmuls, batch 1, ms per step (median / min of {args.rounds} rounds)"
+    print(f"# decode step: {len(layers)} matmuls, batch 1, threads {torch.get_num_threads()}, load avg "
+          f"{open('/proc/loadavg').read().split()[0]}; ms per step (median / min of {args.rounds} rounds)"
           + (f"; lmgen packed bytes {total / 1e6:.1f} MB" if total else ""))
     base = res["fp32"][0] if "fp32" in res else None
     for name, (med, mn) in res.items():
@@ -322,7 +323,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd dequant+matmul (minutes to build)")
     ap.add_argument("--sweep", action="store_true", help="prefill crossover and threading threshold instead")
     ap.add_argument("--step", action="store_true", help="one whole decode step's matmuls instead (real weights)")
-    ap.add_argument("--step-cands", nargs="+", default=["fp32", "bf16", "fbgemm-i8", "lmgen"])
+    ap.add_argument("--step-cands", nargs="+", default=["fp32", "bf16", "fbgemm-i8", "lmgen", "lmgen-1t"],
+                    help="fp32 bf16 fbgemm-i8 lmgen lmgen-1t (kernel threads 1) lmgen-nospin lmgen-spin2ms")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not quant.kernels_available():

@@ -1,4 +1,5 @@
-// lmgen packed-weight matmul kernels (CPU, x86-64 AVX2 + FMA + F16C).
+// lmgen packed-weight matmul kernels (CPU, x86-64 AVX2 + FMA + F16C; AVX-512 VNNI variants picked at run time).
+// This file: drivers, threading, Python bindings.  The kernels are in quant_kernels.h, the pool in share_pool.h.
 //
 // Weights stay in GGUF block quantization (Q4_0, Q4_1, Q8_0; Q4_K/Q5_K/Q6_K on a simpler float path) and are
 // multiplied directly, the way llama.cpp does on CPU: the activation row is quantized to 8-bit blocks of 32
@@ -7,7 +8,7 @@
 // blocks of 8 consecutive rows so that one 256-bit register holds 4 quants from each of the 8 rows.  A single
 // broadcast of 4 activation bytes then feeds maddubs for 8 rows at once, the 8 row results land in the 8
 // int32 lanes (no horizontal sums), and the 8 fp16 scales convert with one vcvtph2ps.  Repacking is a pure
-// permutation: the byte count is unchanged (see pack_* in quant.py, which documents the layout).
+// permutation: the byte count is unchanged (see _pack_r8 in quant.py).
 //
 // Interleaved layout ("r8"), per group of 8 rows, per block b of 32 input features:
 //   Q4_0: d[8] fp16 (16 B) | q[4][8][4] (128 B)               = 144 B
@@ -20,9 +21,10 @@
 // The K-quants keep their GGUF layout (rows of 256-element super-blocks); each super-block is dequantized to
 // floats in registers/L1 and dotted with the float activation (no activation quantization on that path).
 //
-// Large batches (prefill) dequantize a tile of weight rows to fp32 and call at::mm (MKL/oneDNN), which is
-// faster than integer dot products at M in the hundreds on this class of CPU; the batch threshold is a
-// parameter chosen from benchmarks/matmul_candidates.py.
+// Batches (prefill) of r8 types use the same integer kernels with register tiles over rows of activations
+// (and, with VNNI, pairs of groups); measured faster than dequantize + MKL sgemm at every batch size.  K-quant
+// batches of g_dequant_min_batch rows or more dequantize a tile of weight rows to fp32 and call at::mm.
+// Work is split over output rows with the share pool (share_pool.h), not OpenMP.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -31,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "quant_kernels.h"
@@ -261,6 +264,10 @@ torch::Tensor restore(torch::Tensor y, const torch::Tensor& x, int64_t N) {
   return y;
 }
 
+// Calls of at least this many multiply-adds (a few ms: prefill, big output layers) let other Python threads run;
+// shorter ones keep the GIL, since taking it back can wait out another thread's switch interval.
+constexpr int64_t kReleaseGilMacs = int64_t{1} << 26;
+
 // A packed weight and its forward; held by lmgen.model.quant.QuantizedLinear.
 struct PackedLinear {
   torch::Tensor w;
@@ -282,7 +289,11 @@ struct PackedLinear {
 
   torch::Tensor forward(const torch::Tensor& x) const {
     const torch::Tensor x2 = as_rows(x, K);
-    return restore(linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, min_batch(), g_tile_rows, g_min_units), x, N);
+    std::optional<pybind11::gil_scoped_release> nogil;
+    if (x2.size(0) * N * K >= kReleaseGilMacs) nogil.emplace();
+    torch::Tensor y = linear_2d(x2, w.data_ptr<uint8_t>(), qtype, N, K, bias, min_batch(), g_tile_rows, g_min_units);
+    nogil.reset();
+    return restore(std::move(y), x, N);
   }
 
   // explicit path choice, for benchmarks: path 0 = as tuned, 1 = integer/fused kernels, 2 = dequantize + at::mm

@@ -1,31 +1,39 @@
 """Packed quantized linear layers: GGUF blocks stay quantized in memory and are multiplied directly (CPU).
 
 Why: decoding one token reads every weight once, so on a CPU the weight bytes and the per-call overhead set
-the speed.  Keeping GGUF's 4.5-8.5 bit blocks resident (instead of fp32) cuts the bytes 4-7x; the kernels in
-`lmgen/csrc/quant_kernels.cpp` (a small C++ extension, AVX2 + FMA + F16C, threads from ATen's OpenMP pool)
-multiply them directly.  benchmarks/matmul_candidates.py holds the measurements behind the choices below.
+the speed.  Keeping GGUF's 4.5-8.5 bit blocks resident (instead of fp32) cuts the bytes 4-7x; a small C++
+extension (`lmgen/csrc/`, AVX2 + FMA + F16C, AVX-512 VNNI where the CPU has it) multiplies them directly.
+benchmarks/matmul_candidates.py holds the measurements behind the choices below.
 
-How (decode, small batches): like llama.cpp, each activation row is quantized to int8 blocks of 32 values
-(scale = max|x| / 127, round to nearest) and every weight block contributes
-    d_w * d_x * sum(q_w * q_x)            (+ m_w * d_x * sum(q_x) for Q4_1, - 8 d_w d_x sum(q_x) for Q4_0).
-Load time re-packs the blocks of 8 consecutive rows so that one AVX2 register holds 4 quants of each of the 8
-rows ("r8" layout, same byte count as the file, see `_pack_r8`).  K-quants (Q4_K, Q5_K, Q6_K) keep the file
-layout; their super-blocks are dequantized to floats in L1 and dotted with the float activation.
+Q4_0 / Q4_1 / Q8_0 (every batch size): like llama.cpp, each activation row is quantized to int8 blocks of 32
+(scale d_x = max|x_block| / 127, round to nearest) and every weight block contributes
+    d_w d_x sum(q_w q_x)        (+ m_w d_x sum(q_x) for Q4_1, - 8 d_w d_x sum(q_x) for Q4_0).
+Load time re-packs the blocks of 8 consecutive rows so that one 256-bit register holds 4 quants of each of the
+8 rows ("r8" layout, same byte count as the file, see `_pack_r8`): one broadcast of 4 activation bytes feeds
+8 rows, results land in 8 lanes without horizontal sums (2-3x a llama.cpp-style row-at-a-time kernel on the
+file layout when the weight is in cache, see the benchmark's raw-q column).  Batches use register tiles of 2 groups x 6 rows (VNNI).  Measured faster than dequantize +
+MKL sgemm at every batch size, so there is no float path for these types (R8_DEQUANT_MIN_BATCH = 0: never).
 
-Accuracy of the integer path: the only error beyond the weight quantization itself comes from rounding the
-activations to 8 bits, |x - d_x q_x| <= d_x / 2 with d_x = max|x_block| / 127.  Per output,
-    |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_j |W_deq[n, j]|,
-about 0.3% of sum|x||W| for a block's worst case and ~0.1-0.2% relative RMS in practice, the same error
-llama.cpp makes.  The K-quant path and the prefill path use the float activation (fp32 rounding only).
+K-quants (Q4_K, Q5_K, Q6_K) keep the file layout; small batches dequantize each 256-value super-block in L1
+and dot it with the float activation; batches of DEQUANT_MIN_BATCH rows or more dequantize a tile of
+TILE_ROWS weight rows to fp32 and call at::mm (the tile is reused; no float weight stays resident).
 
-Prefill (batch >= DEQUANT_MIN_BATCH rows): a tile of TILE_ROWS weight rows is dequantized to fp32 per call and
-multiplied with at::mm (MKL); the tile is reused, so no float copy of the weight stays resident.
+Accuracy of the integer kernels: beyond the weight quantization itself, the only error is the rounding of the
+activations, |x - d_x q_x| <= d_x / 2.  Per output
+    |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_{j in block} |W_deq[n, j]|      (+ fp32 rounding),
+about 0.5% relative RMS for Gaussian activations (llama.cpp makes the same error).  The K-quant kernels and
+the dequantize + at::mm path round in fp32 only.  tests/test_quant.py checks these bounds.
 
-Build: the extension is compiled at first use with torch.utils.cpp_extension (g++ with -O3 -mavx2 -mfma -mf16c
--fopenmp, ninja) and cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions; the first build takes
-about a minute.  Without a compiler or on a CPU without AVX2, `supported_packed_qtypes()` is empty (callers
-dequantize to float layers) and `quantize_linear` uses a slower pure-PyTorch packed module.  Set
-LMGEN_QUANT_KERNELS=0 to disable the extension, LMGEN_QUANT_VERBOSE=1 to see the build.
+Threads: the kernels split output rows into chunks claimed from an atomic counter by the calling thread and
+torch.get_num_threads() - 1 helper threads (`share_pool.h`); the caller never waits for a helper that has not
+started, so a busy machine degrades to one-thread speed instead of OpenMP's scheduler-slice stalls.
+
+Build: compiled at first use with torch.utils.cpp_extension (g++ -O3 -mavx2 -mfma -mf16c -fopenmp, ninja),
+cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<py>_cpu/lmgen_quant_kernels_<source hash>;
+the first build takes about a minute.  Without a compiler or on a CPU without AVX2, `supported_packed_qtypes()`
+is empty (callers dequantize to float layers) and `quantize_linear` uses a slower pure-PyTorch module.
+Environment: LMGEN_QUANT_KERNELS=0 disables the extension, LMGEN_QUANT_VERBOSE=1 shows the build,
+LMGEN_QUANT_ISA=avx2 avoids the VNNI kernels; the other LMGEN_QUANT_* knobs are below (and `configure`).
 """
 
 from __future__ import annotations
@@ -65,8 +73,8 @@ DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "8"))
 R8_DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_R8_DEQUANT_MIN_BATCH", "0"))
 # Rows of weight dequantized at once on that path (fp32 tile of TILE_ROWS x in_features).
 TILE_ROWS = int(os.environ.get("LMGEN_QUANT_TILE_ROWS", "4096"))
-# Smallest amount of work (8-row groups x blocks of 32 x batch rows) handed to a thread; smaller products run on
-# the calling thread, where starting the OpenMP team would cost more than it saves.
+# Work per chunk handed to a thread (8-row groups x blocks of 32 x batch rows; 1024 is ~5 us); products smaller
+# than one chunk run on the calling thread alone.
 MIN_UNITS = int(os.environ.get("LMGEN_QUANT_MIN_UNITS", "1024"))
 # Threads for the kernels (0: torch.get_num_threads()), and how long idle helper threads spin before sleeping.
 THREADS = int(os.environ.get("LMGEN_QUANT_THREADS", "0"))
