@@ -6,7 +6,8 @@ GGUF blocks).  Timings: per (shape, batch), candidates run interleaved in rounds
 the figure is the median over rounds of the mean time per call; "x fp32" is fp32's time over the candidate's.
 
     .venv/bin/python benchmarks/matmul_candidates.py            # table (about 1-2 minutes)
-    .venv/bin/python benchmarks/matmul_candidates.py --sweep    # crossover batch for the prefill path, MIN_UNITS
+    .venv/bin/python benchmarks/matmul_candidates.py --step     # one decode step's 121 matmuls, real weights
+    .venv/bin/python benchmarks/matmul_candidates.py --sweep    # integer kernels vs dequant+mm by batch; MIN_UNITS
     .venv/bin/python benchmarks/matmul_candidates.py --compile  # adds torch.compile'd dequant+matmul (slow to build)
 
 Candidates:
@@ -21,9 +22,75 @@ Candidates:
   lmgen-avx2    lmgen extension, r8-repacked integer kernels, AVX2 only (activation quantized to int8 blocks)
   lmgen         QuantizedLinear as shipped: module call, r8 integer kernels, AVX-512 VNNI where available
 
-Results (this machine: "AMD EPYC" VM, 2 vCPUs, AVX2/FMA/F16C + AVX-512 (F/BW/VL/VNNI/BF16), 1 MB L2,
-~30 GB/s stream read; torch 2.13.0+cpu, 2 threads; shared with other jobs, so +-10-20% noise):
+Results (this machine: "AMD EPYC" VM, 2 vCPUs, AVX2/FMA/F16C + AVX-512 F/BW/VL/VNNI/BF16, 1 MB L2, ~30 GB/s
+stream read; torch 2.13.0+cpu).  The machine was shared with other jobs (load average 4-6 on 2 vCPUs) while
+these ran: every OpenMP-threaded candidate at 2 threads then pays a scheduler slice (~8 ms) per call whenever a
+team member is descheduled, which is what the 7000-8000 us cells are.  The lmgen kernels split work with their
+own pool (see lmgen/csrc/share_pool.h) and do not stall.  The 1-thread table is the cleaner kernel comparison.
 
+2 threads:
+    # torch 2.13.0+cpu, threads 2, kernels avx512vnni, rounds 5, load avg 4.60; us per call, speed-up vs fp32
+    shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack           raw-q       lmgen-deq      lmgen-avx2           lmgen
+    q/o 576->576        Q4_1     1      28.5 1.00x    7091.5 0.00x    7960.1 0.00x    8054.1 0.00x    8172.6 0.00x      29.4 0.97x      69.4 0.41x       8.4 3.39x       8.4 3.37x
+    k/v 576->192        Q4_1     1       9.3 1.00x    8216.4 0.00x    7993.0 0.00x    8001.4 0.00x    8032.5 0.00x      10.1 0.92x      21.1 0.44x       4.1 2.27x       4.0 2.34x
+    gate/up 576->1536   Q4_1     1      73.7 1.00x    5930.4 0.01x    7952.3 0.01x    8161.7 0.01x    8190.9 0.01x      64.4 1.14x     165.3 0.45x      20.2 3.65x      20.0 3.68x
+    down 1536->576      Q4_1     1      69.1 1.00x    6544.9 0.01x    7938.2 0.01x    8155.3 0.01x    8470.9 0.01x      60.9 1.13x     159.6 0.43x      19.3 3.58x      18.7 3.70x
+    lm_head 576->49152  Q8_0     1   10327.5 1.00x    9798.8 1.05x    7985.5 1.29x   24506.7 0.42x    1831.3 5.64x   10621.1 0.97x     933.2 11.07x     885.8 11.66x
+    shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack       lmgen-deq      lmgen-avx2           lmgen
+    q/o 576->576        Q4_1   512   14264.4 1.00x    7532.1 1.89x    7820.9 1.82x  156054.8 0.09x  295940.8 0.05x   16588.3 0.86x    4744.1 3.01x    1499.0 9.52x
+    k/v 576->192        Q4_1   512   13119.7 1.00x    7811.9 1.68x    7949.3 1.65x   51658.9 0.25x  104128.0 0.13x   16528.7 0.79x    1065.9 12.31x     502.9 26.09x
+    gate/up 576->1536   Q4_1   512   23467.8 1.00x    8596.3 2.73x    7984.0 2.94x   23988.4 0.98x    8000.4 2.93x    3729.1 6.29x
+    down 1536->576      Q4_1   512   22878.9 1.00x    8002.3 2.86x    7977.2 2.87x   24015.1 0.95x    8859.2 2.58x    3539.2 6.46x
+    lm_head 576->49152  Q8_0   512  447529.4 1.00x  186736.1 2.40x  213608.0 2.10x  551094.7 0.81x  361777.2 1.24x  186663.6 2.40x
+
+1 thread:
+    # torch 2.13.0+cpu, threads 1, kernels avx512vnni, rounds 5, load avg 5.00; us per call, speed-up vs fp32
+    shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack           raw-q       lmgen-deq      lmgen-avx2           lmgen
+    q/o 576->576        Q4_1     1      27.6 1.00x      41.9 0.66x      18.2 1.52x     272.2 0.10x     569.5 0.05x      16.8 1.64x      59.3 0.47x       7.7 3.57x       7.7 3.56x
+    k/v 576->192        Q4_1     1       8.5 1.00x      23.5 0.36x      14.9 0.57x      92.3 0.09x     188.9 0.05x       6.4 1.33x      19.6 0.43x       4.0 2.14x       4.0 2.11x
+    gate/up 576->1536   Q4_1     1      76.4 1.00x      87.9 0.87x      28.5 2.68x     734.1 0.10x    1532.7 0.05x      44.4 1.72x     162.3 0.47x      17.6 4.33x      17.2 4.44x
+    down 1536->576      Q4_1     1      66.8 1.00x      83.6 0.80x      29.9 2.24x     771.1 0.09x    1511.7 0.04x      40.3 1.66x     592.2 0.11x      17.1 3.91x      16.6 4.02x
+    lm_head 576->49152  Q8_0     1   11737.9 1.00x    9509.3 1.23x    1925.0 6.10x   32708.4 0.36x    1534.0 7.65x   12233.0 0.96x    1256.0 9.35x    1236.1 9.50x
+    shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack       lmgen-deq      lmgen-avx2           lmgen
+    q/o 576->576        Q4_1   512    3920.4 1.00x    1866.7 2.10x    1082.6 3.62x  153888.2 0.03x  316611.4 0.01x    4185.3 0.94x    2793.2 1.40x    1431.5 2.74x
+    k/v 576->192        Q4_1   512    1164.8 1.00x     548.8 2.12x     373.7 3.12x   49771.4 0.02x   98652.3 0.01x    1193.1 0.98x     839.4 1.39x     485.5 2.40x
+    gate/up 576->1536   Q4_1   512   10904.3 1.00x    5047.4 2.16x    3480.7 3.13x   12905.8 0.84x    6741.2 1.62x    4036.7 2.70x
+    down 1536->576      Q4_1   512    9690.8 1.00x    4500.6 2.15x    2912.4 3.33x    9842.7 0.98x    6099.4 1.59x    3508.6 2.76x
+    lm_head 576->49152  Q8_0   512  546099.2 1.00x  191332.1 2.85x  206791.9 2.64x  485473.1 1.12x  345778.6 1.58x  166315.9 3.28x
+
+torch.compile'd dequant + F.linear (--compile; Inductor materialises the fp32 weight, then calls mm), 1 thread:
+    # torch 2.13.0+cpu, threads 1, kernels avx512vnni, rounds 5, load avg 4.45; us per call, speed-up vs fp32
+    shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack        compiled           raw-q       lmgen-deq      lmgen-avx2           lmgen
+    gate/up 576->1536   Q4_1     1      74.1 1.00x      90.6 0.82x      29.9 2.48x     741.8 0.10x    1521.2 0.05x     635.6 0.12x      43.7 1.70x     400.8 0.18x      16.8 4.41x      17.5 4.24x
+    # torch 2.13.0+cpu, threads 1, kernels avx512vnni, rounds 3, load avg 4.53; us per call, speed-up vs fp32
+    shape               type batch            fp32            bf16       fbgemm-i8        compiled       lmgen-deq      lmgen-avx2           lmgen
+    gate/up 576->1536   Q4_1   512   11199.5 1.00x    4964.2 2.26x    3166.7 3.54x   13220.1 0.85x   11625.4 0.96x    6452.6 1.74x    3824.5 2.93x
+
+One decode step's matmuls (--step: 30 x fused QKV / O / fused gate+up / down + lm_head, every weight distinct,
+so they stream from DRAM as in real decoding):
+    # decode step: 121 matmuls, batch 1, threads 2, load avg 4.70; ms per step (median / min of 9 rounds); lmgen packed bytes 96.4 MB
+      fp32          48.90 /    46.28  x fp32 1.00
+      bf16         953.38 /    77.21  x fp32 0.05
+      fbgemm-i8    964.07 /    24.56  x fp32 0.05
+      lmgen          8.99 /     7.89  x fp32 5.44
+      lmgen-1t       8.56 /     4.48  x fp32 5.72
+    # decode step: 121 matmuls, batch 1, threads 1, load avg 4.54; ms per step (median / min of 9 rounds); lmgen packed bytes 96.4 MB
+      fp32          54.57 /    49.86  x fp32 1.00
+      bf16          39.30 /    36.30  x fp32 1.39
+      fbgemm-i8     11.32 /     9.52  x fp32 4.82
+      lmgen          5.21 /     4.28  x fp32 10.48
+    # decode step: 121 matmuls, batch 1, threads 2, load avg 4.44; ms per step (median / min of 15 rounds); lmgen packed bytes 96.4 MB
+      lmgen          6.31 /     5.49
+      lmgen-1t       6.29 /     5.13
+      lmgen-nospin     5.72 /     5.10
+
+Reading: at batch 1 the r8 integer kernels are 2-4.5x fp32 and 1.7-3.7x fbgemm's dynamic int8 on the layer
+shapes, 9-13x fp32 on the Q8_0 output layer, 1.6-3x the llama.cpp-style kernel on the file layout (raw-q);
+a whole decode step's matmuls take 4.3-6 ms (96 MB of weights; fbgemm-i8 9.5-11 ms, fp32 ~50 ms).  On this
+loaded machine a second kernel thread bought nothing (helper threads rarely got a core), but cost nothing
+either; on an idle machine it should, since one thread reaches ~24 of the ~30 GB/s.  int8pack / int4pack / compiled are far behind.  At batch 512 the VNNI
+tiles give 2.4-2.8x fp32 (1 thread), behind fbgemm-i8 (3.1-3.6x, but that needs its own per-channel int8 copy
+of the weight) and ahead of bf16 and of dequantize + MKL (lmgen-deq ~1x), hence no float path for Q4/Q8.
 """
 
 from __future__ import annotations
