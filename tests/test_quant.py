@@ -59,9 +59,10 @@ ISAS = ["auto", "avx2"]
 
 @pytest.fixture(params=ISAS)
 def isa(request):
+    before = quant.ISA
     quant.configure(isa=request.param)
     yield request.param
-    quant.configure(isa="auto")
+    quant.configure(isa=before)
 
 
 def random_blocks(qtype, rows, cols, seed=0):
@@ -210,6 +211,56 @@ def test_bias_shapes_dtypes_and_threads():
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def _fork_child_forward(conn, layer, x):
+    conn.send(layer(x).numpy())
+    conn.close()
+
+
+@needs_kernels
+def test_concurrent_calls_and_fork():
+    """Long calls release the GIL: two Python threads share the kernels' pool (one of them runs inline); a forked
+    child (helper threads do not survive fork) still computes, on its calling thread."""
+    import multiprocessing
+    import threading
+
+    rows, cols, batch = 1024, 512, 160  # batch * rows * cols >= 2**26: the GIL is released
+    layer = quant.packed_linear_from_gguf(T.Q4_0, random_blocks(T.Q4_0, rows, cols, seed=4), (rows, cols))
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(4))
+    before, min_units = torch.get_num_threads(), quant.MIN_UNITS
+    torch.set_num_threads(max(2, before))
+    try:
+        quant.configure(min_units=64)  # many chunks
+        expected = layer(x)
+        results, errors = [], []
+
+        def worker():
+            try:
+                for _ in range(3):
+                    results.append(layer(x))
+            except Exception as exc:  # pragma: no cover
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(results) == 6
+        for r in results:
+            torch.testing.assert_close(r, expected, rtol=0, atol=0)
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_fork_child_forward, args=(child, layer, x))
+        proc.start()
+        assert parent.poll(120), "forked child did not answer"
+        np.testing.assert_array_equal(parent.recv(), expected.numpy())
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        quant.configure(min_units=min_units)
+        torch.set_num_threads(before)
 
 
 @needs_kernels
