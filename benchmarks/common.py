@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -33,17 +31,6 @@ def machine() -> str:
         tversion = "absent"
     return (f"{platform.platform()} | {cpu} | {os.cpu_count()} cores | torch {torch.__version__} "
             f"({torch.get_num_threads()} threads) | transformers {tversion} | {time.strftime('%Y-%m-%d %H:%M')}")
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def rss_mib() -> float:

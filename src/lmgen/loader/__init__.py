@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lmgen.config import ModelConfig
 from lmgen.loader.errors import ModelLoadError
@@ -22,6 +22,19 @@ class LoadedModel:
     file_bytes: int
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # every end token the tokenizer knows (generation_config lists, <|eot_id|>, <|im_end|>...) ends generation
+        extra = getattr(self.tokenizer, "eos_token_ids", None) or ()
+        self.config.eos_token_ids = tuple(sorted(set(self.config.eos_token_ids) | set(extra)))
+
+
+def load_tokenizer(where: Path, factory: Callable[[], Any]) -> Any:
+    """Runs a Tokenizer constructor, turning its ValueError into a ModelLoadError that names the model."""
+    try:
+        return factory()
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: cannot load the tokenizer: {e}") from None
+
 
 def load_model(path: str | Path) -> LoadedModel:
     """Dispatches on what `path` is: a .gguf file, or a folder with config.json."""
@@ -37,4 +50,4 @@ def load_model(path: str | Path) -> LoadedModel:
     raise ModelLoadError(f"model path {str(path)!r} does not exist")
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "load_tokenizer"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lmgen.config import ModelConfig
-from lmgen.loader import LoadedModel
+from lmgen.loader import LoadedModel, load_tokenizer
 from lmgen.loader.errors import ModelLoadError
 from lmgen.model.linear import PackedTensor
 
@@ -92,10 +92,7 @@ def load_gguf(path: Path) -> LoadedModel:
     meta = read_metadata(reader)
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = len(tokens_field.data) if tokens_field is not None else None
-    try:
-        config = ModelConfig.from_gguf_metadata(meta, vocab_size=n_vocab)
-    except ModelLoadError:
-        raise
+    config = ModelConfig.from_gguf_metadata(meta, vocab_size=n_vocab)
     gguf_arch = meta["general.architecture"]
     weights: dict = {}
     for t in reader.tensors:
@@ -118,10 +115,5 @@ def load_gguf(path: Path) -> LoadedModel:
 
     from lmgen.tokenizer.tokenizer import Tokenizer
 
-    try:
-        tokenizer = Tokenizer.from_gguf(reader)
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: cannot build the tokenizer: {e}") from None
-    if tokenizer.eos_token_ids:
-        config.eos_token_ids = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    tokenizer = load_tokenizer(path, lambda: Tokenizer.from_gguf(reader))
     return LoadedModel(config, weights, tokenizer, Path(path), "gguf", Path(path).stat().st_size, meta)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lmgen.config import ModelConfig
-from lmgen.loader import LoadedModel
+from lmgen.loader import LoadedModel, load_tokenizer
 from lmgen.loader.errors import ModelLoadError
 
 
@@ -74,10 +74,5 @@ def load_hf_folder(folder: Path) -> LoadedModel:
 
     from lmgen.tokenizer.tokenizer import Tokenizer
 
-    try:
-        tokenizer = Tokenizer.from_hf_folder(folder)
-    except ValueError as e:
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer: {e}") from None
-    if tokenizer.eos_token_ids:
-        config.eos_token_ids = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    tokenizer = load_tokenizer(folder, lambda: Tokenizer.from_hf_folder(folder))
     return LoadedModel(config, weights, tokenizer, folder, "hf", total, {"config.json": cfg})
