@@ -332,19 +332,21 @@ def decode_step(args, ext):
                 lin.weight.data = w.clone()
                 built[name].append(torch.ao.nn.quantized.dynamic.Linear.from_float(
                     _with_qconfig(lin)))
-    settings = {  # lmgen variants: kernel threads / helper spin
-        "lmgen": {}, "lmgen-1t": {"threads": 1}, "lmgen-nospin": {"spin_us": 0}, "lmgen-spin2ms": {"spin_us": 2000},
+    defaults = dict(threads=quant.THREADS, spin_us=quant.SPIN_US, parallel_min_units=quant.PARALLEL_MIN_UNITS)
+    settings = {  # lmgen variants: kernel threads / helpers for every call / helpers spinning between calls
+        "lmgen": {}, "lmgen-1t": {"threads": 1}, "lmgen-par": {"parallel_min_units": 0},
+        "lmgen-spin": {"parallel_min_units": 0, "spin_us": 300},
     }
     for name, mods in built.items():
         def run(mods=mods, name=name):
             xa, xb = (x576.to(torch.bfloat16), x1536.to(torch.bfloat16)) if name == "bf16" else (x576, x1536)
             if name in settings:
-                quant.configure(**{"threads": 0, "spin_us": 300, **settings[name]})
+                quant.configure(**{**defaults, **settings[name]})
             for m in mods:
                 m(xa if m_in(m) == 576 else xb)
         cands[name] = run
     res = measure_stats(cands, args.rounds, 0.0)
-    quant.configure(threads=0, spin_us=300)
+    quant.configure(**defaults)
     total = sum(getattr(m, "packed", torch.empty(0)).numel() for m in built.get("lmgen", []))
     print(f"# decode step: {len(layers)} matmuls, batch 1, threads {torch.get_num_threads()}, load avg "
           f"{open('/proc/loadavg').read().split()[0]}; ms per step (median / min of {args.rounds} rounds)"
@@ -391,7 +393,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="prefill crossover and threading threshold instead")
     ap.add_argument("--step", action="store_true", help="one whole decode step's matmuls instead (real weights)")
     ap.add_argument("--step-cands", nargs="+", default=["fp32", "bf16", "fbgemm-i8", "lmgen", "lmgen-1t"],
-                    help="fp32 bf16 fbgemm-i8 lmgen lmgen-1t (kernel threads 1) lmgen-nospin lmgen-spin2ms")
+                    help="fp32 bf16 fbgemm-i8 lmgen lmgen-1t (kernel threads 1) lmgen-par (helpers on every call) "
+                         "lmgen-spin (lmgen-par, helpers spin 300 us)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not quant.kernels_available():

@@ -202,7 +202,8 @@ def test_bias_shapes_dtypes_and_threads():
     # same result on one thread and several (threading only splits output rows)
     big = quant.packed_linear_from_gguf(T.Q4_1, random_blocks(T.Q4_1, 1024, 512), (1024, 512))
     xb = torch.randn(1, 512)
-    before = torch.get_num_threads()
+    before, pmin = torch.get_num_threads(), quant.PARALLEL_MIN_UNITS
+    quant.configure(parallel_min_units=0)
     try:
         torch.set_num_threads(1)
         y1 = big._impl.forward_path(xb, INT_PATH, 1)
@@ -210,6 +211,7 @@ def test_bias_shapes_dtypes_and_threads():
         y2 = big._impl.forward_path(xb, INT_PATH, 1)
     finally:
         torch.set_num_threads(before)
+        quant.configure(parallel_min_units=pmin)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 

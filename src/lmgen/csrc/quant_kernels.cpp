@@ -49,7 +49,8 @@ int64_t g_dequant_min_batch = 8;   // K-quants: batches of at least this many ro
 int64_t g_r8_dequant_min_batch = INT64_MAX;  // same for Q4_0/Q4_1/Q8_0 (the integer kernels win at any batch)
 int64_t g_tile_rows = 4096;        // weight rows dequantized at once on that path
 int64_t g_min_units = 1024;        // work (group-blocks x batch rows) per chunk handed to a thread, ~5 us
-int64_t g_spin_us = 300;           // how long idle workers spin before sleeping
+int64_t g_spin_us = 0;             // how long idle helper threads spin before sleeping
+int64_t g_parallel_min_units = 16384;  // calls with less work than this (~80 us) stay on the calling thread
 int64_t g_threads = 0;             // threads for the kernels; 0: torch.get_num_threads()
 
 int64_t g_isa = 0;                 // 0: best available, 1: AVX2 only, 2: AVX-512 VNNI (when the CPU has it)
@@ -57,6 +58,7 @@ int64_t g_isa = 0;                 // 0: best available, 1: AVX2 only, 2: AVX-51
 inline bool use_vnni() { return g_isa != 1 && cpu_has_vnni(); }
 
 inline int kernel_threads() { return static_cast<int>(g_threads > 0 ? g_threads : at::get_num_threads()); }
+inline int kernel_threads(int64_t units) { return units < g_parallel_min_units ? 1 : kernel_threads(); }
 
 inline int64_t grain_for(int64_t units_per_item, int64_t min_units) {
   return std::max<int64_t>(1, (min_units + units_per_item - 1) / std::max<int64_t>(1, units_per_item));
@@ -171,7 +173,7 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
   };
   int64_t grain = grain_for(nb * M, min_units);
   if (tiles) grain = (grain + GEMM_NG - 1) / GEMM_NG * GEMM_NG;
-  parallel_chunks(G, grain, kernel_threads(), work);
+  parallel_chunks(G, grain, kernel_threads(G * nb * M), work);
 }
 
 // K-quant weight (GGUF rows) times x -> y (row stride ldy), float path
@@ -190,7 +192,7 @@ void kq_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
     }
   };
   // a row's 256-value super-block costs about as much as a group-block (8 rows x 32) of the integer kernels
-  parallel_chunks(N, grain_for(nsb * M, min_units), kernel_threads(), work);
+  parallel_chunks(N, grain_for(nsb * M, min_units), kernel_threads(N * nsb * M), work);
 }
 
 // rows [n0, n1) of the weight (n0 a multiple of 8 for r8 types) -> out (n1 - n0, K) fp32
@@ -347,12 +349,13 @@ torch::Tensor raw_gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t
     for (int64_t n = n0; n < n1; ++n)
       yp[n] = qtype == T_Q4_1 ? raw_dot_q4_1(wp + n * bpr, nb, a) : raw_dot_q8_0(wp + n * bpr, nb, a);
   };
-  parallel_chunks(N, grain_for(nb, min_units * 8), kernel_threads(), work);
+  parallel_chunks(N, grain_for(nb, min_units * 8), kernel_threads(N * nb / 8), work);
   return y;
 }
 
 void set_tuning(int64_t dequant_min_batch, int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_units,
-                int64_t threads, int64_t spin_us, int64_t isa) {
+                int64_t parallel_min_units, int64_t threads, int64_t spin_us, int64_t isa) {
+  g_parallel_min_units = std::max<int64_t>(0, parallel_min_units);
   g_isa = isa;
   g_dequant_min_batch = dequant_min_batch > 0 ? dequant_min_batch : INT64_MAX;  // 0: never
   g_r8_dequant_min_batch = r8_dequant_min_batch > 0 ? r8_dequant_min_batch : INT64_MAX;
@@ -364,7 +367,8 @@ void set_tuning(int64_t dequant_min_batch, int64_t r8_dequant_min_batch, int64_t
 }
 
 std::vector<int64_t> get_tuning() {
-  return {g_dequant_min_batch, g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_threads, g_spin_us, g_isa};
+  return {g_dequant_min_batch, g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_parallel_min_units, g_threads,
+          g_spin_us, g_isa};
 }
 
 std::string kernel_isa() { return use_vnni() ? "avx512vnni" : "avx2"; }
@@ -380,8 +384,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x (M, K) -> int8 blocks of 32, scales, scaled sums");
   m.def("raw_gemv", &raw_gemv, "benchmark baseline: llama.cpp-style dot products on raw GGUF rows");
   m.def("set_tuning", &set_tuning,
-        "dequant_min_batch (K-quants), r8_dequant_min_batch (0: never), tile_rows, min_units, threads (0: torch's), "
-        "spin_us, isa (0 auto, 1 avx2)");
+        "dequant_min_batch (K-quants), r8_dequant_min_batch (0: never), tile_rows, min_units, parallel_min_units, "
+        "threads (0: torch's), spin_us, isa (0 auto, 1 avx2)");
   m.def("get_tuning", &get_tuning, "the values set_tuning takes, in order (INT64_MAX for never)");
   m.def("kernel_isa", &kernel_isa, "instruction set the integer kernels use now");
 }

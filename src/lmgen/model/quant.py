@@ -24,9 +24,12 @@ activations, |x - d_x q_x| <= d_x / 2.  Per output
 about 0.5% relative RMS for Gaussian activations (llama.cpp makes the same error).  The K-quant kernels and
 the dequantize + at::mm path round in fp32 only.  tests/test_quant.py checks these bounds.
 
-Threads: the kernels split output rows into chunks claimed from an atomic counter by the calling thread and
-torch.get_num_threads() - 1 helper threads (`share_pool.h`); the caller never waits for a helper that has not
-started, so a busy machine degrades to one-thread speed instead of OpenMP's scheduler-slice stalls.
+Threads: calls with enough work (PARALLEL_MIN_UNITS: the output layer, prefill) split output rows into chunks
+claimed from an atomic counter by the calling thread and torch.get_num_threads() - 1 helper threads
+(`share_pool.h`); the caller never waits for a helper that has not started, so a busy machine degrades to
+one-thread speed instead of OpenMP's scheduler-slice stalls.  Decode-size layer matmuls run on the calling
+thread: on the 2-vCPU test machine that was the fastest end to end (SmolLM2-135M Q4_1, greedy, 64 tokens:
+89-93 tok/s vs 80-83 tok/s with helpers spinning for 300 us between calls).
 
 Build: compiled at first use with torch.utils.cpp_extension (g++ -O3 -mavx2 -mfma -mf16c -fopenmp, ninja),
 cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<py>_cpu/lmgen_quant_kernels_<source hash>;
@@ -73,12 +76,15 @@ DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "8"))
 R8_DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_R8_DEQUANT_MIN_BATCH", "0"))
 # Rows of weight dequantized at once on that path (fp32 tile of TILE_ROWS x in_features).
 TILE_ROWS = int(os.environ.get("LMGEN_QUANT_TILE_ROWS", "4096"))
-# Work per chunk handed to a thread (8-row groups x blocks of 32 x batch rows; 1024 is ~5 us); products smaller
-# than one chunk run on the calling thread alone.
+# Work per chunk handed to a thread (8-row groups x blocks of 32 x batch rows; 1024 is ~5 us).
 MIN_UNITS = int(os.environ.get("LMGEN_QUANT_MIN_UNITS", "1024"))
-# Threads for the kernels (0: torch.get_num_threads()), and how long idle helper threads spin before sleeping.
+# Calls with less work than this (16384 ~ 80 us: every decode-time layer matmul of a small model) run on the
+# calling thread alone: waking a helper costs about as much as it saves and competes with torch's threads.
+PARALLEL_MIN_UNITS = int(os.environ.get("LMGEN_QUANT_PARALLEL_MIN_UNITS", "16384"))
+# Threads for the kernels (0: torch.get_num_threads()), and how long idle helper threads spin before sleeping
+# (spinning cost ~10% end to end on a 2-vCPU machine, see the module docstring).
 THREADS = int(os.environ.get("LMGEN_QUANT_THREADS", "0"))
-SPIN_US = int(os.environ.get("LMGEN_QUANT_SPIN_US", "300"))
+SPIN_US = int(os.environ.get("LMGEN_QUANT_SPIN_US", "0"))
 # Integer kernels' instruction set: "auto" (AVX-512 VNNI where the CPU has it, else AVX2) or "avx2".
 ISA = os.environ.get("LMGEN_QUANT_ISA", "auto")
 _ISA_CODES = {"auto": 0, "avx2": 1}
@@ -140,8 +146,8 @@ def _load_ext():
                     extra_ldflags=ldflags,
                     verbose=os.environ.get("LMGEN_QUANT_VERBOSE", "0") == "1",
                 )
-                _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, THREADS, SPIN_US,
-                                       _ISA_CODES.get(ISA, 0))
+                _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS,
+                                       PARALLEL_MIN_UNITS, THREADS, SPIN_US, _ISA_CODES.get(ISA, 0))
             except Exception as exc:  # no compiler, no ninja, build error
                 _ext_error = f"building {_CSRC.name} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
         if _ext_error is not None:
@@ -150,10 +156,10 @@ def _load_ext():
 
 
 def configure(*, dequant_min_batch: int | None = None, r8_dequant_min_batch: int | None = None,
-              tile_rows: int | None = None, min_units: int | None = None, threads: int | None = None,
-              spin_us: int | None = None, isa: str | None = None) -> None:
+              tile_rows: int | None = None, min_units: int | None = None, parallel_min_units: int | None = None,
+              threads: int | None = None, spin_us: int | None = None, isa: str | None = None) -> None:
     """Change the kernels' tuning at run time (the defaults come from the LMGEN_QUANT_* environment)."""
-    global DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, THREADS, SPIN_US, ISA
+    global DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, PARALLEL_MIN_UNITS, THREADS, SPIN_US, ISA
     if isa is not None and isa not in _ISA_CODES:
         raise ValueError(f"isa must be one of {sorted(_ISA_CODES)}, got {isa!r}")
     ISA = ISA if isa is None else isa
@@ -161,11 +167,12 @@ def configure(*, dequant_min_batch: int | None = None, r8_dequant_min_batch: int
     R8_DEQUANT_MIN_BATCH = R8_DEQUANT_MIN_BATCH if r8_dequant_min_batch is None else int(r8_dequant_min_batch)
     TILE_ROWS = TILE_ROWS if tile_rows is None else int(tile_rows)
     MIN_UNITS = MIN_UNITS if min_units is None else int(min_units)
+    PARALLEL_MIN_UNITS = PARALLEL_MIN_UNITS if parallel_min_units is None else int(parallel_min_units)
     THREADS = THREADS if threads is None else int(threads)
     SPIN_US = SPIN_US if spin_us is None else int(spin_us)
     if _ext_module is not None:
-        _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, THREADS, SPIN_US,
-                               _ISA_CODES[ISA])
+        _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, PARALLEL_MIN_UNITS,
+                               THREADS, SPIN_US, _ISA_CODES[ISA])
 
 
 def kernels_available() -> bool:
