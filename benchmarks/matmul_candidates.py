@@ -23,27 +23,24 @@ Candidates:
   lmgen         QuantizedLinear as shipped: module call, r8 integer kernels, AVX-512 VNNI where available
 
 Results (this machine: "AMD EPYC" VM, 2 vCPUs, AVX2/FMA/F16C + AVX-512 F/BW/VL/VNNI/BF16, 1 MB L2, ~30 GB/s
-stream read; torch 2.13.0+cpu).  The machine was shared with other jobs (load average 4-6 on 2 vCPUs) while
-these ran: every OpenMP-threaded candidate at 2 threads then pays a scheduler slice (~8 ms) per call whenever a
-team member is descheduled, which is what the 7000-8000 us cells are.  The lmgen kernels split work with their
-own pool (see lmgen/csrc/share_pool.h) and do not stall.  The 1-thread table is the cleaner kernel comparison.
+stream read; torch 2.13.0+cpu).  The machine is shared with other jobs; the load average is in each header.
 
-2 threads:
-    # torch 2.13.0+cpu, threads 2, kernels avx512vnni, rounds 5, load avg 4.60; us per call, speed-up vs fp32
+2 threads, quiet moment:
+    # torch 2.13.0+cpu, threads 2, kernels avx512vnni, rounds 5, load avg 1.27; us per call, speed-up vs fp32
     shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack           raw-q       lmgen-deq      lmgen-avx2           lmgen
-    q/o 576->576        Q4_1     1      28.5 1.00x    7091.5 0.00x    7960.1 0.00x    8054.1 0.00x    8172.6 0.00x      29.4 0.97x      69.4 0.41x       8.4 3.39x       8.4 3.37x
-    k/v 576->192        Q4_1     1       9.3 1.00x    8216.4 0.00x    7993.0 0.00x    8001.4 0.00x    8032.5 0.00x      10.1 0.92x      21.1 0.44x       4.1 2.27x       4.0 2.34x
-    gate/up 576->1536   Q4_1     1      73.7 1.00x    5930.4 0.01x    7952.3 0.01x    8161.7 0.01x    8190.9 0.01x      64.4 1.14x     165.3 0.45x      20.2 3.65x      20.0 3.68x
-    down 1536->576      Q4_1     1      69.1 1.00x    6544.9 0.01x    7938.2 0.01x    8155.3 0.01x    8470.9 0.01x      60.9 1.13x     159.6 0.43x      19.3 3.58x      18.7 3.70x
-    lm_head 576->49152  Q8_0     1   10327.5 1.00x    9798.8 1.05x    7985.5 1.29x   24506.7 0.42x    1831.3 5.64x   10621.1 0.97x     933.2 11.07x     885.8 11.66x
+    q/o 576->576        Q4_1     1      26.9 1.00x      44.2 0.61x      20.1 1.34x     139.2 0.19x     316.1 0.09x      16.5 1.63x     186.2 0.14x       7.3 3.67x       7.0 3.83x
+    k/v 576->192        Q4_1     1       8.8 1.00x      31.0 0.28x      18.2 0.48x      49.0 0.18x     128.5 0.07x       6.4 1.37x      30.8 0.28x       4.1 2.16x       4.0 2.19x
+    gate/up 576->1536   Q4_1     1      70.3 1.00x      86.2 0.82x      24.9 2.82x     364.2 0.19x     753.1 0.09x      42.6 1.65x     538.9 0.13x      16.8 4.19x      15.7 4.46x
+    down 1536->576      Q4_1     1      61.3 1.00x      79.1 0.78x      25.1 2.45x     368.3 0.17x     836.2 0.07x      39.1 1.57x     433.9 0.14x      17.0 3.60x      16.9 3.63x
+    lm_head 576->49152  Q8_0     1    9523.3 1.00x    4284.3 2.22x     341.8 27.86x   11610.9 0.82x     929.3 10.25x    9319.3 1.02x     469.5 20.29x     395.7 24.07x
     shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack       lmgen-deq      lmgen-avx2           lmgen
-    q/o 576->576        Q4_1   512   14264.4 1.00x    7532.1 1.89x    7820.9 1.82x  156054.8 0.09x  295940.8 0.05x   16588.3 0.86x    4744.1 3.01x    1499.0 9.52x
-    k/v 576->192        Q4_1   512   13119.7 1.00x    7811.9 1.68x    7949.3 1.65x   51658.9 0.25x  104128.0 0.13x   16528.7 0.79x    1065.9 12.31x     502.9 26.09x
-    gate/up 576->1536   Q4_1   512   23467.8 1.00x    8596.3 2.73x    7984.0 2.94x   23988.4 0.98x    8000.4 2.93x    3729.1 6.29x
-    down 1536->576      Q4_1   512   22878.9 1.00x    8002.3 2.86x    7977.2 2.87x   24015.1 0.95x    8859.2 2.58x    3539.2 6.46x
-    lm_head 576->49152  Q8_0   512  447529.4 1.00x  186736.1 2.40x  213608.0 2.10x  551094.7 0.81x  361777.2 1.24x  186663.6 2.40x
+    q/o 576->576        Q4_1   512    1789.2 1.00x     865.2 2.07x     540.4 3.31x   71224.3 0.03x  147041.2 0.01x    2297.8 0.78x    1928.4 0.93x     914.4 1.96x
+    k/v 576->192        Q4_1   512     606.1 1.00x     303.3 2.00x     230.8 2.63x   23672.1 0.03x   49065.7 0.01x     809.0 0.75x     751.0 0.81x     460.1 1.32x
+    gate/up 576->1536   Q4_1   512    5599.9 1.00x    2341.2 2.39x    1727.6 3.24x    6480.0 0.86x    5201.6 1.08x    2152.3 2.60x
+    down 1536->576      Q4_1   512    4811.5 1.00x    2157.5 2.23x    1298.4 3.71x    5794.6 0.83x    4302.4 1.12x    2161.3 2.23x
+    lm_head 576->49152  Q8_0   512  203859.5 1.00x   76664.2 2.66x  109074.5 1.87x  246400.2 0.83x  231214.2 0.88x  119101.7 1.71x
 
-1 thread:
+1 thread, loaded machine:
     # torch 2.13.0+cpu, threads 1, kernels avx512vnni, rounds 5, load avg 5.00; us per call, speed-up vs fp32
     shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack           raw-q       lmgen-deq      lmgen-avx2           lmgen
     q/o 576->576        Q4_1     1      27.6 1.00x      41.9 0.66x      18.2 1.52x     272.2 0.10x     569.5 0.05x      16.8 1.64x      59.3 0.47x       7.7 3.57x       7.7 3.56x
@@ -58,6 +55,16 @@ own pool (see lmgen/csrc/share_pool.h) and do not stall.  The 1-thread table is 
     down 1536->576      Q4_1   512    9690.8 1.00x    4500.6 2.15x    2912.4 3.33x    9842.7 0.98x    6099.4 1.59x    3508.6 2.76x
     lm_head 576->49152  Q8_0   512  546099.2 1.00x  191332.1 2.85x  206791.9 2.64x  485473.1 1.12x  345778.6 1.58x  166315.9 3.28x
 
+2 threads, loaded machine (batch 1): every OpenMP-threaded candidate pays a scheduler slice (~8 ms) whenever a
+team member is descheduled; the lmgen kernels split work with their own pool (lmgen/csrc/share_pool.h):
+    # torch 2.13.0+cpu, threads 2, kernels avx512vnni, rounds 5, load avg 4.60; us per call, speed-up vs fp32
+    shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack           raw-q       lmgen-deq      lmgen-avx2           lmgen
+    q/o 576->576        Q4_1     1      28.5 1.00x    7091.5 0.00x    7960.1 0.00x    8054.1 0.00x    8172.6 0.00x      29.4 0.97x      69.4 0.41x       8.4 3.39x       8.4 3.37x
+    k/v 576->192        Q4_1     1       9.3 1.00x    8216.4 0.00x    7993.0 0.00x    8001.4 0.00x    8032.5 0.00x      10.1 0.92x      21.1 0.44x       4.1 2.27x       4.0 2.34x
+    gate/up 576->1536   Q4_1     1      73.7 1.00x    5930.4 0.01x    7952.3 0.01x    8161.7 0.01x    8190.9 0.01x      64.4 1.14x     165.3 0.45x      20.2 3.65x      20.0 3.68x
+    down 1536->576      Q4_1     1      69.1 1.00x    6544.9 0.01x    7938.2 0.01x    8155.3 0.01x    8470.9 0.01x      60.9 1.13x     159.6 0.43x      19.3 3.58x      18.7 3.70x
+    lm_head 576->49152  Q8_0     1   10327.5 1.00x    9798.8 1.05x    7985.5 1.29x   24506.7 0.42x    1831.3 5.64x   10621.1 0.97x     933.2 11.07x     885.8 11.66x
+
 torch.compile'd dequant + F.linear (--compile; Inductor materialises the fp32 weight, then calls mm), 1 thread:
     # torch 2.13.0+cpu, threads 1, kernels avx512vnni, rounds 5, load avg 4.45; us per call, speed-up vs fp32
     shape               type batch            fp32            bf16       fbgemm-i8        int8pack        int4pack        compiled           raw-q       lmgen-deq      lmgen-avx2           lmgen
@@ -67,30 +74,29 @@ torch.compile'd dequant + F.linear (--compile; Inductor materialises the fp32 we
     gate/up 576->1536   Q4_1   512   11199.5 1.00x    4964.2 2.26x    3166.7 3.54x   13220.1 0.85x   11625.4 0.96x    6452.6 1.74x    3824.5 2.93x
 
 One decode step's matmuls (--step: 30 x fused QKV / O / fused gate+up / down + lm_head, every weight distinct,
-so they stream from DRAM as in real decoding):
-    # decode step: 121 matmuls, batch 1, threads 2, load avg 4.70; ms per step (median / min of 9 rounds); lmgen packed bytes 96.4 MB
-      fp32          48.90 /    46.28  x fp32 1.00
-      bf16         953.38 /    77.21  x fp32 0.05
-      fbgemm-i8    964.07 /    24.56  x fp32 0.05
-      lmgen          8.99 /     7.89  x fp32 5.44
-      lmgen-1t       8.56 /     4.48  x fp32 5.72
+so they stream from DRAM as in real decoding; lmgen-par: helper threads on every call, lmgen-spin: and they
+spin 300 us between calls):
+    # decode step: 121 matmuls, batch 1, threads 2, load avg 1.32; ms per step (median / min of 11 rounds); lmgen packed bytes 96.4 MB
+      fp32          44.95 /    40.84  x fp32 1.00
+      fbgemm-i8      8.34 /     7.17  x fp32 5.39
+      lmgen          4.58 /     4.01  x fp32 9.82
+      lmgen-1t       4.75 /     4.31  x fp32 9.46
+      lmgen-par      4.39 /     3.99  x fp32 10.24
+      lmgen-spin     3.54 /     3.21  x fp32 12.71
     # decode step: 121 matmuls, batch 1, threads 1, load avg 4.54; ms per step (median / min of 9 rounds); lmgen packed bytes 96.4 MB
       fp32          54.57 /    49.86  x fp32 1.00
       bf16          39.30 /    36.30  x fp32 1.39
       fbgemm-i8     11.32 /     9.52  x fp32 4.82
       lmgen          5.21 /     4.28  x fp32 10.48
-    # decode step: 121 matmuls, batch 1, threads 2, load avg 4.44; ms per step (median / min of 15 rounds); lmgen packed bytes 96.4 MB
-      lmgen          6.31 /     5.49
-      lmgen-1t       6.29 /     5.13
-      lmgen-nospin     5.72 /     5.10
 
-Reading: at batch 1 the r8 integer kernels are 2-4.5x fp32 and 1.7-3.7x fbgemm's dynamic int8 on the layer
-shapes, 9-13x fp32 on the Q8_0 output layer, 1.6-3x the llama.cpp-style kernel on the file layout (raw-q);
-a whole decode step's matmuls take 4.3-6 ms (96 MB of weights; fbgemm-i8 9.5-11 ms, fp32 ~50 ms).  On this
-loaded machine a second kernel thread bought nothing (helper threads rarely got a core), but cost nothing
-either; on an idle machine it should, since one thread reaches ~24 of the ~30 GB/s.  int8pack / int4pack / compiled are far behind.  At batch 512 the VNNI
-tiles give 2.4-2.8x fp32 (1 thread), behind fbgemm-i8 (3.1-3.6x, but that needs its own per-channel int8 copy
-of the weight) and ahead of bf16 and of dequantize + MKL (lmgen-deq ~1x), hence no float path for Q4/Q8.
+Reading: at batch 1 the r8 integer kernels are 2-4.5x fp32 and 1.3-3.7x fbgemm's dynamic int8 on the layer
+shapes, 1.6-3x the llama.cpp-style kernel on the file layout (raw-q), 10-24x fp32 on the Q8_0 output layer
+(on par with fbgemm-i8 there: both read ~30 MB).  A decode step's matmuls take 3.5-4.6 ms (96 MB of weights,
+~30 GB/s floor 3.2 ms; fbgemm-i8 7-8 ms, fp32 ~45 ms).  Spinning helpers win this isolated loop but lost ~15%
+end to end (they compete with torch's threads), so the default keeps decode-size calls on the calling thread.
+int8pack / int4pack / compiled are far behind everywhere.  At batch 512 the VNNI tiles give 2-2.8x fp32,
+behind fbgemm-i8 (3.1-3.7x, but that needs its own per-channel int8 copy of the weight) and about even with
+bf16; dequantize + MKL (lmgen-deq) is ~0.8-1x fp32, hence no float path for Q4/Q8.
 """
 
 from __future__ import annotations
