@@ -45,7 +45,7 @@ using namespace lmgen_q;
 // ---------------------------------------------------------------------------------------------------------
 // tuning (set from Python: lmgen.model.quant.set_tuning)
 // ---------------------------------------------------------------------------------------------------------
-int64_t g_dequant_min_batch = 8;   // K-quants: batches of at least this many rows dequantize a tile + at::mm
+int64_t g_dequant_min_batch = 16;  // K-quants: batches of at least this many rows dequantize a tile + at::mm
 int64_t g_r8_dequant_min_batch = INT64_MAX;  // same for Q4_0/Q4_1/Q8_0 (the integer kernels win at any batch)
 int64_t g_tile_rows = 4096;        // weight rows dequantized at once on that path
 int64_t g_min_units = 1024;        // work (group-blocks x batch rows) per chunk handed to a thread, ~5 us

@@ -438,25 +438,43 @@ inline void dequant_q4_k(const uint8_t* blk, float* y) {
   }
 }
 
+// 32 unsigned bytes -> 32 floats v * scale + bias
+inline void u8x32_to_f32(__m256i v, float scale, float bias, float* y) {
+  const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+  const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int k = 0; k < 4; ++k)
+    _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), vs, vb));
+}
+
+// 32 signed bytes -> 32 floats, bytes [0, 16) times s0 and [16, 32) times s1
+inline void i8x32_to_f32(__m256i v, float s0, float s1, float* y) {
+  const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int k = 0; k < 4; ++k)
+    _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])),
+                                              _mm256_set1_ps(k < 2 ? s0 : s1)));
+}
+
 inline void dequant_q5_k(const uint8_t* blk, float* y) {
   const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
   const uint8_t* scales = blk + 4;
-  const uint8_t* qh = blk + 16;
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
   const uint8_t* ql = blk + 48;
-  alignas(32) uint8_t v[64];
-  for (int j = 0; j < 4; ++j) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  for (int j = 0; j < 4; ++j) {  // 64 values: low nibbles + bit 2j of qh, then high nibbles + bit 2j+1
     uint8_t sc, m;
     kq_scale_min(2 * j, scales, &sc, &m);
     const float d1 = d * sc, m1 = dmin * m;
     kq_scale_min(2 * j + 1, scales, &sc, &m);
     const float d2 = d * sc, m2 = dmin * m;
-    const uint8_t u1 = 1u << (2 * j), u2 = 2u << (2 * j);
-    for (int l = 0; l < 32; ++l) {
-      v[l] = (ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0);
-      v[32 + l] = (ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0);
-    }
-    for (int l = 0; l < 32; ++l) y[l] = d1 * v[l] - m1;
-    for (int l = 0; l < 32; ++l) y[32 + l] = d2 * v[32 + l] - m2;
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), one);
+    const __m256i h2 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j + 1)), one);
+    const __m256i v1 = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_slli_epi16(h1, 4));
+    const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), _mm256_slli_epi16(h2, 4));
+    u8x32_to_f32(v1, d1, -m1, y);
+    u8x32_to_f32(v2, d2, -m2, y + 32);
     ql += 32;
     y += 64;
   }
@@ -467,17 +485,18 @@ inline void dequant_q6_k(const uint8_t* blk, float* y) {
   const uint8_t* qh = blk + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
   const float d = fp16_to_f32(blk + 208);
-  for (int n = 0; n < 2; ++n) {  // two halves of 128
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      const int q1 = static_cast<int>((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-      const int q2 = static_cast<int>((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-      const int q3 = static_cast<int>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-      const int q4 = static_cast<int>((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-      y[l] = d * sc[is] * q1;
-      y[l + 32] = d * sc[is + 2] * q2;
-      y[l + 64] = d * sc[is + 4] * q3;
-      y[l + 96] = d * sc[is + 6] * q4;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
+  for (int n = 0; n < 2; ++n) {  // two halves of 128 values
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    const __m256i hb[4] = {_mm256_and_si256(h, m2), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2),
+                           _mm256_and_si256(_mm256_srli_epi16(h, 4), m2), _mm256_and_si256(_mm256_srli_epi16(h, 6), m2)};
+    const __m256i lb[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                           _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+    for (int k = 0; k < 4; ++k) {  // values 32k .. 32k+31 of this half; scales sc[2k], sc[2k+1] per 16
+      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lb[k], _mm256_slli_epi16(hb[k], 4)), off);
+      i8x32_to_f32(q, d * sc[2 * k], d * sc[2 * k + 1], y + 32 * k);
     }
     y += 128;
     ql += 64;

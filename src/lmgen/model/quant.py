@@ -75,9 +75,9 @@ __all__ = [
 ]
 
 # K-quants: batches of at least this many rows dequantize a weight tile and call at::mm instead of the fused
-# dequantize-and-dot kernel.  Q4_0/Q4_1/Q8_0: the same switch for the integer kernels, 0 = never (they beat
+# dequantize-and-dot kernel (crossover measured at 8-16 rows for Q6_K / Q4_K, 2048 x 2048, 1 thread).  Q4_0/Q4_1/Q8_0: the same switch for the integer kernels, 0 = never (they beat
 # dequantize + MKL sgemm at every batch we measured, see benchmarks/matmul_candidates.py).
-DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "8"))
+DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "16"))
 R8_DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_R8_DEQUANT_MIN_BATCH", "0"))
 # Rows of weight dequantized at once on that path (fp32 tile of TILE_ROWS x in_features).
 TILE_ROWS = int(os.environ.get("LMGEN_QUANT_TILE_ROWS", "4096"))
