@@ -50,6 +50,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -138,6 +140,12 @@ def _load_ext():
         else:
             try:
                 from torch.utils import cpp_extension
+
+                # torch finds `ninja` on PATH; the `ninja` wheel puts it beside this interpreter (.venv/bin),
+                # which is not on PATH when .venv/bin/python is run without activating the venv.
+                bindir = os.path.dirname(sys.executable)
+                if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
+                    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
                 # One build per source version (hash in the name): processes running different checkouts
                 # never rebuild over each other or load a stale module; torch's cache keys on the .cpp only.
