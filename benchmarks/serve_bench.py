@@ -166,7 +166,7 @@ def start_server(llm, max_num_seqs: int, max_queue: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--quantization", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent clients")

@@ -20,7 +20,8 @@ def lmgen(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 def test_generate_streams_greedy_text_with_stats(smol_llm):
-    proc = lmgen("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0", "--stats")
+    proc = lmgen("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0", "--stats",
+                 "--quantization", "none")
     expected = smol_llm.generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
     assert proc.stdout == "The capital of France is" + expected + "\n"
     assert "Paris" in expected
@@ -68,7 +69,7 @@ def test_chat_session_drops_old_turns_keeps_system_and_saves(tmp_path):
 
 
 def test_chinese_chat_streams_whole_characters(smol_llm):
-    proc = lmgen("chat", "--temperature", "0", "--max-tokens", "48", stdin="请用中文介绍一下北京。\n")
+    proc = lmgen("chat", "--temperature", "0", "--max-tokens", "48", "--quantization", "none", stdin="请用中文介绍一下北京。\n")
     assert "\ufffd" not in proc.stdout
     deltas = list(smol_llm.stream_chat([{"role": "user", "content": "请用中文介绍一下北京。"}],
                                        SamplingParams(temperature=0, max_tokens=48)))

@@ -14,7 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, help="a .gguf file, a Hugging Face folder, or 'smollm2' (the embedded default)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    g.add_argument("--quantization", default="none", help="none | auto | int8 | int4 (auto keeps GGUF blocks packed)")
+    g.add_argument("--quantization", default="auto",
+                   help="auto (default: GGUF Q4_0/Q4_1/Q8_0/K-quant blocks stay packed) | none (dequantize to --dtype) | "
+                        "int8 | int4 (also quantize float checkpoints at load)")
     g.add_argument("--context-length", type=int, default=None, help="cap the context window below the model's (tokens)")
     g.add_argument("--chat-template", default=None, help="builtin name (llama3, llama2, chatml, mistral), a .jinja file, or template text")
 

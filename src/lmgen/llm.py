@@ -57,7 +57,7 @@ class LLM:
         *,
         dtype: str | torch.dtype = "auto",
         device: str = "cpu",
-        quantization: str = "none",
+        quantization: str = "auto",
         context_length: int | None = None,
         chat_template: str | None = None,
         max_num_seqs: int = 64,

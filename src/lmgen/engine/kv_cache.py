@@ -16,17 +16,23 @@ from lmgen.engine.request import Request
 
 
 class KVCache:
-    """Per layer, K and V tensors of (num_blocks * block_size, n_kv_heads, head_dim) slots."""
+    """Per layer, K and V tensors of ((num_blocks + 1) * block_size, n_kv_heads, head_dim) slots.
+
+    Block 0 is the null block: zeros, never handed out. Padding in the attention gather reads it, so every
+    other block can start uninitialised (torch.empty): the OS maps its pages in only when a request writes
+    them, and an idle cache costs no resident memory.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        slots = num_blocks * block_size
-        # torch.zeros pages memory in lazily on CPU, so an unused cache costs little resident memory.
-        self.layers = [
-            (torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device),  # K: (slots, kv_heads, head_dim)
-             torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device))  # V
-            for _ in range(num_layers)
-        ]
+        slots = (num_blocks + 1) * block_size
+        self.layers = []
+        for _ in range(num_layers):
+            k = torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # K: (slots, kv_heads, head_dim)
+            v = torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # V
+            k[:block_size].zero_()
+            v[:block_size].zero_()
+            self.layers.append((k, v))
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write for forked sequences (n > 1): the partial last block gets a private copy."""
@@ -41,18 +47,19 @@ class KVCache:
 
 
 class BlockManager:
-    """Allocates cache blocks to requests, with reference counts and a hash-keyed prefix cache."""
+    """Allocates cache blocks 1..num_blocks to requests (0 is KVCache's null block), with reference counts
+    and a hash-keyed prefix cache."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.ref_counts = [0] * (num_blocks + 1)
+        self.block_hash: list[int | None] = [None] * (num_blocks + 1)
         self.hash_to_block: dict[int, int] = {}
         # Free blocks in LRU order; cached (hashed) free blocks are evicted oldest-first.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks + 1))
         self.prefix_hits = 0  # blocks served from the prefix cache, for metrics
         self.prefix_queries = 0
 
