@@ -84,3 +84,14 @@ def test_generate_non_streaming_modes(flags):
     assert proc.stdout.count("--- [") == 2
     if "--logprobs" in flags:
         assert "<-" in proc.stdout  # per-token candidates with probabilities
+
+
+def test_generate_from_a_hugging_face_folder(tiny_model_dirs):
+    from lmgen import LLM
+
+    folder = str(tiny_model_dirs["qwen2"])
+    proc = lmgen("generate", "--model", folder, "Once upon a time", "--max-tokens", "6", "--temperature", "0",
+                 "--ignore-eos", "--stats")
+    expected = LLM(folder).generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert proc.stdout == "Once upon a time" + expected.outputs[0].text + "\n"
+    assert "(6 tokens)" in proc.stderr
