@@ -36,6 +36,7 @@
 #include <optional>
 #include <vector>
 
+#include "fused_ops.h"
 #include "quant_kernels.h"
 #include "share_pool.h"
 
@@ -388,4 +389,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "threads (0: torch's), spin_us, isa (0 auto, 1 avx2)");
   m.def("get_tuning", &get_tuning, "the values set_tuning takes, in order (INT64_MAX for never)");
   m.def("kernel_isa", &kernel_isa, "instruction set the integer kernels use now");
+  // fused float32 decode-step ops (fused_ops.h), used by lmgen.model.transformer on CPU
+  m.def("rms_norm", &lmgen_fused::rms_norm, "x (M, H), weight (H,), eps -> RMSNorm(x) (M, H)");
+  m.def("add_rms_norm", &lmgen_fused::add_rms_norm, "x, delta (M, H), weight, eps -> (x + delta, RMSNorm(x + delta))");
+  m.def("silu_mul", &lmgen_fused::silu_mul, "gate_up (M, 2I), I -> silu(gate) * up (M, I)");
+  m.def("decode_attention", &lmgen_fused::decode_attention,
+        "qkv (B, (H+2KVH)D), cos, sin (B, D), k_cache, v_cache (slots, KVH, D), slots (B,), kv_index (B, max_kv), "
+        "kv_lens (B,), heads, kv_heads, scale -> (B, H D); one query per sequence, writes K/V at slots");
 }

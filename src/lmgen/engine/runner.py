@@ -74,6 +74,7 @@ class ModelRunner:
             output_index=None if single else output_index.to(dev),
             kv_index=kv_index.to(dev),
             mask=None if mask is None else mask.to(dev),
+            decode_kv_lens=kv_len_t.to(dev) if max_q == 1 else None,
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
 

@@ -100,7 +100,7 @@ _R8_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _KQ_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.cpp"
-_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"), _CSRC.parent / "share_pool.h")
+_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"), _CSRC.parent / "share_pool.h", _CSRC.parent / "fused_ops.h")
 _ext_lock = threading.Lock()
 _ext_module = None
 _ext_error: str | None = None
@@ -186,6 +186,12 @@ def configure(*, dequant_min_batch: int | None = None, r8_dequant_min_batch: int
     if _ext_module is not None:
         _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, PARALLEL_MIN_UNITS,
                                THREADS, SPIN_US, _ISA_CODES[ISA])
+
+
+def fused_ops():
+    """The compiled module's fused float32 decode ops (rms_norm, add_rms_norm, silu_mul, decode_attention, see
+    csrc/fused_ops.h), or None where the extension is unavailable (callers then use plain PyTorch ops)."""
+    return _load_ext()
 
 
 def kernels_available() -> bool:

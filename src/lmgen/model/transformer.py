@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lmgen.config import ModelConfig
 from lmgen.loader.errors import ModelLoadError
 from lmgen.model.linear import WeightSource, build_linear, to_float
+from lmgen.model.quant import fused_ops
 from lmgen.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -33,6 +34,9 @@ class AttentionMetadata:
     output_index: torch.Tensor | None  # (tokens,) int64: row of each token in the flat (batch*max_q) output
     kv_index: torch.Tensor  # (batch, max_kv) int64: flat cache slots of each sequence's context (padded with 0)
     mask: torch.Tensor | None  # (batch, 1, max_q, max_kv) bool: True where a query may attend; None = all
+    # (batch,) int64: context length of each sequence, set only when every sequence has exactly one query token
+    # (a pure decode step); enables the fused CPU decode path (`Transformer._forward_decode_fused`)
+    decode_kv_lens: torch.Tensor | None = None
 
 
 class RMSNorm(torch.nn.Module):
@@ -159,14 +163,41 @@ class Transformer(torch.nn.Module):
             self.lm_head: torch.nn.Module = _TiedHead(self)  # no second copy of the (vocab, hidden) matrix
         else:
             self.lm_head = build_linear([head_source], None, dtype, self.device, quantization)
+        # The compiled fused float32 ops (csrc/fused_ops.h) for decode steps on CPU; None: plain PyTorch only
+        # (other devices / dtypes, or no compiler).  Decode of a small model is bound by per-op overhead.
+        self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
         x = F.embedding(input_ids, self.embed_tokens)  # (tokens, hidden)
         cos, sin = self.rotary(positions, x.dtype)  # (tokens, 1, head_dim) each
+        if self._fused is not None and meta.decode_kv_lens is not None and x.device.type == "cpu":
+            return self._forward_decode_fused(x, cos, sin, kv_caches, meta)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
+
+    def _forward_decode_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """The decode step (one token per sequence) with the compiled fused ops: per layer 8 calls (qkv, RoPE +
+        cache write + attention, o_proj, residual add + norm, gate_up, SwiGLU, down, residual add + next norm)
+        instead of ~50 PyTorch ops.  Same arithmetic as `forward`'s generic path (float32, CPU).
+        x (batch, hidden) -> final-normed hidden states (batch, hidden)."""
+        ops, eps = self._fused, self.config.rms_norm_eps
+        batch = x.shape[0]
+        cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()  # (batch, head_dim)
+        kv_index, kv_lens, slots = meta.kv_index.contiguous(), meta.decode_kv_lens, meta.slot_mapping.contiguous()
+        normed = ops.rms_norm(x, self.layers[0].input_layernorm.weight, eps)  # (batch, hidden)
+        n = len(self.layers)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = attn.qkv_proj(normed)  # (batch, (heads + 2 kv_heads) * head_dim)
+            out = ops.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, kv_lens,
+                                       attn.num_heads, attn.num_kv_heads, attn.scale)  # (batch, heads*head_dim)
+            x, normed = ops.add_rms_norm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, eps)
+            act = ops.silu_mul(mlp.gate_up_proj(normed), mlp.intermediate_size)  # (batch, intermediate)
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
+            x, normed = ops.add_rms_norm(x, mlp.down_proj(act), next_norm.weight, eps)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (rows, hidden) -> logits (rows, vocab) float32."""

@@ -1,0 +1,83 @@
+"""The fused CPU decode ops (csrc/fused_ops.h) against the plain PyTorch path they replace.
+
+The fused path runs only for pure decode steps (one token per sequence) in float32 on CPU; here batches of
+several sequences with different context lengths go through both paths and must give the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmgen import LLM, SamplingParams
+from lmgen.model.quant import fused_ops
+from lmgen.model.rope import apply_rotary
+
+from conftest import TINY_CONFIGS
+
+ops = fused_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="compiled kernels unavailable on this machine")
+
+
+def test_rms_norm_silu_mul_match_torch():
+    gen = torch.Generator().manual_seed(0)
+    x, d, w = (torch.randn(5, 96, generator=gen) for _ in range(3))
+    w = w[0]
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ref, atol=1e-5, rtol=1e-5)
+    s, n = ops.add_rms_norm(x, d, w, 1e-5)
+    torch.testing.assert_close(s, x + d)
+    torch.testing.assert_close(n, ops.rms_norm(x + d, w, 1e-5))
+    gu = torch.randn(3, 2 * 40, generator=gen)
+    torch.testing.assert_close(ops.silu_mul(gu, 40), F.silu(gu[:, :40]) * gu[:, 40:], atol=1e-6, rtol=1e-5)
+
+
+def test_decode_attention_matches_sdpa():
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, D, slots = 6, 2, 16, 64
+    lens = [5, 1, 17]
+    B = len(lens)
+    qkv = torch.randn(B, (heads + 2 * kv_heads) * D, generator=gen)
+    ang = torch.randn(B, D // 2, generator=gen)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (B, D)
+    k_cache, v_cache = torch.randn(slots, kv_heads, D, generator=gen), torch.randn(slots, kv_heads, D, generator=gen)
+    perm = torch.randperm(slots, generator=gen)
+    kv_index = torch.zeros(B, max(lens), dtype=torch.long)
+    start = 0
+    for b, n in enumerate(lens):
+        kv_index[b, :n] = perm[start:start + n]
+        start += n
+    slot_mapping = torch.tensor([kv_index[b, n - 1] for b, n in enumerate(lens)])
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ops.decode_attention(qkv, cos, sin, kc, vc, slot_mapping, kv_index, torch.tensor(lens), heads, kv_heads, D**-0.5)
+
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], -1)
+    q = apply_rotary(q.view(B, heads, D), cos[:, None], sin[:, None])
+    k = apply_rotary(k.view(B, kv_heads, D), cos[:, None], sin[:, None])
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v.view(B, kv_heads, D))
+    torch.testing.assert_close(kc, k_cache)
+    torch.testing.assert_close(vc, v_cache)
+    for b, n in enumerate(lens):
+        kp = k_cache[kv_index[b, :n]].transpose(0, 1)[None]  # (1, kv_heads, n, D)
+        vp = v_cache[kv_index[b, :n]].transpose(0, 1)[None]
+        ref = F.scaled_dot_product_attention(q[b, :, None][None], kp, vp, enable_gqa=True)  # (1, heads, 1, D)
+        torch.testing.assert_close(out[b], ref.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(TINY_CONFIGS))
+def test_batched_decode_fused_equals_generic(kind, tiny_model_dirs):
+    llm = LLM(str(tiny_model_dirs[kind]), dtype="float32", enable_prefix_caching=False)
+    assert llm.model._fused is not None
+    prompts = [[5 + i for i in range(n)] for n in (3, 11, 20)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    fused = llm.generate(prompts, params)
+    llm.model._fused = None
+    generic = llm.generate(prompts, params)
+    for a, b in zip(fused, generic):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys()
+            for t in la:
+                assert abs(la[t] - lb[t]) < 1e-4
