@@ -81,3 +81,21 @@ def test_batched_decode_fused_equals_generic(kind, tiny_model_dirs):
             assert la.keys() == lb.keys()
             for t in la:
                 assert abs(la[t] - lb[t]) < 1e-4
+
+
+def test_decode_prepare_equals_general_prepare(tiny_model_dirs):
+    """The runner's decode-only metadata gives the same logits as its general metadata, on both model paths."""
+    llm = LLM(str(tiny_model_dirs["llama"]), dtype="float32", enable_prefix_caching=False)
+    prompts = [[5 + i for i in range(n)] for n in (3, 18, 40)]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2)
+    runner = llm.engine.runner
+    results = []
+    for general, fused in ((False, True), (True, True), (False, False), (True, False)):
+        runner.prepare = runner._prepare_general if general else type(runner).prepare.__get__(runner)
+        llm.model._fused = fused_ops() if fused else None
+        results.append(llm.generate(prompts, params))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la)

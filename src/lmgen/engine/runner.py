@@ -35,6 +35,13 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """input_ids (tokens,), positions (tokens,) and the AttentionMetadata of one step."""
+        if all(n == 1 for _, n in sched.scheduled):
+            return self._prepare_decode(sched)
+        return self._prepare_general(sched)
+
+    def _prepare_general(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Any mix of prefill chunks and decode tokens."""
         ids, positions, slot_mapping, kv_rows, q_lens, kv_lens = [], [], [], [], [], []
         for req, n in sched.scheduled:
             start = req.num_computed_tokens
@@ -77,6 +84,42 @@ class ModelRunner:
             decode_kv_lens=kv_len_t.to(dev) if max_q == 1 else None,
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
+
+    def _prepare_decode(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """`prepare` for a pure decode step (one new token per sequence), with the same tensors, built from Python
+        ints and a handful of tensor ops: this runs once per generated token, where `prepare`'s per-sequence
+        arange/index ops over the whole context cost about as much as a layer of the model."""
+        bs = self.block_size
+        ids, positions, slots, tables = [], [], [], []
+        for req, _ in sched.scheduled:
+            pos = req.num_computed_tokens
+            ids.append(req.prompt_token_ids[pos] if pos < req.num_prompt_tokens
+                       else req.output_token_ids[pos - req.num_prompt_tokens])
+            positions.append(pos)
+            slots.append(req.block_table[pos // bs] * bs + pos % bs)
+            tables.append(req.block_table[: pos // bs + 1])
+        batch, max_blocks = len(ids), max(len(t) for t in tables)
+        kv_len_t = torch.tensor(positions) + 1  # (batch,)
+        max_kv = int(kv_len_t.max())
+        table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
+        # (batch, max_kv) flat slots of each sequence's context; past kv_len they are masked (any valid slot)
+        kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv].contiguous()
+        if batch == 1:
+            query_index = output_index = mask = None  # one sequence: no padding, it sees its whole context
+        else:
+            query_index = torch.arange(batch)[:, None]  # (batch, 1)
+            output_index = torch.arange(batch)  # (batch,)
+            mask = (torch.arange(max_kv)[None, :] < kv_len_t[:, None])[:, None, None, :]  # (batch, 1, 1, max_kv)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=dev),
+            query_index=None if query_index is None else query_index.to(dev),
+            output_index=None if output_index is None else output_index.to(dev),
+            kv_index=kv_index.to(dev),
+            mask=None if mask is None else mask.to(dev),
+            decode_kv_lens=kv_len_t.to(dev),
+        )
+        return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), meta
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> ModelRunnerOutput:
