@@ -102,14 +102,19 @@ class ModelRunner:
         kv_len_t = torch.tensor(positions) + 1  # (batch,)
         max_kv = int(kv_len_t.max())
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
-        # (batch, max_kv) flat slots of each sequence's context; past kv_len they are masked (any valid slot)
-        kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv].contiguous()
+        # (batch, max_kv) flat slots of each sequence's context
+        kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv]
         if batch == 1:
             query_index = output_index = mask = None  # one sequence: no padding, it sees its whole context
+            kv_index = kv_index.contiguous()
         else:
             query_index = torch.arange(batch)[:, None]  # (batch, 1)
             output_index = torch.arange(batch)  # (batch,)
-            mask = (torch.arange(max_kv)[None, :] < kv_len_t[:, None])[:, None, None, :]  # (batch, 1, 1, max_kv)
+            valid = torch.arange(max_kv)[None, :] < kv_len_t[:, None]  # (batch, max_kv)
+            mask = valid[:, None, None, :]  # (batch, 1, 1, max_kv)
+            # padding reads slot 0, as in `_prepare_general`: an unwritten slot of the cache (torch.empty) may hold
+            # NaN, and a masked NaN value still poisons SDPA's weighted sum (0 * NaN)
+            kv_index = torch.where(valid, kv_index, 0)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=dev),
