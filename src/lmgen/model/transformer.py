@@ -6,6 +6,12 @@ embedding -> [RMSNorm -> QKV -> RoPE -> attention over the paged KV cache -> out
 Tokens of all scheduled sequences are flattened into one (tokens, hidden) batch; `AttentionMetadata`
 says where each token's K/V goes in the cache and which cached positions each query may see, so prefill
 chunks and single decode tokens run through the very same code.
+
+Decode steps (one token per sequence) in float32 on CPU take a fused path instead (`_forward_decode_fused`):
+the compiled ops of csrc/fused_ops.h do RMSNorm, residual add, SwiGLU and RoPE + K/V write + attention in
+8 calls per layer instead of ~50 PyTorch ops, whose dispatch overhead, not the arithmetic, bounded the decode
+speed of small models (SmolLM2-135M Q4_1, 2 threads: 69 -> 142-155 tok/s).  Other devices and dtypes, prefill
+and mixed steps use the generic path; tests/test_fused_ops.py checks that both paths agree.
 """
 
 from __future__ import annotations
