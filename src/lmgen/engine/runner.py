@@ -63,8 +63,9 @@ class ModelRunner:
         kv_index = torch.zeros(batch, max_kv, dtype=torch.long)  # (batch, max_kv), padding reads slot 0
         for b, rows in enumerate(kv_rows):
             kv_index[b, : rows.numel()] = rows
-        if batch == 1 and max_q == 1:
-            mask = None  # a single decode token sees its whole context
+        causal = batch == 1 and max_q > 1 and q_lens[0] == kv_lens[0]  # a prefill from position 0: plain causal
+        if (batch == 1 and max_q == 1) or causal:
+            mask = None  # a single decode token sees its whole context; causal: SDPA's is_causal does the masking
         else:
             # query at position p (= kv_len - q_len + offset) sees cached positions <= p; padded query
             # rows see position 0 only, so softmax never divides by zero (their output is discarded).
@@ -82,6 +83,7 @@ class ModelRunner:
             kv_index=kv_index.to(dev),
             mask=None if mask is None else mask.to(dev),
             decode_kv_lens=kv_len_t.to(dev) if max_q == 1 else None,
+            causal=causal,
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
 

@@ -43,6 +43,9 @@ class AttentionMetadata:
     # (batch,) int64: context length of each sequence, set only when every sequence has exactly one query token
     # (a pure decode step); enables the fused CPU decode path (`Transformer._forward_decode_fused`)
     decode_kv_lens: torch.Tensor | None = None
+    # True when the batch is one sequence whose queries are its whole context (a prefill from position 0): the
+    # mask is then exactly causal, `mask` is None, and SDPA's is_causal kernel skips the masked half
+    causal: bool = False
 
 
 class RMSNorm(torch.nn.Module):
@@ -82,7 +85,8 @@ class Attention(torch.nn.Module):
         qp = (q[None] if meta.query_index is None else q[meta.query_index]).transpose(1, 2)  # (batch, heads, max_q, head_dim)
         kp = k_cache[meta.kv_index].transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
         vp = v_cache[meta.kv_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=self.scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, is_causal=meta.causal, scale=self.scale,
+                                             enable_gqa=True)
         out = out.transpose(1, 2).reshape(-1, self.q_size)  # (batch*max_q, heads*head_dim)
         if meta.output_index is not None:
             out = out[meta.output_index]  # (tokens, heads*head_dim): drop the padding rows
