@@ -17,6 +17,7 @@
 
 #include <immintrin.h>
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -109,7 +110,8 @@ inline torch::Tensor silu_mul(const torch::Tensor& gu, int64_t I) {
   auto out = torch::empty({M, I}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
+  auto rows = [&](int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
     const float *gm = g + m * 2 * I, *um = gm + I;
     float* om = o + m * I;
     int64_t i = 0;
@@ -122,6 +124,10 @@ inline torch::Tensor silu_mul(const torch::Tensor& gu, int64_t I) {
 #endif
     for (; i < I; ++i) om[i] = gm[i] / (1.f + std::exp(-gm[i])) * um[i];
   }
+  };
+  // prefill-size calls (>= 64K elements) use torch's threads; decode-size ones stay on the calling thread
+  if (M * I >= 65536) at::parallel_for(0, M, std::max<int64_t>(1, 16384 / I), rows);
+  else rows(0, M);
   return out;
 }
 

@@ -96,12 +96,18 @@ class Attention(torch.nn.Module):
 class MLP(torch.nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer, 2020), gate and up fused in one matmul."""
 
-    def __init__(self, gate_up: torch.nn.Module, down: torch.nn.Module, intermediate_size: int):
+    def __init__(self, gate_up: torch.nn.Module, down: torch.nn.Module, intermediate_size: int, fused=None):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.intermediate_size = gate_up, down, intermediate_size
+        # the compiled silu_mul (csrc/fused_ops.h) for float32 CPU inputs, or None: one pass instead of three ops
+        self._silu_mul = None if fused is None else fused.silu_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)  # (tokens, 2 * intermediate)
+        if self._silu_mul is not None and gate_up.dim() == 2 and gate_up.device.type == "cpu" \
+                and gate_up.dtype == torch.float32 and gate_up.is_contiguous():
+            return self.down_proj(self._silu_mul(gate_up, self.intermediate_size))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -152,6 +158,9 @@ class Transformer(torch.nn.Module):
         embed = to_float(take("model.embed_tokens.weight"), dtype).to(self.device)
         _check_shape("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
         self.embed_tokens = torch.nn.Parameter(embed, requires_grad=False)  # (vocab, hidden)
+        # The compiled fused float32 ops (csrc/fused_ops.h) for decode steps on CPU; None: plain PyTorch only
+        # (other devices / dtypes, or no compiler).  Decode of a small model is bound by per-op overhead.
+        self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 else None
         self.rotary = RotaryEmbedding(config, self.device)
         self.layers = torch.nn.ModuleList()
         h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
@@ -162,7 +171,7 @@ class Transformer(torch.nn.Module):
             gate_up = linear([p + "mlp.gate_proj", p + "mlp.up_proj"], h, [inter, inter], config.mlp_bias)
             down = linear([p + "mlp.down_proj"], inter, [h], config.mlp_bias)
             self.layers.append(
-                Block(Attention(config, qkv, o), MLP(gate_up, down, inter), norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight"))
+                Block(Attention(config, qkv, o), MLP(gate_up, down, inter, self._fused), norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight"))
             )
             tick()
         self.norm = norm("model.norm.weight")
@@ -173,9 +182,6 @@ class Transformer(torch.nn.Module):
             self.lm_head: torch.nn.Module = _TiedHead(self)  # no second copy of the (vocab, hidden) matrix
         else:
             self.lm_head = build_linear([head_source], None, dtype, self.device, quantization)
-        # The compiled fused float32 ops (csrc/fused_ops.h) for decode steps on CPU; None: plain PyTorch only
-        # (other devices / dtypes, or no compiler).  Decode of a small model is bound by per-op overhead.
-        self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 else None
         self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_decode_plan`
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
