@@ -79,8 +79,14 @@ inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, do
   const int64_t H = w.numel();
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == H, "x must be (M, hidden)");
   auto out = torch::empty_like(x);
-  for (int64_t m = 0; m < x.size(0); ++m)
-    rms_row(x.data_ptr<float>() + m * H, w.data_ptr<float>(), static_cast<float>(eps), H, out.data_ptr<float>() + m * H);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) rms_row(xp + m * H, wp, static_cast<float>(eps), H, op + m * H);
+  };
+  // prefill-size calls (>= 64K elements) use torch's threads; decode-size ones stay on the calling thread
+  if (x.size(0) * H >= 65536) at::parallel_for(0, x.size(0), std::max<int64_t>(1, 16384 / H), rows);
+  else rows(0, x.size(0));
   return out;
 }
 

@@ -51,12 +51,17 @@ class AttentionMetadata:
 class RMSNorm(torch.nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, fused=None):
         super().__init__()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)  # (hidden,)
         self.eps = eps
+        # the compiled rms_norm (csrc/fused_ops.h) for float32 CPU inputs, or None: one pass instead of 7 ops
+        self._rms_norm = None if fused is None else fused.rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._rms_norm is not None and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
+                and x.is_contiguous() and self.weight.dtype == torch.float32:
+            return self._rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -146,7 +151,7 @@ class Transformer(torch.nn.Module):
         def norm(name: str) -> RMSNorm:
             w = to_float(take(name), dtype).to(self.device)
             _check_shape(name, w, (config.hidden_size,))
-            return RMSNorm(w, config.rms_norm_eps)
+            return RMSNorm(w, config.rms_norm_eps, self._fused)
 
         def linear(names: list[str], in_features: int, outs: list[int], bias: bool) -> torch.nn.Module:
             sources = [take(n + ".weight") for n in names]
@@ -158,8 +163,9 @@ class Transformer(torch.nn.Module):
         embed = to_float(take("model.embed_tokens.weight"), dtype).to(self.device)
         _check_shape("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
         self.embed_tokens = torch.nn.Parameter(embed, requires_grad=False)  # (vocab, hidden)
-        # The compiled fused float32 ops (csrc/fused_ops.h) for decode steps on CPU; None: plain PyTorch only
-        # (other devices / dtypes, or no compiler).  Decode of a small model is bound by per-op overhead.
+        # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
+        # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
+        # is bound by per-op overhead.
         self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 else None
         self.rotary = RotaryEmbedding(config, self.device)
         self.layers = torch.nn.ModuleList()
