@@ -144,3 +144,14 @@ def test_bad_sizes_raise():
         Scheduler(BlockManager(4, 4), max_num_seqs=0)
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         Scheduler(BlockManager(2, 4)).add(make_req("big", 9))
+
+
+def test_prompt_logprobs_requests_bypass_the_prefix_cache():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
+    sched.add(make_req("warm", 10, max_tokens=1))
+    fake_step(sched)
+    cold = Request("cold", list(range(10)), SamplingParams(max_tokens=1, prompt_logprobs=1))
+    sched.add(cold)
+    assert fake_step(sched) == [("cold", 10)]  # all positions computed, so each has its logits
+    assert cold.num_cached_tokens == 0

@@ -84,8 +84,8 @@ class BlockManager:
     def allocate_prefix(self, req: Request) -> int:
         """At admission: reuse cached blocks for the longest matching prefix; returns tokens served.
         At least one token is always left to compute, since its logits are needed to sample."""
-        if not self.enable_prefix_caching or req.block_table:
-            return 0
+        if not self.enable_prefix_caching or req.block_table or req.params.prompt_logprobs is not None:
+            return 0  # prompt_logprobs need every prompt position computed (vLLM skips the cache for them too)
         tokens = req.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
         hits = []
