@@ -51,7 +51,12 @@ class ChatREPL:
                 if self.command(text.strip()) == "quit":
                     return 0
                 continue
-            self.answer(text)
+            try:
+                self.answer(text)
+            except KeyboardInterrupt:  # Ctrl-C before the answer began streaming: forget the question
+                if self.conv.messages and self.conv.messages[-1]["role"] == "user":
+                    self.conv.messages.pop()
+                print(" [interrupted]", file=self.out, flush=True)
 
     def _read(self, stdin: TextIO, interactive: bool) -> str | None:
         lines: list[str] = []
