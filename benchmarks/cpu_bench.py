@@ -5,7 +5,8 @@ source) — prefill of a 512-token prompt, decode of 128 tokens, 2 threads, medi
     .venv/bin/python benchmarks/cpu_bench.py [--repeats 5] [--threads 2] [--engines lmgen:none,lmgen:auto,...]
 
 Each engine runs in its own subprocess (one after the other, same machine state) so that its peak RSS is
-its own. The script also measures the memory bandwidth, and prints each decode figure against the
+its own; "+model" is the peak minus the RSS after importing the engine's runtime (torch etc.), i.e. what the
+weights, the KV cache in use and the activations cost. The script also measures the memory bandwidth, and prints each decode figure against the
 bandwidth limit: decode must read every weight once per token, so tok/s <= bandwidth / weight bytes.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -106,10 +106,24 @@ def run_llama_cpp(prompt, short, new_tokens: int, repeats: int, threads: int) ->
             "weight_bytes": path.stat().st_size}
 
 
+def _vm_kib(field: str) -> int:
+    """VmHWM (peak) / VmRSS of this process. Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def child(engine: str, args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if engine.startswith("lmgen:"):
+        import lmgen  # noqa: F401  (the runtime's own footprint, before any model)
+    else:
+        import transformers  # noqa: F401
+    base = _vm_kib("VmRSS")
     prompt, short = _prompts(args.prompt_tokens)
     if engine.startswith("lmgen:"):
         res = run_lmgen(engine.split(":", 1)[1], prompt, short, args.new_tokens, args.repeats)
@@ -119,7 +133,8 @@ def child(engine: str, args) -> None:
         res = run_llama_cpp(prompt, short, args.new_tokens, args.repeats, args.threads)
     else:
         raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mib"] = _vm_kib("VmHWM") / 1024
+    res["model_rss_mib"] = (_vm_kib("VmHWM") - base) / 1024
     print("RESULT " + json.dumps(res))
 
 
@@ -170,13 +185,13 @@ def main() -> None:
             continue
         results[engine] = json.loads(line[0][7:])
     ref = results.get("llama.cpp")
-    print(f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}{'weights MiB':>13}"
+    print(f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}{'+model MiB':>12}{'weights MiB':>13}"
           f"{'x llama.cpp pp':>16}{'x llama.cpp tg':>16}{'% bw limit':>12}")
     for engine, r in results.items():
         limit = bw * 1e9 / r["weight_bytes"]
         rp = f"{r['prefill'] / ref['prefill']:.2f}" if ref else "-"
         rd = f"{r['decode'] / ref['decode']:.2f}" if ref else "-"
-        print(f"{engine:<22}{r['prefill']:>14.1f}{r['decode']:>14.1f}{r['peak_rss_mib']:>14.0f}"
+        print(f"{engine:<22}{r['prefill']:>14.1f}{r['decode']:>14.1f}{r['peak_rss_mib']:>14.0f}{r['model_rss_mib']:>12.0f}"
               f"{r['weight_bytes'] / 2**20:>13.1f}{rp:>16}{rd:>16}{100 * r['decode'] / limit:>11.0f}%")
 
 
