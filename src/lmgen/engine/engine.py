@@ -154,8 +154,6 @@ class Engine:
                 for child in self._fork(req):
                     reqs.append(child)
                     rows.append(i)
-        if len(rows) != logits.shape[0]:
-            logits = logits[torch.tensor(rows, device=logits.device)]
         meta = SamplingMetadata.build(
             [r.params for r in reqs],
             [r.prompt_token_ids for r in reqs],
@@ -164,6 +162,7 @@ class Engine:
             [self._min_tokens_stop_ids(r) for r in reqs],
             logits.shape[-1],
             logits.device,
+            logits_rows=rows if len(rows) != logits.shape[0] else None,  # the sampler shares the forked rows' work
         )
         sampled = self.sampler(logits, meta)
         tokens = sampled.token_ids.tolist()
