@@ -162,6 +162,14 @@ def _ended_by_token(so_finish: str | None, stop_reason) -> bool:
 
 
 # ---- the app -----------------------------------------------------------------------------------------
+def _step_logprob_pairs(so: StepOutput, k: int | None) -> list[tuple[int, dict[int, float]]]:
+    """This step's (token, logprobs) pairs a streaming client sees; empty when logprobs were not asked for."""
+    if k is None or not so.request.logprobs:
+        return []
+    ended = so.finished and _ended_by_token(so.finish_reason, so.request.stop_reason)
+    return _visible(so.new_token_ids, so.request.logprobs, ended)
+
+
 class _SSEResponse(StreamingResponse):
     """A StreamingResponse that runs `on_close` however it ends (done, client gone, cancelled), so a
     stream whose body never started still aborts its requests."""
@@ -604,11 +612,9 @@ async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, c
             seq = seqs.setdefault(index, _Seq())
             seq.add(so)
             logprobs = None
-            if k is not None and so.request.logprobs:
-                ended = so.finished and _ended_by_token(so.finish_reason, so.request.stop_reason)
-                pairs = _visible(so.new_token_ids, so.request.logprobs, ended)
-                if pairs:
-                    logprobs, offsets[index] = srv.completion_logprobs(pairs, k, offsets.get(index, 0))
+            pairs = _step_logprob_pairs(so, k)
+            if pairs:
+                logprobs, offsets[index] = srv.completion_logprobs(pairs, k, offsets.get(index, 0))
             if not (so.delta_text or logprobs or so.finished):
                 continue
             yield chunk(index, so.delta_text, logprobs, so.finish_reason if so.finished else None,
@@ -642,11 +648,9 @@ async def _chat_stream(srv: _Server, req: P.ChatCompletionRequest, rid: str, cre
             seq = seqs.setdefault(so.index, _Seq())
             seq.add(so)
             logprobs = None
-            if k is not None and so.request.logprobs:
-                ended = so.finished and _ended_by_token(so.finish_reason, so.request.stop_reason)
-                pairs = _visible(so.new_token_ids, so.request.logprobs, ended)
-                if pairs:
-                    logprobs = srv.chat_logprobs(pairs, k)
+            pairs = _step_logprob_pairs(so, k)
+            if pairs:
+                logprobs = srv.chat_logprobs(pairs, k)
             if not (so.delta_text or logprobs or so.finished):
                 continue
             yield chunk(so.index, P.DeltaMessage(content=so.delta_text or None), logprobs,
