@@ -50,11 +50,8 @@ def run_lmgen(mode: str, prompt, short, new_tokens: int, repeats: int) -> dict:
         s0 = llm.engine.stats.decode_seconds
         llm.generate(short, many)
         decode.append((llm.engine.stats.decode_seconds - s0) / (new_tokens - 1))
-    weight_bytes = sum(b.numel() * b.element_size() for b in llm.model.buffers()) + sum(
-        p.numel() * p.element_size() for p in llm.model.parameters())
-    weight_bytes += sum(getattr(m, "nbytes", 0) for m in llm.model.modules())
     return {"prefill": len(prompt) / statistics.median(prefill), "decode": 1 / statistics.median(decode),
-            "weight_bytes": weight_bytes}
+            "weight_bytes": llm.model.weight_bytes()}
 
 
 def run_transformers(prompt, short, new_tokens: int, repeats: int) -> dict:

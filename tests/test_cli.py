@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -26,8 +27,10 @@ def test_generate_streams_greedy_text_with_stats(smol_llm):
     assert proc.stdout == "The capital of France is" + expected + "\n"
     assert "Paris" in expected
     assert "[stats] prompt tokens: 5" in proc.stderr
-    for field in ("prefill:", "decode:", "tok/s", "RSS"):
+    for field in ("prefill:", "decode:", "tok/s", "RSS", "peak"):
         assert field in proc.stderr
+    weights = int(re.search(r"weights (\d+) MiB", proc.stderr).group(1))
+    assert weights == round(smol_llm.model.weight_bytes() / 2**20) and weights > 500  # float32: 4 bytes a parameter
 
 
 def test_tokenize_prints_ids_and_pieces(smol_llm):

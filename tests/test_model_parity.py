@@ -124,7 +124,7 @@ def test_chat_answers_paris(smol_llm):
 def test_bfloat16_runs_and_agrees_with_float32(tiny_model_dirs):
     folder = str(tiny_model_dirs["llama"])
     f32, bf16 = LLM(folder, dtype="float32"), LLM(folder, dtype="bfloat16")
-    assert bf16.model.embed_tokens.dtype == torch.bfloat16
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     prompt = list(range(100, 124))
     a = lmgen_logits_per_step(f32, prompt, [5, 6])
     b = lmgen_logits_per_step(bf16, prompt, [5, 6])

@@ -155,6 +155,25 @@ def test_kquants_match_reference(qtype, batch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", R8_TYPES + KQ_TYPES, ids=lambda t: t.name)
+def test_rows_lookup_matches_reference(qtype):
+    """`rows(ids)` (the packed matrix as an embedding table) returns exactly gguf-py's dequantized rows, in the
+    order asked, repeats included, the last partial 8-row group too; ids outside the table raise IndexError."""
+    rows, cols = 45, 512  # 45: five full r8 groups and a partial one
+    data = random_blocks(qtype, rows, cols, seed=7 + int(qtype))
+    w = reference(qtype, data, (rows, cols)).astype(np.float32)
+    layer = quant.packed_linear_from_gguf(qtype, data, (rows, cols))
+    ids = torch.tensor([44, 0, 7, 8, 44, 13, 40, 1])
+    np.testing.assert_array_equal(layer.rows(ids).numpy(), w[ids.numpy()])
+    assert layer.rows(torch.tensor([], dtype=torch.long)).shape == (0, cols)
+    for bad in (45, -1):
+        with pytest.raises(IndexError, match=f"token id {bad} is out of range"):
+            layer.rows(torch.tensor([3, bad]))
+    with pytest.raises(ValueError, match="1-D int64"):
+        layer.rows(torch.tensor([[1, 2]]))
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"])
 @pytest.mark.parametrize("batch", [1, 37])
 def test_real_gguf_tensors(model_tensors, name, batch, isa):

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf.quants import dequantize
 
 from lmgen import LLM, SamplingParams
+from lmgen.model.embedding import PackedEmbedding
 from lmgen.model.quant import QuantizedLinear
 
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text(encoding="utf-8")
@@ -36,10 +40,22 @@ def perplexity(llm: LLM, ids: list[int]) -> float:
 
 
 def test_packed_layers_are_in_use_and_small(packed_llm, gguf_path):
-    layers = [m for m in packed_llm.model.modules() if isinstance(m, QuantizedLinear)]
+    model = packed_llm.model
+    layers = {id(m): m for m in model.modules() if isinstance(m, QuantizedLinear)}.values()
     assert len(layers) == 30 * 4 + 1  # fused qkv, o, fused gate/up, down per layer, and the lm_head
-    packed_bytes = sum(m.packed.numel() * m.packed.element_size() for m in layers)
-    assert packed_bytes < 1.05 * gguf_path.stat().st_size  # kept at the file's size, no float copy
+    # the tied output layer and the token embedding are one packed Q8_0 matrix
+    assert isinstance(model.embed_tokens, PackedEmbedding) and model.embed_tokens.table is model.lm_head
+    assert model.weight_bytes() < 1.05 * gguf_path.stat().st_size  # the file's size: no float copy of anything
+
+
+def test_packed_embedding_rows_are_the_files(packed_llm, gguf_path):
+    """Looked-up rows equal gguf-py's dequantization of token_embd (English, Chinese, special tokens)."""
+    reader = gguf.GGUFReader(gguf_path)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    table = dequantize(np.array(embd.data), embd.tensor_type)  # (vocab, hidden) float32
+    ids = packed_llm.tokenizer.encode("<|im_start|>user\n你好, world! 🤖<|im_end|>")
+    rows = packed_llm.model.embed_tokens(torch.tensor(ids))
+    np.testing.assert_array_equal(rows.numpy(), table[ids])
 
 
 def test_perplexity_within_one_percent_of_float(smol_llm, packed_llm):

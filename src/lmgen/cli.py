@@ -92,10 +92,19 @@ def load_llm(args: argparse.Namespace):
         bar.close()
 
 
-def _rss_mib() -> float:
+def _rss_mib() -> tuple[float, float]:
+    """(resident, peak resident) MiB of this process; the peak from /proc's VmHWM where there is one."""
     import psutil
 
-    return psutil.Process().memory_info().rss / 2**20
+    rss = psutil.Process().memory_info().rss / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024))
+    return rss, peak
 
 
 def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.stderr) -> None:
@@ -104,12 +113,13 @@ def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.std
     prefill_s = s.prefill_seconds - stats_before.prefill_seconds
     gen = s.generation_tokens - stats_before.generation_tokens
     decode_s = s.decode_seconds - stats_before.decode_seconds
+    rss, peak = _rss_mib()
     print(
         f"[stats] prompt tokens: {prompt_tokens} (prefilled {prefill_tokens}, {prompt_tokens - prefill_tokens} from the prefix cache) | "
         f"prefill: {prefill_tokens / prefill_s if prefill_s else 0:.1f} tok/s | "
         f"decode: {max(gen - 1, 0) / decode_s if decode_s else 0:.1f} tok/s ({gen} tokens) | "
-        f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {_rss_mib():.0f} MiB | "
-        f"KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved",
+        f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {rss:.0f} MiB (peak {peak:.0f}) | "
+        f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved",
         file=file,
     )
 

@@ -313,6 +313,31 @@ struct PackedLinear {
     dequant_rows_into(w.data_ptr<uint8_t>(), qtype, N, K, 0, N, out.data_ptr<float>());
     return out;
   }
+
+  // ids (T,) int64 -> those rows of the weight as fp32 (T, K): the packed matrix doubles as an embedding table
+  // (a tied output layer and the token embedding share one packed copy; only looked-up rows are dequantized)
+  torch::Tensor rows(const torch::Tensor& ids) const {
+    TORCH_CHECK_VALUE(ids.dim() == 1 && ids.scalar_type() == torch::kLong && ids.device().is_cpu(),
+                      "ids must be a 1-D int64 CPU tensor");
+    const torch::Tensor idc = ids.contiguous();
+    const int64_t T = idc.size(0);
+    const int64_t* id = idc.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK_INDEX(id[t] >= 0 && id[t] < N, "token id ", id[t], " is out of range [0, ", N, ")");
+    auto out = torch::empty({T, K}, torch::kFloat32);
+    float* o = out.data_ptr<float>();
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    if (is_r8(qtype)) {
+      const int64_t nb = K / QK, gbytes = nb * r8_block_bytes(qtype);
+      for (int64_t t = 0; t < T; ++t)
+        r8_dequant_row(qtype, wp + id[t] / 8 * gbytes, nb, static_cast<int>(id[t] % 8), o + t * K);
+    } else {
+      const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t s = 0; s < nsb; ++s) kq_dequant_block(qtype, wp + (id[t] * nsb + s) * bb, o + t * K + s * QK_K);
+    }
+    return out;
+  }
 };
 
 }  // namespace
@@ -380,7 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "uint8), qtype (GGML id), out_features, in_features, bias or None")
       .def("__call__", &PackedLinear::forward, "x (..., in) -> (..., out)")
       .def("forward_path", &PackedLinear::forward_path, "x, path (0 tuned, 1 integer kernels, 2 dequant+mm), min_units")
-      .def("dequantize", &PackedLinear::dequantize, "the weight as fp32 (out, in)");
+      .def("dequantize", &PackedLinear::dequantize, "the weight as fp32 (out, in)")
+      .def("rows", &PackedLinear::rows, "ids (T,) int64 -> those rows of the weight as fp32 (T, in)");
   m.def("packed_bytes", &packed_bytes, "bytes of a packed (N, K) weight of a qtype");
   m.def("quantize_activations", &quantize_activations, "x (M, K) -> int8 blocks of 32, scales, scaled sums");
   m.def("raw_gemv", &raw_gemv, "benchmark baseline: llama.cpp-style dot products on raw GGUF rows");

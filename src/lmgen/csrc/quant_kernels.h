@@ -377,26 +377,29 @@ inline void int8_to_f32(const int8_t* q32, float scale, float* out) {
   }
 }
 
-// rows [8g, 8g+nvalid) of an r8 weight -> out (row stride ld)
-inline void r8_dequant_group(int64_t qtype, const uint8_t* wg, int64_t nb, int nvalid, float* out, int64_t ld) {
+// row r (< 8) of an r8 group of 8 rows -> out[0, 32 nb)
+inline void r8_dequant_row(int64_t qtype, const uint8_t* wg, int64_t nb, int r, float* out) {
   const int64_t bb = r8_block_bytes(qtype);
   alignas(32) uint8_t tmp[32];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wg + b * bb;
-    for (int r = 0; r < nvalid; ++r) {
-      float* o = out + r * ld + b * QK;
-      const float d = fp16_to_f32(blk + 2 * r);
-      if (qtype == T_Q8_0) {
-        for (int c = 0; c < 8; ++c) std::memcpy(tmp + 4 * c, blk + 16 + 32 * c + 4 * r, 4);
-        int8_to_f32(reinterpret_cast<const int8_t*>(tmp), d, o);
-      } else {
-        const int64_t qoff = qtype == T_Q4_1 ? 32 : 16;
-        for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, blk + qoff + 32 * c + 4 * r, 4);
-        const float bias = qtype == T_Q4_1 ? fp16_to_f32(blk + 16 + 2 * r) : -8.0f * d;
-        nibbles_to_f32(tmp, d, bias, o);
-      }
+    float* o = out + b * QK;
+    const float d = fp16_to_f32(blk + 2 * r);
+    if (qtype == T_Q8_0) {
+      for (int c = 0; c < 8; ++c) std::memcpy(tmp + 4 * c, blk + 16 + 32 * c + 4 * r, 4);
+      int8_to_f32(reinterpret_cast<const int8_t*>(tmp), d, o);
+    } else {
+      const int64_t qoff = qtype == T_Q4_1 ? 32 : 16;
+      for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, blk + qoff + 32 * c + 4 * r, 4);
+      const float bias = qtype == T_Q4_1 ? fp16_to_f32(blk + 16 + 2 * r) : -8.0f * d;
+      nibbles_to_f32(tmp, d, bias, o);
     }
   }
+}
+
+// rows [8g, 8g+nvalid) of an r8 weight -> out (row stride ld)
+inline void r8_dequant_group(int64_t qtype, const uint8_t* wg, int64_t nb, int nvalid, float* out, int64_t ld) {
+  for (int r = 0; r < nvalid; ++r) r8_dequant_row(qtype, wg, nb, r, out + r * ld);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """Linear layers: dense float weights, or GGUF blocks kept packed (see lmgen.model.quant).
 
 A weight arrives from a loader as a `WeightSource`: a float tensor (safetensors, F32/F16 GGUF tensors) or a
-`PackedTensor` (quantized GGUF blocks, still in the file's memory map). `build_linear` turns one or several
+`PackedTensor` (quantized GGUF blocks, read from the file when needed). `build_linear` turns one or several
 sources (fused QKV, fused gate+up) into a module whose forward is `(..., in) -> (..., out)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,11 +17,19 @@ import torch.nn.functional as F
 
 @dataclass
 class PackedTensor:
-    """A quantized GGUF matrix: raw blocks (rows, bytes_per_row) for a (out_features, in_features) weight."""
+    """A quantized GGUF matrix: raw blocks (rows, bytes_per_row) for a (out_features, in_features) weight.
+
+    `source` is the blocks themselves or a function that reads them (the GGUF loader reads each tensor from the
+    file only when the model builder asks, so a tensor's bytes are resident only while it is being packed)."""
 
     qtype: object  # gguf.GGMLQuantizationType
-    data: np.ndarray  # (rows, bytes_per_row) uint8, usually a view into the file's memory map
+    source: Union[np.ndarray, Callable[[], np.ndarray]]  # (rows, bytes_per_row) uint8, or a reader of them
     shape: tuple[int, int]  # (out_features, in_features)
+
+    @property
+    def data(self) -> np.ndarray:
+        """The raw blocks (rows, bytes_per_row) uint8 (read now when `source` is a reader)."""
+        return self.source() if callable(self.source) else self.source
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -30,8 +38,9 @@ class PackedTensor:
         return torch.from_numpy(np.ascontiguousarray(values.reshape(self.shape))).to(dtype)
 
     def permute_rows(self, order: torch.Tensor) -> "PackedTensor":
-        """Reorders output rows (used to undo llama.cpp's Q/K permutation without dequantizing)."""
-        return PackedTensor(self.qtype, self.data[order.numpy()], self.shape)
+        """Reorders output rows (used to undo llama.cpp's Q/K permutation without dequantizing); lazy like `data`."""
+        index = order.numpy()
+        return PackedTensor(self.qtype, lambda: self.data[index], self.shape)
 
 
 WeightSource = Union[torch.Tensor, PackedTensor]
@@ -76,15 +85,20 @@ def build_linear(
         bias = torch.cat(
             [to_float(b, dtype) if b is not None else torch.zeros(n, dtype=dtype) for b, n in zip(biases, outs)]
         ).to(device)
-    if quantization != "none" and device.type == "cpu":
-        module = _build_quantized(sources, bias, quantization)
-        if module is not None:
-            return module
+    module = build_packed_linear(sources, bias, device, quantization)
+    if module is not None:
+        return module
     weight = torch.cat([to_float(s, dtype) for s in sources], dim=0) if len(sources) > 1 else to_float(sources[0], dtype)
     return DenseLinear(weight.to(device), bias)
 
 
-def _build_quantized(sources: Sequence[WeightSource], bias: torch.Tensor | None, mode: str) -> torch.nn.Module | None:
+def build_packed_linear(
+    sources: Sequence[WeightSource], bias: torch.Tensor | None, device: torch.device, mode: str
+) -> torch.nn.Module | None:
+    """`build_linear`'s packed layer (lmgen.model.quant.QuantizedLinear), or None where `mode` and the weights'
+    types call for a float layer: mode "none", a non-CPU device, a type the kernels lack, float weights in "auto"."""
+    if mode == "none" or device.type != "cpu":
+        return None
     try:
         from lmgen.model import quant
     except ImportError:  # pragma: no cover - the packed kernels are optional
@@ -92,7 +106,7 @@ def _build_quantized(sources: Sequence[WeightSource], bias: torch.Tensor | None,
     packed = [s for s in sources if isinstance(s, PackedTensor)]
     if len(packed) == len(sources) and len({p.qtype for p in packed}) == 1:
         if packed[0].qtype in quant.supported_packed_qtypes():
-            data = np.concatenate([p.data for p in packed], axis=0) if len(packed) > 1 else packed[0].data
+            data = np.concatenate([p.data for p in packed], axis=0) if len(packed) > 1 else packed[0].data  # (rows, bytes)
             shape = (sum(p.shape[0] for p in packed), packed[0].shape[1])
             module = quant.packed_linear_from_gguf(packed[0].qtype, data, shape, bias)
             if module is not None:

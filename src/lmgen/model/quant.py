@@ -307,6 +307,11 @@ class QuantizedLinear(torch.nn.Module):
         """The weight as fp32 (out_features, in_features) (a new tensor; for tests and debugging)."""
         return self._impl.dequantize()
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (T,) int64 -> rows `ids` of the weight as fp32 (T, in_features), dequantized on the fly: the packed
+        matrix used as an embedding table (IndexError for an id outside [0, out_features))."""
+        return self._impl.rows(ids)
+
     def _apply(self, fn, *args, **kwargs):  # .to() / .share_memory() may replace the buffers
         out = super()._apply(fn, *args, **kwargs)
         self._bind()

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
 from lmgen.loader.errors import ModelLoadError
-from lmgen.model.linear import WeightSource, build_linear, to_float
+from lmgen.model.embedding import DenseEmbedding, PackedEmbedding
+from lmgen.model.linear import WeightSource, build_linear, build_packed_linear, to_float
 from lmgen.model.quant import fused_ops
 from lmgen.model.rope import RotaryEmbedding, apply_rotary
 
@@ -160,9 +161,13 @@ class Transformer(torch.nn.Module):
             biases = [take(n + ".bias") for n in names] if bias else None
             return build_linear(sources, biases, dtype, self.device, quantization)
 
-        embed = to_float(take("model.embed_tokens.weight"), dtype).to(self.device)
-        _check_shape("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
-        self.embed_tokens = torch.nn.Parameter(embed, requires_grad=False)  # (vocab, hidden)
+        embed_source = take("model.embed_tokens.weight")
+        _check_shape("model.embed_tokens.weight", embed_source, (config.vocab_size, config.hidden_size))
+        packed_table = build_packed_linear([embed_source], None, self.device, quantization)
+        if packed_table is not None:  # GGUF blocks (or int8/int4): stays packed, rows dequantized on lookup
+            self.embed_tokens: torch.nn.Module = PackedEmbedding(packed_table, dtype)
+        else:
+            self.embed_tokens = DenseEmbedding(to_float(embed_source, dtype).to(self.device))  # (vocab, hidden)
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
         # is bound by per-op overhead.
@@ -181,18 +186,16 @@ class Transformer(torch.nn.Module):
             )
             tick()
         self.norm = norm("model.norm.weight")
-        tied = config.tie_word_embeddings or "lm_head.weight" not in weights
-        head_source = weights["model.embed_tokens.weight"] if tied else weights["lm_head.weight"]
-        _check_shape("lm_head.weight", head_source, (config.vocab_size, h))
-        if tied and quantization == "none":
-            self.lm_head: torch.nn.Module = _TiedHead(self)  # no second copy of the (vocab, hidden) matrix
+        if config.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head: torch.nn.Module = self.embed_tokens.as_linear()  # one (vocab, hidden) matrix for both
         else:
-            self.lm_head = build_linear([head_source], None, dtype, self.device, quantization)
+            _check_shape("lm_head.weight", take("lm_head.weight"), (config.vocab_size, h))
+            self.lm_head = build_linear([weights["lm_head.weight"]], None, dtype, self.device, quantization)
         self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_decode_plan`
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
-        x = F.embedding(input_ids, self.embed_tokens)  # (tokens, hidden)
+        x = self.embed_tokens(input_ids)  # (tokens, hidden)
         cos, sin = self.rotary(positions, x.dtype)  # (tokens, 1, head_dim) each
         if self._fused is not None and meta.decode_kv_lens is not None and x.device.type == "cpu":
             return self._forward_decode_fused(x, cos, sin, kv_caches, meta)
@@ -245,20 +248,17 @@ class Transformer(torch.nn.Module):
         self._plan = None
         return out
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held (parameters and buffers, a shared matrix counted once): packed blocks stay at
+        the GGUF file's size, a float32 model at 4 bytes per parameter."""
+        storages = {}
+        for t in (*self.parameters(), *self.buffers()):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (rows, hidden) -> logits (rows, vocab) float32."""
         return self.lm_head(hidden).float()
-
-
-class _TiedHead(torch.nn.Module):
-    """The output layer reusing the embedding matrix (tie_word_embeddings; GGUF files without output.weight)."""
-
-    def __init__(self, model: Transformer):
-        super().__init__()
-        self._model = [model]  # a list, so the embedding is not registered twice as a parameter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._model[0].embed_tokens)
 
 
 def _check_shape(name: str, source: WeightSource, expected: tuple[int, ...]) -> None:
