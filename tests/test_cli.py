@@ -94,7 +94,7 @@ def test_generate_from_a_hugging_face_folder(tiny_model_dirs):
 
     folder = str(tiny_model_dirs["qwen2"])
     proc = lmgen("generate", "--model", folder, "Once upon a time", "--max-tokens", "6", "--temperature", "0",
-                 "--ignore-eos", "--stats")
+                 "--ignore-eos", "--stats", "--threads", "1")
     expected = LLM(folder).generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert proc.stdout == "Once upon a time" + expected.outputs[0].text + "\n"
-    assert "(6 tokens)" in proc.stderr
+    assert "(6 tokens)" in proc.stderr and "threads 1" in proc.stderr

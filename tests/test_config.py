@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmgen.config import ModelConfig, UnsupportedModelError
-from lmgen.model.rope import inv_frequencies
+from lmgen.model.rope import RotaryEmbedding, inv_frequencies
 from lmgen.model.transformer import AttentionMetadata, Transformer
 
 # meta-llama/Llama-3.1-8B-Instruct config.json (transformers 4.x layout: rope_theta + rope_scaling)
@@ -46,6 +46,28 @@ def test_rope_frequencies_match_transformers():
         ours, our_factor = inv_frequencies(ModelConfig.from_hf_config({**LLAMA_31_8B, "rope_scaling": scaling}))
         torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
         assert our_factor == pytest.approx(factor)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA_31_8B["rope_scaling"],
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}],
+                         ids=["default", "linear", "llama3", "yarn"])
+def test_rope_tables_match_transformers_cos_sin(scaling):
+    """The precomputed tables equal transformers' per-step cos/sin, also past the first table size (grown by
+    `reserve`), and growing keeps the rows already there."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf_cfg = LlamaConfig(**{**LLAMA_31_8B, "rope_scaling": scaling})
+    rope = RotaryEmbedding(ModelConfig.from_hf_config({**LLAMA_31_8B, "rope_scaling": scaling}), initial_positions=64)
+    first = rope.cos_table.clone()
+    rope.reserve(5000)
+    assert rope.reserved >= 5000 and torch.equal(rope.cos_table[:64], first)
+    positions = torch.tensor([0, 1, 63, 64, 1000, 4999])
+    cos, sin = rope(positions)  # (tokens, head_dim)
+    x = torch.zeros(1, len(positions), 8)
+    hf_cos, hf_sin = LlamaRotaryEmbedding(hf_cfg)(x, positions[None])  # (1, tokens, head_dim)
+    torch.testing.assert_close(cos, hf_cos[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sin, hf_sin[0], rtol=1e-5, atol=1e-5)
 
 
 def test_llama3_8b_shape_builds_and_runs_on_meta_device():

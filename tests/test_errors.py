@@ -149,6 +149,9 @@ def test_bad_prompt_types_and_options(tiny_model_dirs):
         LLM(str(tiny_model_dirs["llama"]), dtype="float8")
     with pytest.raises(ValueError, match="context_length"):
         LLM(str(tiny_model_dirs["llama"]), context_length=10**9)
+    for threads in (0, -2, 1.5, "4"):
+        with pytest.raises(ValueError, match=f"threads must be a positive integer, got {threads!r}"):
+            LLM(str(tiny_model_dirs["llama"]), threads=threads)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LLM(str(tiny_model_dirs["llama"]), device="cuda")

@@ -19,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "int8 | int4 (also quantize float checkpoints at load)")
     g.add_argument("--context-length", type=int, default=None, help="cap the context window below the model's (tokens)")
     g.add_argument("--chat-template", default=None, help="builtin name (llama3, llama2, chatml, mistral), a .jinja file, or template text")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -87,7 +89,8 @@ def load_llm(args: argparse.Namespace):
 
     try:
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                   context_length=args.context_length, chat_template=args.chat_template, progress=progress)
+                   context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
+                   progress=progress)
     finally:
         bar.close()
 
@@ -108,6 +111,8 @@ def _rss_mib() -> tuple[float, float]:
 
 
 def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.stderr) -> None:
+    import torch
+
     s = llm.engine.stats
     prefill_tokens = s.prefill_tokens - stats_before.prefill_tokens
     prefill_s = s.prefill_seconds - stats_before.prefill_seconds
@@ -119,7 +124,8 @@ def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.std
         f"prefill: {prefill_tokens / prefill_s if prefill_s else 0:.1f} tok/s | "
         f"decode: {max(gen - 1, 0) / decode_s if decode_s else 0:.1f} tok/s ({gen} tokens) | "
         f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {rss:.0f} MiB (peak {peak:.0f}) | "
-        f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved",
+        f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved | "
+        f"threads {torch.get_num_threads()}",
         file=file,
     )
 

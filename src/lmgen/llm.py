@@ -65,10 +65,17 @@ class LLM:
         block_size: int = 16,
         kv_cache_tokens: int | None = None,
         enable_prefix_caching: bool = True,
+        threads: int | None = None,
         progress: Callable[[int, int], None] | None = None,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
+        if threads is not None:
+            if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+                raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            # PyTorch's intra-op pool is per process: this sets it for every model in the process; the packed
+            # kernels follow it (lmgen.model.quant)
+            torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         t0 = time.perf_counter()

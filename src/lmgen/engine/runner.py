@@ -54,6 +54,7 @@ class ModelRunner:
             q_lens.append(n)
             kv_lens.append(start + n)
         batch, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
+        self.model.rotary.reserve(max_kv)  # positions < max_kv
         q_len_t, kv_len_t = torch.tensor(q_lens), torch.tensor(kv_lens)
         q_start = torch.cumsum(q_len_t, 0) - q_len_t  # (batch,) first token row of each sequence
         q_off = torch.arange(max_q)  # (max_q,)
@@ -102,7 +103,8 @@ class ModelRunner:
             tables.append(req.block_table[: pos // bs + 1])
         batch, max_blocks = len(ids), max(len(t) for t in tables)
         kv_len_t = torch.tensor(positions) + 1  # (batch,)
-        max_kv = int(kv_len_t.max())
+        max_kv = max(positions) + 1
+        self.model.rotary.reserve(max_kv)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
         # (batch, max_kv) flat slots of each sequence's context
         kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv]

@@ -74,20 +74,37 @@ def _yarn(config: ModelConfig, rope: dict) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Computes cos/sin for a step's positions once, then rotates every layer's q and k with them."""
+    """cos/sin tables over positions, computed once; a step only looks its positions up (one index op each instead
+    of the ~10 ops that build them), and every layer rotates its q and k with the same rows.
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
+    The tables cover `reserved` positions, grown (doubling) by `reserve`, which the ModelRunner calls with each
+    step's highest position: a window of 128k positions would cost 128 MiB of tables if built up front."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 initial_positions: int = 4096):
         super().__init__()
         inv_freq, self.attention_factor = inv_frequencies(config)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # (head_dim/2,) float32
+        self.dtype = dtype
+        self.reserved = 0
+        self.reserve(min(initial_positions, config.max_position_embeddings))
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (tokens,) -> cos, sin (tokens, 1, head_dim), computed in float32 as transformers does."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (tokens, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (tokens, head_dim)
-        cos = (emb.cos() * self.attention_factor).to(dtype)[:, None, :]
-        sin = (emb.sin() * self.attention_factor).to(dtype)[:, None, :]
-        return cos, sin
+    def reserve(self, positions: int) -> None:
+        """Makes the tables cover positions [0, positions)."""
+        if positions <= self.reserved:
+            return
+        n = max(positions, 2 * self.reserved)
+        pos = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        # computed in float32 as transformers does, then cast to the model's dtype
+        freqs = pos[:, None] * self.inv_freq[None, :]  # (n, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+        self.register_buffer("cos_table", (emb.cos() * self.attention_factor).to(self.dtype), persistent=False)
+        self.register_buffer("sin_table", (emb.sin() * self.attention_factor).to(self.dtype), persistent=False)
+        self.reserved = n
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (tokens,) int64, each < `reserved` -> cos, sin (tokens, head_dim)."""
+        return self.cos_table[positions], self.sin_table[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,7 @@ class Transformer(torch.nn.Module):
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
         # is bound by per-op overhead.
         self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 else None
-        self.rotary = RotaryEmbedding(config, self.device)
+        self.rotary = RotaryEmbedding(config, self.device, dtype)
         self.layers = torch.nn.ModuleList()
         h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
         for i in range(config.num_layers):
@@ -196,9 +196,10 @@ class Transformer(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids)  # (tokens, hidden)
-        cos, sin = self.rotary(positions, x.dtype)  # (tokens, 1, head_dim) each
+        cos, sin = self.rotary(positions)  # (tokens, head_dim) each
         if self._fused is not None and meta.decode_kv_lens is not None and x.device.type == "cpu":
             return self._forward_decode_fused(x, cos, sin, kv_caches, meta)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (tokens, 1, head_dim): broadcast over heads
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
@@ -209,8 +210,7 @@ class Transformer(torch.nn.Module):
         instead of ~50 PyTorch ops.  Same arithmetic as `forward`'s generic path (float32, CPU).
         x (batch, hidden) -> final-normed hidden states (batch, hidden)."""
         ops, eps = self._fused, self.config.rms_norm_eps
-        batch = x.shape[0]
-        cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()  # (batch, head_dim)
+        # cos, sin: (batch, head_dim) rows of the RoPE tables, contiguous
         kv_index, kv_lens, slots = meta.kv_index.contiguous(), meta.decode_kv_lens, meta.slot_mapping.contiguous()
         if self._plan is None:
             self._plan = self._decode_plan()
@@ -252,7 +252,8 @@ class Transformer(torch.nn.Module):
         """Bytes of the weights held (parameters and buffers, a shared matrix counted once): packed blocks stay at
         the GGUF file's size, a float32 model at 4 bytes per parameter."""
         storages = {}
-        for t in (*self.parameters(), *self.buffers()):
+        tensors = [*self.parameters(), *(b for name, b in self.named_buffers() if not name.startswith("rotary."))]
+        for t in tensors:  # not the RoPE tables: they are a cache of the positions in use
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())
 
