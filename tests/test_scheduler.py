@@ -155,3 +155,29 @@ def test_prompt_logprobs_requests_bypass_the_prefix_cache():
     sched.add(cold)
     assert fake_step(sched) == [("cold", 10)]  # all positions computed, so each has its logits
     assert cold.num_cached_tokens == 0
+
+
+def test_blocks_are_reused_warm_first_then_fresh_then_cached_oldest_first():
+    """Resident memory follows the blocks in use: a new request gets the blocks just freed that hold no cached
+    prefix (their pages are mapped in already) before never-used ones, and a cached prefix is evicted only when
+    nothing else is free, least recently freed first."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
+    a = make_req("a", 10, max_tokens=1)  # 11 tokens: blocks 1, 2 full (cached), block 3 partial (not cached)
+    sched.add(a)
+    fake_step(sched)
+    assert a.is_finished and bm.free_cached.keys() == {1, 2} and list(bm.free_plain) == [3]
+    b = make_req("b", 3, max_tokens=1, start=500)
+    sched.add(b)
+    fake_step(sched)
+    assert b.is_finished  # b ran in block 3, warm, and left a's cached prefix alone
+    assert list(bm.free_plain) == [3] and bm.fresh == [8, 7, 6, 5, 4]
+    c = make_req("c", 25, max_tokens=1, start=1000)  # 26 tokens: 7 blocks = block 3, the 5 fresh ones, one cached
+    sched.add(c)
+    fake_step(sched)
+    assert c.is_finished and not bm.fresh
+    # a freed its blocks last to first (vLLM's order), so its tail block 2 was evicted and its head block 1 kept
+    assert bm.block_hash[1] is not None and bm.block_hash[2] is None  # 2 took c's partial last block
+    assert list(bm.free_plain) == [2]
+    hit = make_req("hit", 10, max_tokens=1)  # a's prompt again: its first block is still cached
+    assert bm.allocate_prefix(hit) == 4 and hit.block_table == [1]

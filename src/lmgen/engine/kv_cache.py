@@ -3,7 +3,8 @@
 Memory is split into `num_blocks` blocks of `block_size` token slots (vLLM's PagedAttention, Kwon et al.,
 2023). A request owns a block table; a full block is hashed by (hash of the previous block, its token ids),
 so requests sharing a prefix (a system prompt, the earlier turns of a chat) share those blocks and skip
-their prefill. Freed blocks keep their hash until they are reused, so a later request can still hit them.
+their prefill. Freed blocks keep their hash until they are reused, so a later request can still hit them;
+blocks with nothing cached are reused first, so resident memory follows the tokens in use, not the reservation.
 """
 
 from __future__ import annotations
@@ -58,18 +59,37 @@ class BlockManager:
         self.ref_counts = [0] * (num_blocks + 1)
         self.block_hash: list[int | None] = [None] * (num_blocks + 1)
         self.hash_to_block: dict[int, int] = {}
-        # Free blocks in LRU order; cached (hashed) free blocks are evicted oldest-first.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks + 1))
+        # Free blocks, in the order `_take` hands them out:
+        #  1. freed blocks holding no cached prefix, most recently freed first (their pages are resident already);
+        #  2. never-used blocks (the OS maps their pages in on first write, so the cache's resident memory grows
+        #     only when the blocks in use do);
+        #  3. freed blocks holding a cached prefix, least recently freed first (evicting its hash).
+        self.free_plain: OrderedDict[int, None] = OrderedDict()
+        self.fresh: list[int] = list(range(num_blocks, 0, -1))  # popped from the end: lowest index first
+        self.free_cached: OrderedDict[int, None] = OrderedDict()
         self.prefix_hits = 0  # blocks served from the prefix cache, for metrics
         self.prefix_queries = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free_plain) + len(self.fresh) + len(self.free_cached)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.num_free_blocks
+
+    def _take(self) -> int:
+        """A free block for a new owner (ref count 1); a cached prefix in it is forgotten."""
+        if self.free_plain:
+            block, _ = self.free_plain.popitem(last=True)
+        elif self.fresh:
+            block = self.fresh.pop()
+        else:
+            block, _ = self.free_cached.popitem(last=False)
+            self.hash_to_block.pop(self.block_hash[block], None)
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -104,20 +124,15 @@ class BlockManager:
 
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
         need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
-        return need <= len(self.free)
+        return need <= self.num_free_blocks
 
     def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
         """Makes room for `num_new_tokens` more tokens in `req`'s block table; False if blocks ran out."""
         need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
-        if need > len(self.free):
+        if need > self.num_free_blocks:
             return False
         for _ in range(max(need, 0)):
-            block, _ = self.free.popitem(last=False)
-            if self.block_hash[block] is not None:  # evict the stale prefix-cache entry
-                self.hash_to_block.pop(self.block_hash[block], None)
-                self.block_hash[block] = None
-            self.ref_counts[block] = 1
-            req.block_table.append(block)
+            req.block_table.append(self._take())
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -143,13 +158,9 @@ class BlockManager:
             return None
         src = child.block_table.pop()
         self._unref(src)
-        if not self.free:
+        if not self.num_free_blocks:
             raise RuntimeError("no free KV block to fork a sequence")
-        dst, _ = self.free.popitem(last=False)
-        if self.block_hash[dst] is not None:
-            self.hash_to_block.pop(self.block_hash[dst], None)
-            self.block_hash[dst] = None
-        self.ref_counts[dst] = 1
+        dst = self._take()
         child.block_table.append(dst)
         return src, dst
 
@@ -161,11 +172,11 @@ class BlockManager:
         req.num_computed_tokens = 0
 
     def _ref(self, block: int) -> None:
-        if self.ref_counts[block] == 0:
-            self.free.pop(block, None)
+        if self.ref_counts[block] == 0:  # a prefix-cache hit on a freed block
+            self.free_cached.pop(block, None)
         self.ref_counts[block] += 1
 
     def _unref(self, block: int) -> None:
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            self.free[block] = None
+            (self.free_plain if self.block_hash[block] is None else self.free_cached)[block] = None
