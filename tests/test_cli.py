@@ -98,3 +98,14 @@ def test_generate_from_a_hugging_face_folder(tiny_model_dirs):
     expected = LLM(folder).generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert proc.stdout == "Once upon a time" + expected.outputs[0].text + "\n"
     assert "(6 tokens)" in proc.stderr and "threads 1" in proc.stderr
+
+
+def test_compile_flag_generates_what_eager_does(tiny_model_dirs):
+    from lmgen import LLM
+
+    folder = str(tiny_model_dirs["mistral"])
+    proc = lmgen("generate", "--model", folder, "Once upon a time", "--max-tokens", "6", "--temperature", "0",
+                 "--ignore-eos", "--compile")
+    expected = LLM(folder).generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Once upon a time" + expected.outputs[0].text + "\n"

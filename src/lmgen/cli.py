@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "int8 | int4 (also quantize float checkpoints at load)")
     g.add_argument("--context-length", type=int, default=None, help="cap the context window below the model's (tokens)")
     g.add_argument("--chat-template", default=None, help="builtin name (llama3, llama2, chatml, mistral), a .jinja file, or template text")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the layers (minutes of compiling at the first steps; meant for CUDA, slower than "
+                        "the default fused kernels on CPU: see benchmarks/RESULTS.md)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
 
@@ -90,7 +93,7 @@ def load_llm(args: argparse.Namespace):
     try:
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
-                   progress=progress)
+                   compile=args.compile, progress=progress)
     finally:
         bar.close()
 

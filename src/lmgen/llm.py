@@ -66,6 +66,7 @@ class LLM:
         kv_cache_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         threads: int | None = None,
+        compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ):
         if quantization not in _QUANTIZATION:
@@ -89,7 +90,7 @@ class LLM:
             if progress:
                 progress(done[0], loaded.config.num_layers)
 
-        self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick)
+        self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick, compile)
         loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         limit = loaded.config.max_position_embeddings
         if context_length is not None and not (isinstance(context_length, int) and 2 <= context_length <= limit):

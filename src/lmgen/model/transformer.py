@@ -139,6 +139,7 @@ class Transformer(torch.nn.Module):
         device: torch.device | str = "cpu",
         quantization: str = "none",
         progress: Callable[[], None] | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
@@ -171,7 +172,8 @@ class Transformer(torch.nn.Module):
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
         # is bound by per-op overhead.
-        self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 else None
+        # compile=True hands the layers to torch.compile instead, which cannot trace into these ops.
+        self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 and not compile else None
         self.rotary = RotaryEmbedding(config, self.device, dtype)
         self.layers = torch.nn.ModuleList()
         h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
@@ -192,6 +194,10 @@ class Transformer(torch.nn.Module):
             _check_shape("lm_head.weight", take("lm_head.weight"), (config.vocab_size, h))
             self.lm_head = build_linear([weights["lm_head.weight"]], None, dtype, self.device, quantization)
         self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_decode_plan`
+        # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
+        # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
+        # quantized layers stay opaque calls between compiled pieces.
+        self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
@@ -200,6 +206,10 @@ class Transformer(torch.nn.Module):
         if self._fused is not None and meta.decode_kv_lens is not None and x.device.type == "cpu":
             return self._forward_decode_fused(x, cos, sin, kv_caches, meta)
         cos, sin = cos[:, None, :], sin[:, None, :]  # (tokens, 1, head_dim): broadcast over heads
+        return (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
+
+    def _run_layers(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """The generic path: every block, then the final norm. x (tokens, hidden) -> (tokens, hidden)."""
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
