@@ -1,0 +1,168 @@
+"""Per-app request helpers shared by the routes (the `_Server`): auth and model checks, all-or-nothing
+admission to the engine, collecting outputs, usage, logprobs formatting, prompt / chat-message rendering."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any
+
+from fastapi import Request
+
+from lmgen.sampling.params import SamplingParams
+from lmgen.server import protocol as P
+from lmgen.server.async_engine import AsyncEngine, RequestStream
+from lmgen.server.outputs import _Seq, _TokenText
+
+
+class _Server:
+    def __init__(self, llm, engine: AsyncEngine, model_names: list[str], api_key: str | None):
+        self.llm, self.engine = llm, engine
+        self.model_names = model_names
+        self.api_key = api_key
+        self.tok = llm.tokenizer
+        self.vocab_size = llm.config.vocab_size
+        self.context_length = llm.context_length
+        self.token_text = _TokenText(llm.tokenizer)
+        self.created = int(time.time())
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise P.APIError(401, "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'.",
+                             type="invalid_request_error", code="invalid_api_key")
+
+    def check_model(self, name: str | None, required: bool = True) -> None:
+        if name is None and not required:
+            return
+        if name not in self.model_names:
+            raise P.APIError(404, f"The model `{name}` does not exist. Available: {', '.join(self.model_names)}.",
+                             param="model", code="model_not_found")
+
+    # ---- admission ------------------------------------------------------------------------------
+    async def admit(self, jobs: list[tuple[list[int], SamplingParams]], rid: str) -> list[RequestStream]:
+        """Adds every job or none."""
+        streams: list[RequestStream] = []
+        try:
+            for i, (ids, sp) in enumerate(jobs):
+                streams.append(await self.engine.add_request(ids, sp, rid if len(jobs) == 1 else f"{rid}-{i}"))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
+    @staticmethod
+    async def collect(streams: list[RequestStream], n: int) -> list[list[_Seq]]:
+        async def one(stream: RequestStream) -> list[_Seq]:
+            seqs = [_Seq() for _ in range(n)]
+            async for so in stream:
+                seqs[so.index].add(so)
+            return seqs
+
+        try:
+            return list(await asyncio.gather(*(one(s) for s in streams)))
+        finally:
+            for s in streams:
+                s.abort()
+
+    @staticmethod
+    def usage(prompt_lens: list[int], cached: list[int], seqs: list[_Seq]) -> P.Usage:
+        completion = sum(s.num_output_tokens for s in seqs)
+        prompt = sum(prompt_lens)
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(cached)))
+
+    # ---- logprobs -------------------------------------------------------------------------------
+    def completion_logprobs(self, pairs: list[tuple[int, dict | None]], k: int, offset: int) -> tuple[P.CompletionLogprobs, int]:
+        """OpenAI legacy logprobs for (token, entry) pairs; entries hold top-k plus the chosen token.
+        `top_logprobs` lists the k best and the chosen one (as vLLM). Returns the next text offset."""
+        lp = P.CompletionLogprobs()
+        for tid, entry in pairs:
+            text = self.token_text.text(tid)
+            lp.tokens.append(text)
+            lp.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:  # the first prompt token has no prediction
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(entry.get(tid))
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            if tid not in dict(ranked):
+                ranked.append((tid, entry[tid]))
+            top: dict[str, float] = {}
+            for t, v in ranked:
+                top.setdefault(self.token_text.text(t), v)
+            lp.top_logprobs.append(top)
+        return lp, offset
+
+    def chat_logprobs(self, pairs: list[tuple[int, dict]], k: int) -> P.ChoiceLogprobs:
+        content = []
+        for tid, entry in pairs:
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            content.append(P.TokenLogprob(
+                token=self.token_text.text(tid), logprob=entry[tid], bytes=self.token_text.bytes(tid),
+                top_logprobs=[P.TopLogprob(token=self.token_text.text(t), logprob=v, bytes=self.token_text.bytes(t))
+                              for t, v in ranked]))
+        return P.ChoiceLogprobs(content=content)
+
+    # ---- chat prompt ----------------------------------------------------------------------------
+    def render_messages(self, messages: list[P.ChatMessage], add_generation_prompt: bool, chat_template: str | None = None,
+                        extra: dict | None = None) -> list[int]:
+        msgs = []
+        for i, m in enumerate(messages):
+            content = m.content
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if part.type != "text" or part.text is None:
+                        raise P.APIError(400, f"messages[{i}].content: only text parts are supported, got type {part.type!r}",
+                                         param="messages")
+                    texts.append(part.text)
+                content = "\n".join(texts)
+            d: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
+            if m.name is not None:
+                d["name"] = m.name
+            for key, value in (m.model_extra or {}).items():
+                if value is not None:
+                    d[key] = value
+            msgs.append(d)
+        if not msgs:
+            raise P.APIError(400, "messages must not be empty", param="messages")
+        try:
+            return self.llm.render_chat(msgs, chat_template, add_generation_prompt, **(extra or {}))
+        except P.APIError:
+            raise
+        except Exception as e:  # the template raised (bad roles, raise_exception(), ...)
+            raise P.APIError(400, f"could not apply the chat template: {e}", param="messages") from None
+
+
+def _completion_prompts(srv: _Server, req: P.CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(prompt text, prompt ids) for each prompt of a completions request."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif not prompt:
+        raise P.APIError(400, "prompt must not be empty", param="prompt")
+    elif isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    out = []
+    for p in items:
+        if isinstance(p, str):
+            ids = srv.tok.encode(p, add_special_tokens=req.add_special_tokens)
+            text = p
+        else:
+            P.check_token_ids(p, srv.vocab_size, "prompt")
+            ids, text = list(p), srv.tok.decode(p)
+        if not ids:
+            raise P.APIError(400, "the prompt is empty: give at least one token", param="prompt")
+        out.append((text, ids))
+    return out

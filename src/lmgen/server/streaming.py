@@ -1,0 +1,189 @@
+"""Server-sent events for the streaming routes: the SSE response and framing, the client-disconnect guard,
+merging several request streams, and the completion / chat chunk generators."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from lmgen.engine.request import StepOutput
+from lmgen.server import protocol as P
+from lmgen.server.async_engine import RequestStream
+from lmgen.server.errors import _api_error
+from lmgen.server.outputs import _Seq, _step_logprob_pairs
+
+if TYPE_CHECKING:
+    from lmgen.server.service import _Server
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends (done, client gone, cancelled), so a
+    stream whose body never started still aborts its requests."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(obj: BaseModel | dict) -> str:
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    return "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+_DONE = "data: [DONE]\n\n"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """Awaits `awaitable`, but cancels it (aborting its requests) if the client hangs up first."""
+    task = asyncio.ensure_future(awaitable)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:
+        pass
+    raise _ClientGone()
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
+    """(prompt index, output) from several request streams as they come."""
+    if len(streams) == 1:
+        async for so in streams[0]:
+            yield 0, so
+        return
+    out: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for so in stream:
+                await out.put((i, so))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await out.put((i, e))
+        finally:
+            await out.put((i, end))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            i, item = await out.get()
+            if item is end:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.abort()
+
+
+async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, created: int,
+                             prompts: list[tuple[str, list[int]]], streams: list[RequestStream]) -> AsyncIterator[str]:
+    n, k = req.n, req.logprobs
+    offsets: dict[int, int] = {}
+    seqs: dict[int, _Seq] = {}
+
+    def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> str:
+        return _sse(P.CompletionChunk(id=rid, created=created, model=req.model, choices=[P.CompletionChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
+
+    try:
+        if req.echo:
+            for pi, (text, ids) in enumerate(prompts):
+                for j in range(n):
+                    offsets[pi * n + j] = len(text)
+                    yield chunk(pi * n + j, text)
+        async for pi, so in _merge(streams):
+            index = pi * n + so.index
+            seq = seqs.setdefault(index, _Seq())
+            seq.add(so)
+            logprobs = None
+            pairs = _step_logprob_pairs(so, k)
+            if pairs:
+                logprobs, offsets[index] = srv.completion_logprobs(pairs, k, offsets.get(index, 0))
+            if not (so.delta_text or logprobs or so.finished):
+                continue
+            yield chunk(index, so.delta_text, logprobs, so.finish_reason if so.finished else None,
+                        so.request.stop_reason if so.finished else None)
+        if req.stream_options and req.stream_options.include_usage:
+            cached = [next((s.num_cached_tokens for i, s in seqs.items() if i // n == pi), 0) for pi in range(len(prompts))]
+            usage = srv.usage([len(ids) for _, ids in prompts], cached, list(seqs.values()))
+            yield _sse(P.CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+        yield _DONE
+    except Exception as e:  # the engine failed this request after the stream had started
+        yield _sse(_api_error(e).body())
+        yield _DONE
+    finally:
+        for s in streams:
+            s.abort()
+
+
+async def _chat_stream(srv: _Server, req: P.ChatCompletionRequest, rid: str, created: int, prompt_len: int,
+                       stream: RequestStream) -> AsyncIterator[str]:
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    seqs: dict[int, _Seq] = {}
+
+    def chunk(index: int, delta: P.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
+        return _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[P.ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
+
+    try:
+        for j in range(req.n):
+            yield chunk(j, P.DeltaMessage(role="assistant", content=""))
+        async for so in stream:
+            seq = seqs.setdefault(so.index, _Seq())
+            seq.add(so)
+            logprobs = None
+            pairs = _step_logprob_pairs(so, k)
+            if pairs:
+                logprobs = srv.chat_logprobs(pairs, k)
+            if not (so.delta_text or logprobs or so.finished):
+                continue
+            yield chunk(so.index, P.DeltaMessage(content=so.delta_text or None), logprobs,
+                        so.finish_reason if so.finished else None, so.request.stop_reason if so.finished else None)
+        if req.stream_options and req.stream_options.include_usage:
+            cached = next(iter(seqs.values())).num_cached_tokens if seqs else 0
+            usage = srv.usage([prompt_len], [cached], list(seqs.values()))
+            yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+        yield _DONE
+    except Exception as e:
+        yield _sse(_api_error(e).body())
+        yield _DONE
+    finally:
+        stream.abort()
