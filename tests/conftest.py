@@ -50,7 +50,8 @@ TINY_CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16},
     ),
-    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", num_key_value_heads=1, sliding_window=None),
+    # sliding-window attention (8 positions: the parity prompts are longer), one KV head
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", num_key_value_heads=1, sliding_window=8),
     # q/k/v biases
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=2),
     # attention_bias on every projection, explicit head_dim != hidden/heads, linear rope scaling

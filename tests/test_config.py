@@ -106,3 +106,13 @@ def test_unsupported_options_are_named():
         ModelConfig.from_hf_config({**LLAMA_31_8B, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="num_hidden_layers"):
         ModelConfig.from_hf_config({k: v for k, v in LLAMA_31_8B.items() if k != "num_hidden_layers"})
+
+
+def test_sliding_window_is_read_for_mistral_only():
+    mistral = {**LLAMA_31_8B, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "rope_scaling": None}
+    assert ModelConfig.from_hf_config({**mistral, "sliding_window": 4096}).sliding_window == 4096  # Mistral-7B-v0.1
+    assert ModelConfig.from_hf_config({**mistral, "sliding_window": None}).sliding_window is None  # v0.2 and later
+    qwen2 = {**LLAMA_31_8B, "architectures": ["Qwen2ForCausalLM"], "rope_scaling": None, "sliding_window": 32768}
+    assert ModelConfig.from_hf_config({**qwen2, "use_sliding_window": False}).sliding_window is None
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        ModelConfig.from_hf_config({**qwen2, "use_sliding_window": True})

@@ -73,8 +73,9 @@ def test_random_checkpoint_logits_and_greedy_match_transformers(kind, tiny_model
     assert ours.outputs[0].finish_reason == "length"
 
 
-def test_batched_prompts_of_different_lengths_match_single_runs(tiny_model_dirs):
-    llm = LLM(str(tiny_model_dirs["qwen2"]), dtype="float32")
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])  # mistral: sliding window, batched and padded
+def test_batched_prompts_of_different_lengths_match_single_runs(tiny_model_dirs, kind):
+    llm = LLM(str(tiny_model_dirs[kind]), dtype="float32")
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (5, 17, 40, 1)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -37,6 +37,9 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama with attention_bias=True)
     o_bias: bool = False  # the output projection carries a bias (Llama attention_bias=True only)
     mlp_bias: bool = False
+    # Mistral's sliding-window attention: a query at position p sees positions p - sliding_window < j <= p
+    # (transformers' `sliding_window_overlay`); None: the whole context
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -86,6 +89,9 @@ class ModelConfig:
             eos = (generation_config or {}).get("eos_token_id", cfg.get("eos_token_id"))
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             is_qwen2 = arch == "Qwen2ForCausalLM"
+            window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
+            if is_qwen2 and cfg.get("use_sliding_window"):  # only on layers >= max_window_layers
+                raise UnsupportedModelError("Qwen2 with use_sliding_window=true (a per-layer sliding window) is not supported")
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -103,6 +109,7 @@ class ModelConfig:
                 attention_bias=is_qwen2 or bool(cfg.get("attention_bias", False)),
                 o_bias=(not is_qwen2) and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
+                sliding_window=int(window) if window else None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
@@ -156,6 +163,7 @@ class ModelConfig:
             rope_scaling=rope,
             max_position_embeddings=int(key("context_length", 2048)),
             attention_bias=gguf_arch == "qwen2",
+            sliding_window=int(key("attention.sliding_window", 0)) or None,  # written for Mistral-style files only
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
         )

@@ -55,6 +55,8 @@ class ModelRunner:
             kv_lens.append(start + n)
         batch, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
         self.model.rotary.reserve(max_kv)  # positions < max_kv
+        window = self.model.config.sliding_window
+        windowed = window is not None and max_kv > window  # some query cannot see its whole context
         q_len_t, kv_len_t = torch.tensor(q_lens), torch.tensor(kv_lens)
         q_start = torch.cumsum(q_len_t, 0) - q_len_t  # (batch,) first token row of each sequence
         q_off = torch.arange(max_q)  # (max_q,)
@@ -64,16 +66,19 @@ class ModelRunner:
         kv_index = torch.zeros(batch, max_kv, dtype=torch.long)  # (batch, max_kv), padding reads slot 0
         for b, rows in enumerate(kv_rows):
             kv_index[b, : rows.numel()] = rows
-        causal = batch == 1 and max_q > 1 and q_lens[0] == kv_lens[0]  # a prefill from position 0: plain causal
-        if (batch == 1 and max_q == 1) or causal:
+        # a prefill from position 0: plain causal
+        causal = batch == 1 and max_q > 1 and q_lens[0] == kv_lens[0] and not windowed
+        if ((batch == 1 and max_q == 1) or causal) and not windowed:
             mask = None  # a single decode token sees its whole context; causal: SDPA's is_causal does the masking
         else:
-            # query at position p (= kv_len - q_len + offset) sees cached positions <= p; padded query
-            # rows see position 0 only, so softmax never divides by zero (their output is discarded).
+            # query at position p (= kv_len - q_len + offset) sees cached positions <= p (and > p - window); padded
+            # query rows see position 0 only, so softmax never divides by zero (their output is discarded).
             q_pos = (kv_len_t - q_len_t)[:, None] + q_off[None, :]  # (batch, max_q)
             q_pos = torch.where(q_valid, q_pos, 0)
             kv_pos = torch.arange(max_kv)  # (max_kv,)
             mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len_t[:, None, None])
+            if windowed:
+                mask &= kv_pos[None, None, :] > q_pos[:, :, None] - window
             mask = mask[:, None, :, :]  # (batch, 1, max_q, max_kv)
         dev = self.device
         single = batch == 1  # one sequence: no padding, queries are the tokens themselves
@@ -83,7 +88,7 @@ class ModelRunner:
             output_index=None if single else output_index.to(dev),
             kv_index=kv_index.to(dev),
             mask=None if mask is None else mask.to(dev),
-            decode_kv_lens=kv_len_t.to(dev) if max_q == 1 else None,
+            decode_kv_lens=kv_len_t.to(dev) if max_q == 1 and not windowed else None,
             causal=causal,
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
@@ -102,12 +107,21 @@ class ModelRunner:
             slots.append(req.block_table[pos // bs] * bs + pos % bs)
             tables.append(req.block_table[: pos // bs + 1])
         batch, max_blocks = len(ids), max(len(t) for t in tables)
-        kv_len_t = torch.tensor(positions) + 1  # (batch,)
-        max_kv = max(positions) + 1
-        self.model.rotary.reserve(max_kv)
+        self.model.rotary.reserve(max(positions) + 1)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
-        # (batch, max_kv) flat slots of each sequence's context
-        kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv]
+        window = self.model.config.sliding_window
+        if window is None or max(positions) < window:
+            kv_len_t = torch.tensor(positions) + 1  # (batch,)
+            max_kv = max(positions) + 1
+            # (batch, max_kv) flat slots of each sequence's context
+            kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv]
+        else:  # sliding window: each sequence's last `window` positions only
+            kv_len_t = torch.clamp(torch.tensor(positions) + 1, max=window)  # (batch,)
+            start = torch.tensor(positions) + 1 - kv_len_t  # (batch,) first visible position
+            max_kv = int(kv_len_t.max())
+            kv_pos = start[:, None] + torch.arange(max_kv)[None, :]  # (batch, max_kv)
+            kv_pos = torch.where(kv_pos < (start + kv_len_t)[:, None], kv_pos, start[:, None])  # padding: in range
+            kv_index = table.gather(1, kv_pos // bs) * bs + kv_pos % bs
         if batch == 1:
             query_index = output_index = mask = None  # one sequence: no padding, it sees its whole context
             kv_index = kv_index.contiguous()
