@@ -126,3 +126,15 @@ def test_beam_search_matches_transformers(beam_setup, width, length_penalty):
     if width > 1 and length_penalty == 0.5:
         assert ended > 0  # the EOS path was exercised: finished hypotheses are among the returned beams
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_latency_samples_stay_bounded_offline(tiny_model_dirs):
+    """A long offline run keeps only the newest TTFT / ITL samples (nothing drains them without a server)."""
+    from lmgen.engine.engine import EngineStats
+
+    llm = LLM(str(tiny_model_dirs["qwen2"]))
+    llm.engine.stats = EngineStats(max_samples=8)
+    llm.generate([list(range(50, 60))] * 3, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    stats = llm.engine.stats
+    assert len(stats.itl) == 8 and len(stats.ttft) == 3
+    assert all(v >= 0 for v in stats.itl) and stats.generation_tokens == 60

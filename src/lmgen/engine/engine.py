@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +31,14 @@ class EngineStats:
     steps: int = 0
     prefill_seconds: float = 0.0  # time in steps that computed prompt tokens
     decode_seconds: float = 0.0  # time in pure decode steps
-    ttft: list[float] = field(default_factory=list)  # seconds from arrival to first token, per finished request
-    itl: list[float] = field(default_factory=list)  # seconds between consecutive tokens
+    # Latency samples, the most recent `max_samples` of each (bounded, so a long offline run does not grow them;
+    # the server moves them into its /metrics histograms after every step)
+    max_samples: int = 4096
+    ttft: deque = field(init=False)  # seconds from arrival to first token, per request
+    itl: deque = field(init=False)  # seconds between consecutive tokens
+
+    def __post_init__(self) -> None:
+        self.ttft, self.itl = deque(maxlen=self.max_samples), deque(maxlen=self.max_samples)
 
 
 class Engine:
