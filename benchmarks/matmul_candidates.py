@@ -115,7 +115,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from lmgen.model import quant
+from lmgen.model import kernels, quant
 
 SHAPES = [  # (name, in, out, tensor in the GGUF)
     ("q/o 576->576", 576, 576, "blk.0.attn_q.weight"),
@@ -229,15 +229,15 @@ def build_candidates(qtype, data, n, k, batch, ext, do_compile):
     impl = mod._impl
     if batch == 1:
         raw = torch.from_numpy(data.reshape(-1).copy())
-        cands["raw-q"] = lambda: ext.raw_gemv(x, raw, int(qtype), n, k, quant.MIN_UNITS)
+        cands["raw-q"] = lambda: ext.raw_gemv(x, raw, int(qtype), n, k, kernels.tuning().min_units)
     cands["lmgen-deq"] = lambda: impl.forward_path(x, 2, 0)
 
     def avx2():
-        quant.configure(isa="avx2")
+        kernels.configure(isa="avx2")
         try:
             return impl.forward_path(x, 1, 0)
         finally:
-            quant.configure(isa="auto")
+            kernels.configure(isa="auto")
 
     cands["lmgen-avx2"] = avx2
     cands["lmgen"] = lambda: mod(x)
@@ -338,7 +338,8 @@ def decode_step(args, ext):
                 lin.weight.data = w.clone()
                 built[name].append(torch.ao.nn.quantized.dynamic.Linear.from_float(
                     _with_qconfig(lin)))
-    defaults = dict(threads=quant.THREADS, spin_us=quant.SPIN_US, parallel_min_units=quant.PARALLEL_MIN_UNITS)
+    tune = kernels.tuning()
+    defaults = dict(threads=tune.threads, spin_us=tune.spin_us, parallel_min_units=tune.parallel_min_units)
     settings = {  # lmgen variants: kernel threads / helpers for every call / helpers spinning between calls
         "lmgen": {}, "lmgen-1t": {"threads": 1}, "lmgen-par": {"parallel_min_units": 0},
         "lmgen-spin": {"parallel_min_units": 0, "spin_us": 300},
@@ -347,12 +348,12 @@ def decode_step(args, ext):
         def run(mods=mods, name=name):
             xa, xb = (x576.to(torch.bfloat16), x1536.to(torch.bfloat16)) if name == "bf16" else (x576, x1536)
             if name in settings:
-                quant.configure(**{**defaults, **settings[name]})
+                kernels.configure(**{**defaults, **settings[name]})
             for m in mods:
                 m(xa if m_in(m) == 576 else xb)
         cands[name] = run
     res = measure_stats(cands, args.rounds, 0.0)
-    quant.configure(**defaults)
+    kernels.configure(**defaults)
     total = sum(getattr(m, "packed", torch.empty(0)).numel() for m in built.get("lmgen", []))
     print(f"# decode step: {len(layers)} matmuls, batch 1, threads {torch.get_num_threads()}, load avg "
           f"{open('/proc/loadavg').read().split()[0]}; ms per step (median / min of {args.rounds} rounds)"
@@ -404,8 +405,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not quant.kernels_available():
-        sys.exit(f"lmgen quant kernels unavailable: {quant._ext_error}")
-    ext = quant._load_ext()
+        sys.exit(f"lmgen quant kernels unavailable: {kernels.extension_error()}")
+    ext = kernels.load_extension()
     tensors = load_tensors()
     with torch.inference_mode():
         if args.sweep:

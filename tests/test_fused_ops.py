@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import LLM, SamplingParams
-from lmgen.model.quant import fused_ops
+from lmgen.model.kernels import fused_ops
 from lmgen.model.rope import apply_rotary
 
 from conftest import TINY_CONFIGS

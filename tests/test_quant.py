@@ -24,7 +24,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from lmgen.model import quant
+from lmgen.model import kernels, quant
 
 # The kernels are part of lmgen on x86-64: a failed build is a failure, not a skip. Only a run that
 # explicitly turns them off (LMGEN_QUANT_KERNELS=0, to test the fallback) skips the kernel tests.
@@ -37,7 +37,7 @@ def test_kernels_build_here():
     if DISABLED:
         assert not KERNELS
     else:
-        assert KERNELS, f"quant kernels unavailable: {quant._ext_error}"
+        assert KERNELS, f"quant kernels unavailable: {kernels.extension_error()}"
 
 R8_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
 KQ_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
@@ -60,7 +60,8 @@ def integer_path(layer, batch):
     """Whether layer(x) with `batch` rows runs the integer kernels (activation rounding in the error bound)."""
     if not isinstance(layer, quant.QuantizedLinear) or layer.qtype not in R8_TYPES:
         return False
-    return quant.R8_DEQUANT_MIN_BATCH <= 0 or batch < quant.R8_DEQUANT_MIN_BATCH
+    r8_min = kernels.tuning().r8_dequant_min_batch
+    return r8_min <= 0 or batch < r8_min
 
 
 ISAS = ["auto", "avx2"]
@@ -68,10 +69,9 @@ ISAS = ["auto", "avx2"]
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    before = quant.ISA
-    quant.configure(isa=request.param)
+    before = kernels.configure(isa=request.param)
     yield request.param
-    quant.configure(isa=before)
+    kernels.configure(isa=before.isa)
 
 
 def random_blocks(qtype, rows, cols, seed=0):
@@ -230,8 +230,8 @@ def test_bias_shapes_dtypes_and_threads():
     # same result on one thread and several (threading only splits output rows)
     big = quant.packed_linear_from_gguf(T.Q4_1, random_blocks(T.Q4_1, 1024, 512), (1024, 512))
     xb = torch.randn(1, 512)
-    before, pmin = torch.get_num_threads(), quant.PARALLEL_MIN_UNITS
-    quant.configure(parallel_min_units=0)
+    before, pmin = torch.get_num_threads(), kernels.tuning().parallel_min_units
+    kernels.configure(parallel_min_units=0)
     try:
         torch.set_num_threads(1)
         y1 = big._impl.forward_path(xb, INT_PATH, 1)
@@ -239,7 +239,7 @@ def test_bias_shapes_dtypes_and_threads():
         y2 = big._impl.forward_path(xb, INT_PATH, 1)
     finally:
         torch.set_num_threads(before)
-        quant.configure(parallel_min_units=pmin)
+        kernels.configure(parallel_min_units=pmin)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
@@ -258,10 +258,10 @@ def test_concurrent_calls_and_fork():
     rows, cols, batch = 1024, 512, 160  # batch * rows * cols >= 2**26: the GIL is released
     layer = quant.packed_linear_from_gguf(T.Q4_0, random_blocks(T.Q4_0, rows, cols, seed=4), (rows, cols))
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(4))
-    before, min_units = torch.get_num_threads(), quant.MIN_UNITS
+    before, min_units = torch.get_num_threads(), kernels.tuning().min_units
     torch.set_num_threads(max(2, before))
     try:
-        quant.configure(min_units=64)  # many chunks
+        kernels.configure(min_units=64)  # many chunks
         expected = layer(x)
         results, errors = [], []
 
@@ -289,7 +289,7 @@ def test_concurrent_calls_and_fork():
         proc.join(30)
         assert proc.exitcode == 0
     finally:
-        quant.configure(min_units=min_units)
+        kernels.configure(min_units=min_units)
         torch.set_num_threads(before)
 
 
@@ -314,7 +314,7 @@ def test_module_plumbing():
 
 @needs_kernels
 def test_activation_quantization():
-    ext = quant._load_ext()
+    ext = kernels.load_extension()
     x = torch.randn(4, 96) * torch.tensor([1e-3, 1.0, 50.0]).repeat_interleave(32)
     x[0, :32] = 0.0  # an all-zero block
     q, d, s = ext.quantize_activations(x)
@@ -411,3 +411,26 @@ def test_quantize_linear_errors():
         quant.quantize_linear(torch.zeros(8, 65), "int8")
     with pytest.raises(ValueError, match=r"\(64,\)"):
         quant.quantize_linear(torch.zeros(64), "int4")
+
+
+def test_kernel_tuning_is_explicit_validated_and_restorable():
+    import dataclasses
+    import subprocess
+    import sys
+
+    before = kernels.tuning()
+    previous = kernels.configure(min_units=512, isa="avx2")
+    try:
+        assert previous == before
+        assert kernels.tuning().min_units == 512 and kernels.tuning().isa == "avx2"
+        with pytest.raises(ValueError, match="isa must be one of"):
+            kernels.configure(isa="sse2")
+        assert kernels.tuning().isa == "avx2"  # a refused change leaves the settings as they were
+    finally:
+        kernels.configure(**dataclasses.asdict(before))
+    assert kernels.tuning() == before
+    # defaults come from the LMGEN_QUANT_* environment, read at import
+    code = "from lmgen.model import kernels; t = kernels.tuning(); print(t.min_units, t.isa)"
+    env = {**os.environ, "LMGEN_QUANT_MIN_UNITS": "2048", "LMGEN_QUANT_ISA": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2048", "avx2"]

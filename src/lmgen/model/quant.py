@@ -24,7 +24,7 @@ activations, |x - d_x q_x| <= d_x / 2.  Per output
 about 0.5% relative RMS for Gaussian activations (llama.cpp makes the same error).  The K-quant kernels and
 the dequantize + at::mm path round in fp32 only.  tests/test_quant.py checks these bounds.
 
-Threads: calls with enough work (PARALLEL_MIN_UNITS: the output layer, prefill) split output rows into chunks
+Threads: calls with enough work (KernelTuning.parallel_min_units: the output layer, prefill) split output rows into chunks
 claimed from an atomic counter by the calling thread and torch.get_num_threads() - 1 helper threads
 (`share_pool.h`); the caller never waits for a helper that has not started, so a busy machine degrades to
 one-thread speed instead of OpenMP's scheduler-slice stalls.  Decode-size layer matmuls run on the calling
@@ -36,29 +36,17 @@ Memory: a layer holds its packed bytes (the file's byte count, rows padded to a 
 packing writes the permuted blocks straight into the new buffer (measured: 96.4 MB packed for the 211 SmolLM2
 matrices, +84-128 MB process USS).
 
-Build: compiled at first use with torch.utils.cpp_extension (g++ -O3 -mavx2 -mfma -mf16c -fopenmp, ninja),
-cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<py>_cpu/lmgen_quant_kernels_<source hash>;
-the first build takes about a minute.  Without a compiler or on a CPU without AVX2, `supported_packed_qtypes()`
-is empty (callers dequantize to float layers) and `quantize_linear` uses a slower pure-PyTorch module.
-Environment: LMGEN_QUANT_KERNELS=0 disables the extension, LMGEN_QUANT_VERBOSE=1 shows the build,
-LMGEN_QUANT_ISA=avx2 avoids the VNNI kernels; the other LMGEN_QUANT_* knobs are below (and `configure`).
+Build, loading and tuning of the C++ extension: lmgen.model.kernels.  Without it (no compiler, a CPU without
+AVX2) `supported_packed_qtypes()` is empty (callers dequantize to float layers) and `quantize_linear` uses a
+slower pure-PyTorch module.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import sys
-import threading
-from pathlib import Path
-
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from lmgen.model.kernels import configure, extension_error, kernels_available, load_extension
 
 try:  # gguf is a dependency, but keep this module importable without it
     import gguf
@@ -72,131 +60,12 @@ __all__ = [
     "packed_linear_from_gguf",
     "quantize_linear",
     "supported_packed_qtypes",
-    "kernels_available",
+    "kernels_available",  # re-exported from lmgen.model.kernels
     "configure",
 ]
 
-# K-quants: batches of at least this many rows dequantize a weight tile and call at::mm instead of the fused
-# dequantize-and-dot kernel (crossover measured at 8-16 rows for Q6_K / Q4_K, 2048 x 2048, 1 thread).  Q4_0/Q4_1/Q8_0: the same switch for the integer kernels, 0 = never (they beat
-# dequantize + MKL sgemm at every batch we measured, see benchmarks/matmul_candidates.py).
-DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_DEQUANT_MIN_BATCH", "16"))
-R8_DEQUANT_MIN_BATCH = int(os.environ.get("LMGEN_QUANT_R8_DEQUANT_MIN_BATCH", "0"))
-# Rows of weight dequantized at once on that path (fp32 tile of TILE_ROWS x in_features).
-TILE_ROWS = int(os.environ.get("LMGEN_QUANT_TILE_ROWS", "4096"))
-# Work per chunk handed to a thread (8-row groups x blocks of 32 x batch rows; 1024 is ~5 us).
-MIN_UNITS = int(os.environ.get("LMGEN_QUANT_MIN_UNITS", "1024"))
-# Calls with less work than this (16384 ~ 80 us: every decode-time layer matmul of a small model) run on the
-# calling thread alone: waking a helper costs about as much as it saves and competes with torch's threads.
-PARALLEL_MIN_UNITS = int(os.environ.get("LMGEN_QUANT_PARALLEL_MIN_UNITS", "16384"))
-# Threads for the kernels (0: torch.get_num_threads()), and how long idle helper threads spin before sleeping
-# (spinning cost ~10% end to end on a 2-vCPU machine, see the module docstring).
-THREADS = int(os.environ.get("LMGEN_QUANT_THREADS", "0"))
-SPIN_US = int(os.environ.get("LMGEN_QUANT_SPIN_US", "0"))
-# Integer kernels' instruction set: "auto" (AVX-512 VNNI where the CPU has it, else AVX2) or "avx2".
-ISA = os.environ.get("LMGEN_QUANT_ISA", "auto")
-_ISA_CODES = {"auto": 0, "avx2": 1}
-
 _R8_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _KQ_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-
-_CSRC = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.cpp"
-_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"), _CSRC.parent / "share_pool.h", _CSRC.parent / "fused_ops.h")
-_ext_lock = threading.Lock()
-_ext_module = None
-_ext_error: str | None = None
-
-
-def _cpu_ok() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover
-        return False
-    if cap not in ("AVX2", "AVX512"):
-        return False
-    try:  # AVX2 capability in torch implies FMA; F16C is checked separately where we can
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "f16c" in line.split()
-    except OSError:  # pragma: no cover
-        pass
-    return True
-
-
-def _load_ext():
-    """The compiled kernels, building them on first use; None if unavailable (reason in `_ext_error`)."""
-    global _ext_module, _ext_error
-    if _ext_module is not None or _ext_error is not None:
-        return _ext_module
-    with _ext_lock:
-        if _ext_module is not None or _ext_error is not None:
-            return _ext_module
-        if os.environ.get("LMGEN_QUANT_KERNELS", "1") == "0":
-            _ext_error = "disabled by LMGEN_QUANT_KERNELS=0"
-        elif not _cpu_ok():
-            _ext_error = "CPU lacks x86-64 AVX2/FMA/F16C"
-        else:
-            try:
-                from torch.utils import cpp_extension
-
-                # torch finds `ninja` on PATH; the `ninja` wheel puts it beside this interpreter (.venv/bin),
-                # which is not on PATH when .venv/bin/python is run without activating the venv.
-                bindir = os.path.dirname(sys.executable)
-                if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
-                    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-
-                # One build per source version (hash in the name): processes running different checkouts
-                # never rebuild over each other or load a stale module; torch's cache keys on the .cpp only.
-                cflags, ldflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], ["-fopenmp"]
-                digest = hashlib.sha1(b"".join(f.read_bytes() for f in _CSRC_FILES)
-                                      + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
-                _ext_module = cpp_extension.load(
-                    name=f"lmgen_quant_kernels_{digest}",
-                    sources=[str(_CSRC)],
-                    extra_cflags=cflags,
-                    extra_ldflags=ldflags,
-                    verbose=os.environ.get("LMGEN_QUANT_VERBOSE", "0") == "1",
-                )
-                _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS,
-                                       PARALLEL_MIN_UNITS, THREADS, SPIN_US, _ISA_CODES.get(ISA, 0))
-            except Exception as exc:  # no compiler, no ninja, build error
-                _ext_error = f"building {_CSRC.name} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
-        if _ext_error is not None:
-            logger.warning("lmgen quant kernels unavailable (%s); packed GGUF weights will be dequantized", _ext_error)
-        return _ext_module
-
-
-def configure(*, dequant_min_batch: int | None = None, r8_dequant_min_batch: int | None = None,
-              tile_rows: int | None = None, min_units: int | None = None, parallel_min_units: int | None = None,
-              threads: int | None = None, spin_us: int | None = None, isa: str | None = None) -> None:
-    """Change the kernels' tuning at run time (the defaults come from the LMGEN_QUANT_* environment)."""
-    global DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, PARALLEL_MIN_UNITS, THREADS, SPIN_US, ISA
-    if isa is not None and isa not in _ISA_CODES:
-        raise ValueError(f"isa must be one of {sorted(_ISA_CODES)}, got {isa!r}")
-    ISA = ISA if isa is None else isa
-    DEQUANT_MIN_BATCH = DEQUANT_MIN_BATCH if dequant_min_batch is None else int(dequant_min_batch)
-    R8_DEQUANT_MIN_BATCH = R8_DEQUANT_MIN_BATCH if r8_dequant_min_batch is None else int(r8_dequant_min_batch)
-    TILE_ROWS = TILE_ROWS if tile_rows is None else int(tile_rows)
-    MIN_UNITS = MIN_UNITS if min_units is None else int(min_units)
-    PARALLEL_MIN_UNITS = PARALLEL_MIN_UNITS if parallel_min_units is None else int(parallel_min_units)
-    THREADS = THREADS if threads is None else int(threads)
-    SPIN_US = SPIN_US if spin_us is None else int(spin_us)
-    if _ext_module is not None:
-        _ext_module.set_tuning(DEQUANT_MIN_BATCH, R8_DEQUANT_MIN_BATCH, TILE_ROWS, MIN_UNITS, PARALLEL_MIN_UNITS,
-                               THREADS, SPIN_US, _ISA_CODES[ISA])
-
-
-def fused_ops():
-    """The compiled module's fused float32 decode ops (rms_norm, add_rms_norm, silu_mul, decode_attention, see
-    csrc/fused_ops.h), or None where the extension is unavailable (callers then use plain PyTorch ops)."""
-    return _load_ext()
-
-
-def kernels_available() -> bool:
-    """True when the compiled packed-weight kernels can be used (builds them on first call)."""
-    return _load_ext() is not None
 
 
 def _qtype(qtype) -> "gguf.GGMLQuantizationType":
@@ -211,7 +80,7 @@ def _qtype(qtype) -> "gguf.GGMLQuantizationType":
 def supported_packed_qtypes() -> set:
     """GGML quantization types that `packed_linear_from_gguf` keeps packed on this machine (empty if the
     kernels cannot be built here)."""
-    if gguf is None or _load_ext() is None:
+    if gguf is None or load_extension() is None:
         return set()
     return {_QT[n] for n in _R8_TYPES + _KQ_TYPES}
 
@@ -284,8 +153,8 @@ class QuantizedLinear(torch.nn.Module):
     def __init__(self, qtype, packed: torch.Tensor, out_features: int, in_features: int,
                  bias: torch.Tensor | None = None):
         super().__init__()
-        if _load_ext() is None:
-            raise RuntimeError(f"lmgen quant kernels unavailable: {_ext_error}")
+        if load_extension() is None:
+            raise RuntimeError(f"lmgen quant kernels unavailable: {extension_error()}")
         self.qtype = _qtype(qtype)
         self.out_features = int(out_features)
         self.in_features = int(in_features)
@@ -297,7 +166,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def _bind(self):
         # validates qtype / shape / byte count / bias (ValueError) and holds references to the buffers
-        self._impl = _load_ext().PackedLinear(self.packed, int(self.qtype), self.out_features, self.in_features,
+        self._impl = load_extension().PackedLinear(self.packed, int(self.qtype), self.out_features, self.in_features,
                                               self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +256,7 @@ def packed_linear_from_gguf(qtype, data: np.ndarray, shape: tuple[int, int],
     if qt.name not in _R8_TYPES + _KQ_TYPES:
         return None
     rows, cols = _check_gguf_args(qt, data, shape)
-    if _load_ext() is None:
+    if load_extension() is None:
         return None
     data = np.asarray(data)
     if qt.name in _R8_TYPES:
@@ -418,7 +287,7 @@ def quantize_linear(weight: torch.Tensor, mode: str, bias: torch.Tensor | None =
     qt = _QT[_MODES[mode]]
     w = weight.detach().to(torch.float32).cpu().contiguous().numpy()
     data = gguf.quants.quantize(w, qt)  # (rows, bytes_per_row) uint8
-    if _load_ext() is not None:
+    if load_extension() is not None:
         module = packed_linear_from_gguf(qt, data, (rows, cols), bias)
         if module is not None:
             return module

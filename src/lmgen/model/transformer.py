@@ -26,7 +26,7 @@ from lmgen.config import ModelConfig
 from lmgen.loader.errors import ModelLoadError
 from lmgen.model.embedding import DenseEmbedding, PackedEmbedding
 from lmgen.model.linear import WeightSource, build_linear, build_packed_linear, to_float
-from lmgen.model.quant import fused_ops
+from lmgen.model.kernels import fused_ops
 from lmgen.model.rope import RotaryEmbedding, apply_rotary
 
 
