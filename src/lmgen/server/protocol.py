@@ -1,26 +1,69 @@
-"""OpenAI wire format: request and response models (completions, chat completions, stream chunks, usage,
-logprobs), the error body, and the mapping from a request to SamplingParams.
+"""OpenAI wire format: the error body (APIError) and the mapping from a request to SamplingParams.
 
-Requests are validated strictly (a string where a number belongs is a 400, not a coercion); unknown
-fields are ignored, as OpenAI does. Besides OpenAI's fields, the sampling extras vLLM accepts are
-taken: top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output.
+The request models live in `protocol_requests` (validated strictly: a string where a number belongs is
+a 400, not a coercion; unknown fields are ignored, as OpenAI does; besides OpenAI's fields, vLLM's
+sampling extras are taken: top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+skip_special_tokens, include_stop_str_in_output), the response and stream-chunk models in
+`protocol_responses`; both are re-exported here, so `protocol.<Name>` reaches every model.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel
 
 from lmgen.engine.engine import ContextOverflowError
 from lmgen.sampling.params import SamplingParams
+from lmgen.server.protocol_requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ContentPart,
+    DetokenizeRequest,
+    ResponseFormat,
+    StreamOptions,
+    TokenizeRequest,
+    _SamplingFields,
+    _Strict,
+)
+from lmgen.server.protocol_responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+__all__ = [
+    # errors
+    "ErrorInfo", "ErrorResponse", "APIError", "param_of",
+    # requests (protocol_requests)
+    "StreamOptions", "CompletionRequest", "ContentPart", "ChatMessage", "ResponseFormat",
+    "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest",
+    # responses and stream chunks (protocol_responses)
+    "PromptTokensDetails", "Usage", "CompletionLogprobs", "CompletionChoice", "CompletionResponse",
+    "TopLogprob", "TokenLogprob", "ChoiceLogprobs", "AssistantMessage", "ChatChoice",
+    "ChatCompletionResponse", "DeltaMessage", "ChatChunkChoice", "ChatCompletionChunk", "CompletionChunk",
+    "ModelCard", "ModelList", "TokenizeResponse", "DetokenizeResponse",
+    # request -> SamplingParams
+    "check_token_ids", "resolve_max_tokens", "sampling_params",
+]
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -52,230 +95,6 @@ def param_of(error: ValueError) -> str | None:
     """SamplingParams' messages start with the field's name ("top_p must be ...")."""
     m = re.match(r"([a-z_]+) must\b", str(error))
     return m.group(1) if m else None
-
-
-# ---- requests ----------------------------------------------------------------------------------------
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _SamplingFields(_Strict):
-    """Sampling fields shared by both endpoints (OpenAI's, then vLLM's extras)."""
-
-    model: str
-    n: int = 1
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
-    # vLLM extras
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
-    logprobs: Optional[int] = None
-    echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
-    add_special_tokens: bool = True
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-    type: str
-    text: Optional[str] = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, tool_call_id... reach the template
-    role: str
-    content: Union[str, list[ContentPart], None] = None
-    name: Optional[str] = None
-
-
-class ResponseFormat(_Strict):
-    type: str
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    logprobs: bool = False
-    top_logprobs: Optional[int] = None
-    response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    # vLLM extras
-    add_generation_prompt: bool = True
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
-
-
-class TokenizeRequest(_Strict):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
-    add_special_tokens: Optional[bool] = None
-    add_generation_prompt: bool = True
-
-
-class DetokenizeRequest(_Strict):
-    model: Optional[str] = None
-    tokens: list[int]
-
-
-# ---- responses ---------------------------------------------------------------------------------------
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: Optional[PromptTokensDetails] = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(BaseModel):
-    content: Optional[list[TokenLogprob]] = None
-    refusal: Optional[list[TokenLogprob]] = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
-    refusal: Optional[str] = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
-
-
-class DeltaMessage(BaseModel):
-    role: Optional[str] = None
-    content: Optional[str] = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler):  # OpenAI sends {"content": "..."}, not {"role": null, ...}
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
-
-
-class CompletionChunk(BaseModel):
-    """Completions stream with the same object name as the full response, like OpenAI."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "lmgen"
-    root: Optional[str] = None
-    max_model_len: Optional[int] = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeResponse(BaseModel):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
 
 
 # ---- request -> SamplingParams -----------------------------------------------------------------------
