@@ -6,6 +6,7 @@
 """
 
 from lmgen.chat.conversation import Conversation
+from lmgen.chat.retrieval import Retriever
 from lmgen.config import ModelConfig, UnsupportedModelError
 from lmgen.engine.engine import ContextOverflowError, Engine
 from lmgen.engine.request import CompletionOutput, RequestOutput, RequestStatus
@@ -17,5 +18,5 @@ from lmgen.tokenizer.tokenizer import Tokenizer
 
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestStatus", "ChatTemplate", "ChatTemplateError",
-    "Conversation", "Tokenizer", "ModelConfig", "Engine", "ContextOverflowError", "ModelLoadError", "UnsupportedModelError",
+    "Conversation", "Retriever", "Tokenizer", "ModelConfig", "Engine", "ContextOverflowError", "ModelLoadError", "UnsupportedModelError",
 ]

@@ -204,8 +204,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmgen.chat.repl import ChatREPL
 
     params = sampling_params_from_args(args)
+    retriever = None
+    if args.docs:
+        from lmgen.chat.retrieval import Retriever
+
+        if args.docs_k < 1:
+            raise ValueError(f"--docs-k must be >= 1, got {args.docs_k}")
+        retriever = Retriever.from_paths(args.docs)
     llm = load_llm(args)
-    return ChatREPL(llm, params, system=args.system, stream=not args.no_stream, stats=args.stats).run(sys.stdin)
+    return ChatREPL(llm, params, system=args.system, stream=not args.no_stream, stats=args.stats,
+                    retriever=retriever, docs_k=args.docs_k).run(sys.stdin)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -232,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--stats", action="store_true", help="print prefill/decode figures after each answer")
     c.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    c.add_argument("--docs", action="append", metavar="PATH",
+                   help="retrieval-augmented chat: .txt/.md files or folders (repeatable); each question's best-matching "
+                        "passages (BM25) join that turn's system prompt")
+    c.add_argument("--docs-k", type=int, default=3, help="passages retrieved per question (default 3)")
     _add_model_args(c)
     _add_sampling_args(c, 512)
     c.set_defaults(func=cmd_chat)

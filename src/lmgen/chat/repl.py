@@ -26,15 +26,19 @@ HELP = """commands:
   /tokens             how much of the context window the conversation uses
   /quit               leave (Ctrl-D too)
 multi-line input: end a line with \\ to continue it on the next line, or wrap text in triple quotes \"\"\".
-Ctrl-C stops the current answer and returns to the prompt."""
+Ctrl-C stops the current answer and returns to the prompt.
+with --docs, each question's best-matching passages join that turn's system prompt ([context: ...] on stderr)."""
 
 
 class ChatREPL:
     def __init__(self, llm, params, system: str | None = None, stream: bool = True, stats: bool = False,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr):
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr, retriever=None, docs_k: int = 3):
         self.llm, self.params, self.stream, self.stats = llm, params, stream, stats
         self.out, self.err = out, err
         self.conv = Conversation(system=system)
+        # retrieval-augmented turns (lmgen.chat.retrieval): the passages matching each question join that turn's
+        # system prompt only; the history keeps the plain messages, so old context never piles up
+        self.retriever, self.docs_k = retriever, docs_k
 
     # ---- input ----------------------------------------------------------------------------------
     def run(self, stdin: TextIO) -> int:
@@ -133,7 +137,15 @@ class ChatREPL:
         return None
 
     def _count(self, messages: list[dict]) -> int:
-        return len(self.llm.render_chat(messages))
+        return len(self.llm.render_chat(self._augment(messages)[0]))
+
+    def _augment(self, messages: list[dict]) -> tuple[list[dict], list]:
+        """The messages as the model sees them this turn: with retrieved passages when documents were given
+        (at most a quarter of the context window of them)."""
+        if self.retriever is None or not messages:
+            return messages, []
+        count = lambda text: len(self.llm.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        return self.retriever.augment(messages, self.docs_k, count, self.llm.context_length // 4)
 
     # ---- a turn ---------------------------------------------------------------------------------
     def answer(self, text: str) -> None:
@@ -148,7 +160,11 @@ class ChatREPL:
         if dropped:
             print(f"[dropped the {dropped} oldest messages to fit the {self.llm.context_length}-token context window]", file=self.out)
         before, t0 = copy.copy(self.llm.engine.stats), time.perf_counter()
-        prompt = self.llm.render_chat(self.conv.to_messages())
+        messages, passages = self._augment(self.conv.to_messages())
+        if self.retriever is not None:
+            found = ", ".join(f"{p.label} ({p.score:.1f})" for p in passages) or "nothing matched"
+            print(f"[context: {found}]", file=self.err, flush=True)
+        prompt = self.llm.render_chat(messages)
         parts: list[str] = []
         try:
             for delta in self.llm.stream(prompt, self.params):
