@@ -147,3 +147,28 @@ def test_compiled_layers_match_eager(tiny_model_dirs):
         for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert ea.keys() == eb.keys()
             assert all(abs(ea[t] - eb[t]) < 1e-4 for t in ea)
+
+
+def test_sliding_window_frees_blocks_and_keeps_the_tokens(tiny_model_dirs):
+    """With 4-token blocks and a window of 8, a sequence holds at most 4 blocks however long it runs (blocks
+    that fell out of the window go back), and its tokens equal transformers' (which keeps the full cache)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dirs["mistral"]
+    llm = LLM(str(folder), dtype="float32", block_size=4)
+    assert llm.config.sliding_window == 8
+    prompt = list(range(300, 330))
+    peak = 0
+    for _ in llm.stream_outputs(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)):
+        peak = max(peak, llm.engine.block_manager.num_used_blocks)
+    assert peak <= 4 and llm.engine.block_manager.num_used_blocks == 0
+    ours = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    assert ours == ref
+    # n > 1 forks the prompt's blocks after the window already released some of them
+    twins = llm.generate(prompt, SamplingParams(n=2, max_tokens=12, temperature=0, ignore_eos=True))[0].outputs
+    assert [c.token_ids for c in twins] == [ref[:12], ref[:12]]
+    assert llm.engine.block_manager.num_used_blocks == 0

@@ -181,3 +181,26 @@ def test_blocks_are_reused_warm_first_then_fresh_then_cached_oldest_first():
     assert list(bm.free_plain) == [2]
     hit = make_req("hit", 10, max_tokens=1)  # a's prompt again: its first block is still cached
     assert bm.allocate_prefix(hit) == 4 and hit.block_table == [1]
+
+
+def test_sliding_window_releases_blocks_no_query_can_see():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    req = make_req("w", 10, max_tokens=20)
+    assert bm.allocate_slots(req, 10)
+    req.num_computed_tokens = 10
+    bm.cache_full_blocks(req)
+    bm.release_out_of_window(req, window=6)  # next position 10 sees 5..10: block 0 (positions 0-3) is dead
+    assert req.block_table[0] == 0 and req.block_table[1:] == [2, 3] and bm.num_used_blocks == 2
+    child = make_req("child", 10)
+    bm.fork(req, child)  # n > 1 children share the live blocks only
+    assert child.block_table[0] == 0 and bm.ref_counts[2] == 2 and child.num_released_blocks == 1
+    bm.free_request(child)
+    req.num_computed_tokens = 13
+    bm.release_out_of_window(req, window=6)  # next position 13 sees 8..13: block 1 (4-7) is dead too
+    assert req.block_table[:2] == [0, 0] and bm.num_used_blocks == 1
+    bm.cache_full_blocks(req)  # the released entries are skipped, the null block never gets a hash
+    assert bm.block_hash[0] is None
+    bm.free_request(req)
+    assert bm.num_used_blocks == 0 and req.num_released_blocks == 0
+    # a released block that held a full prompt block stays findable in the prefix cache
+    assert bm.block_hash[1] is not None and bm.allocate_prefix(make_req("again", 10)) == 8

@@ -135,11 +135,13 @@ class Engine:
             return []
         t0 = time.perf_counter()
         out = self.runner.run(sched)
-        prefill = 0
+        prefill, window = 0, self.model.config.sliding_window
         for req, n in sched.scheduled:
             prefill += min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens))
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
+            if window is not None:
+                self.block_manager.release_out_of_window(req, window)
         for seq_id, (logits, targets) in out.prompt_logits.items():
             self._record_prompt_logprobs(self.requests[seq_id], logits, targets)
         results = self._sample(out.sample_requests, out.logits) if out.sample_requests else []

@@ -143,7 +143,7 @@ class BlockManager:
         full = min(req.num_computed_tokens, len(tokens)) // self.block_size
         for b, h in enumerate(self._hashes(tokens, full)):
             block = req.block_table[b]
-            if self.block_hash[block] is None and h not in self.hash_to_block:
+            if block and self.block_hash[block] is None and h not in self.hash_to_block:  # 0: released
                 self.block_hash[block] = h
                 self.hash_to_block[h] = block
 
@@ -152,8 +152,10 @@ class BlockManager:
         needed a private copy (the caller copies the K/V), else None; raises if no block is free."""
         child.block_table = list(parent.block_table)
         for block in child.block_table:
-            self._ref(block)
+            if block:  # 0: a block released out of the sliding window
+                self._ref(block)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_released_blocks = parent.num_released_blocks
         if parent.num_computed_tokens % self.block_size == 0:
             return None
         src = child.block_table.pop()
@@ -167,9 +169,21 @@ class BlockManager:
     def free_request(self, req: Request) -> None:
         """Returns a finished/preempted/aborted request's blocks; hashed ones stay findable until reused."""
         for block in reversed(req.block_table):
-            self._unref(block)
+            if block:  # 0: released out of the sliding window already
+                self._unref(block)
         req.block_table = []
         req.num_computed_tokens = 0
+        req.num_released_blocks = 0
+
+    def release_out_of_window(self, req: Request, window: int) -> None:
+        """Sliding-window attention: gives back the leading blocks that no later query can see (the next
+        position p = num_computed_tokens sees positions > p - window, so blocks wholly at or below p - window
+        are dead); their table entries become the null block 0, keeping positions where they were."""
+        dead = min((req.num_computed_tokens - window + 1) // self.block_size, len(req.block_table))
+        for b in range(req.num_released_blocks, dead):
+            self._unref(req.block_table[b])
+            req.block_table[b] = 0
+        req.num_released_blocks = max(req.num_released_blocks, dead)
 
     def _ref(self, block: int) -> None:
         if self.ref_counts[block] == 0:  # a prefix-cache hit on a freed block

@@ -60,6 +60,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.block_table: list[int] = []
+        # sliding-window models: leading blocks given back because no later query can see them (their table
+        # entries are the null block 0), see BlockManager.release_out_of_window
+        self.num_released_blocks = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()
