@@ -262,9 +262,11 @@ class Transformer(torch.nn.Module):
         """Bytes of the weights held (parameters and buffers, a shared matrix counted once): packed blocks stay at
         the GGUF file's size, a float32 model at 4 bytes per parameter."""
         storages = {}
-        tensors = [*self.parameters(), *(b for name, b in self.named_buffers() if not name.startswith("rotary."))]
-        for t in tensors:  # not the RoPE tables: they are a cache of the positions in use
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):  # its tables are a cache of the positions in use, not weights
+                continue
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
