@@ -37,3 +37,11 @@ def rss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def workload_args(ap) -> None:
+    """The workload flags cpu_bench.py and generate_bench.py share (issue 6's pp512 / tg128 on 2 threads)."""
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import embedded_gguf, machine  # noqa: E402
+from common import embedded_gguf, machine, workload_args  # noqa: E402
 
 ENGINES = ["lmgen:none", "lmgen:auto", "lmgen:int8", "lmgen:int4", "transformers", "llama.cpp"]
 
@@ -153,10 +153,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    workload_args(ap)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

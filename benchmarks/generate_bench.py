@@ -16,16 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine, workload_args  # noqa: E402
 from cpu_bench import _prompts, run_lmgen, run_transformers  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    workload_args(ap)
     ap.add_argument("--quantization", default="none", help="lmgen's mode: none | auto | int8 | int4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
