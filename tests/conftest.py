@@ -89,3 +89,24 @@ def make_tiny_model(kind: str, folder: Path, tokenizer, seed: int = 0) -> Path:
 def tiny_model_dirs(tmp_path_factory, hf_smol_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {kind: make_tiny_model(kind, root / kind, hf_smol_tokenizer, seed=i) for i, kind in enumerate(TINY_CONFIGS)}
+
+
+def tiny_hf_llama(vocab_size: int, seed: int, initializer_range: float, **config):
+    """A random 2-layer transformers Llama (hidden 64, 4 query / 2 KV heads, untied), the oracle model of the
+    sampler and beam-search tests; a wide `initializer_range` makes its next-token distributions peaked."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=initializer_range, tie_word_embeddings=False, **config)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: intra-op threads only add overhead (a lot of it on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,45 +14,23 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import GenerationConfig, LlamaForCausalLM  # noqa: E402
 
 from lmgen.sampling.beam import BeamResult, beam_search, candidates_needed  # noqa: E402
+
+from conftest import tiny_hf_llama  # noqa: E402
 
 VOCAB = 96
 PAD = 95  # non-zero: transformers fills with `pad_token_id or eos`
 MAX_NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead (a lot of it
-    on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def make_model(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        # a wide init makes the random model's distributions peaked, so that
-        # beams diverge and EOS gets chosen
-        initializer_range=0.5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
-    return model
+    # a wide init makes the random model's distributions peaked, so that beams diverge and EOS gets chosen
+    return tiny_hf_llama(VOCAB, seed, initializer_range=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ scipy_stats = pytest.importorskip("scipy.stats")
 from lmgen.sampling.params import SamplingParams  # noqa: E402
 from lmgen.sampling.sampler import Sampler, SamplingMetadata  # noqa: E402
 
+from conftest import tiny_hf_llama  # noqa: E402
+
 N_DRAWS = 20_000
 TINY_VOCAB = 512
 TINY_PROMPT = [1, 37, 201, 5, 88, 411, 9]
@@ -34,32 +36,11 @@ SMOL_PROMPT = [504, 1450, 970, 288, 835, 314, 288]
 # ----------------------------------------------------------------- models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models and 512..49k-wide rows: intra-op threads only add
-    overhead (a lot of it on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models and 512..49k-wide rows
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.3,  # peaked enough for top-p / min-p to matter
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_hf_llama(TINY_VOCAB, seed, initializer_range=0.3)  # peaked enough for top-p / min-p to matter
 
 
 _LOGITS_CACHE: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
