@@ -110,14 +110,15 @@ class ModelRunner:
         self.model.rotary.reserve(max(positions) + 1)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
         window = self.model.config.sliding_window
+        context_t = torch.tensor(positions) + 1  # (batch,) tokens of each sequence so far
         if window is None or max(positions) < window:
-            kv_len_t = torch.tensor(positions) + 1  # (batch,)
+            kv_len_t = context_t
             max_kv = max(positions) + 1
             # (batch, max_kv) flat slots of each sequence's context
             kv_index = (table[:, :, None] * bs + torch.arange(bs)).view(batch, -1)[:, :max_kv]
         else:  # sliding window: each sequence's last `window` positions only
-            kv_len_t = torch.clamp(torch.tensor(positions) + 1, max=window)  # (batch,)
-            start = torch.tensor(positions) + 1 - kv_len_t  # (batch,) first visible position
+            kv_len_t = torch.clamp(context_t, max=window)  # (batch,)
+            start = context_t - kv_len_t  # (batch,) first visible position
             max_kv = int(kv_len_t.max())
             kv_pos = start[:, None] + torch.arange(max_kv)[None, :]  # (batch, max_kv)
             kv_pos = torch.where(kv_pos < (start + kv_len_t)[:, None], kv_pos, start[:, None])  # padding: in range
