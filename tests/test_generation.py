@@ -62,12 +62,17 @@ def test_logprobs_equal_transformers_log_softmax(tiny_model_dirs):
 
 
 def test_n_samples_share_one_prefill(smol_llm):
-    prompt = "Write a name for a cat:"
+    prompt = "Write a name for a cat. It should be short, friendly and easy to call across a garden at dusk:"
     n_prompt = len(smol_llm.tokenizer.encode(prompt))
+    bs = smol_llm.engine.block_manager.block_size
+    assert n_prompt > bs
     before = smol_llm.engine.stats.prefill_tokens
     out = smol_llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True, logprobs=0))[0]
     prefilled = smol_llm.engine.stats.prefill_tokens - before
-    assert prefilled <= n_prompt  # prefilled once (or less, with prefix-cache hits), not 4 times
+    # the prompt is prefilled once; the 3 siblings take its full blocks from the prefix cache and compute only
+    # the tail after them (at least the last prompt token, whose logits they sample from)
+    tail = (n_prompt - 1) % bs + 1
+    assert prefilled <= n_prompt + 3 * tail < 4 * n_prompt
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     for c in out.outputs:

@@ -6,24 +6,23 @@ import pytest
 
 from lmgen.engine.kv_cache import BlockManager
 from lmgen.engine.request import Request, RequestStatus
-from lmgen.engine.scheduler import Scheduler
+from lmgen.engine.scheduler import SampledTokens, Scheduler, SchedulerOutput
 from lmgen.sampling.params import SamplingParams
 
 
-def make_req(rid: str, prompt_len: int, max_tokens: int = 8, start: int = 0) -> Request:
-    return Request(rid, list(range(start, start + prompt_len)), SamplingParams(max_tokens=max_tokens))
+def make_req(rid: str, prompt_len: int, max_tokens: int = 8, start: int = 0, **params) -> Request:
+    return Request(rid, list(range(start, start + prompt_len)), SamplingParams(max_tokens=max_tokens, **params))
+
+
+def fake_model(out: SchedulerOutput, token: int = 7) -> SampledTokens:
+    """A model that draws `token` for every sequence that reached its newest token."""
+    return SampledTokens({r.request_id: token for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens})
 
 
 def fake_step(sched: Scheduler, token: int = 7) -> list[tuple[str, int]]:
-    """What the engine does after the model ran: advance counters, sample a fake token where due."""
+    """schedule -> (fake) execute -> update_from_output, as Engine.step does."""
     out = sched.schedule()
-    for req, n in out.scheduled:
-        req.num_computed_tokens += n
-        sched.block_manager.cache_full_blocks(req)
-        if req.num_computed_tokens == req.num_tokens:
-            req.output_token_ids.append(token)
-            if len(req.output_token_ids) >= req.max_output_tokens:
-                sched.finish(req, RequestStatus.FINISHED_LENGTH)
+    sched.update_from_output(out, fake_model(out, token))
     return [(r.request_id, n) for r, n in out.scheduled]
 
 
@@ -88,9 +87,7 @@ def test_preemption_by_recompute_when_blocks_run_out():
     assert out.preempted == [b] and b.status == RequestStatus.PREEMPTED
     assert [(r.request_id, n) for r, n in out.scheduled] == [("a", 1)]
     assert b.num_computed_tokens == 0 and b.block_table == [] and len(b.output_token_ids) == 2
-    for req, n in out.scheduled:
-        req.num_computed_tokens += n
-        req.output_token_ids.append(7)
+    sched.update_from_output(out, fake_model(out))
     while not a.is_finished:
         fake_step(sched)
     # b comes back and recomputes prompt + its 2 generated tokens in one go; its first block survived
@@ -102,18 +99,59 @@ def test_preemption_by_recompute_when_blocks_run_out():
     assert len(b.output_token_ids) == 6 and bm.num_used_blocks == 0
 
 
-def test_fork_shares_full_blocks_and_copies_the_partial_one():
-    bm = BlockManager(num_blocks=8, block_size=4)
-    parent, child = make_req("p", 6), make_req("c", 6)
-    assert bm.allocate_slots(parent, 6)
-    parent.num_computed_tokens = 6
-    copy = bm.fork(parent, child)
-    assert child.block_table[0] == parent.block_table[0]  # full block shared
-    assert copy == (parent.block_table[1], child.block_table[1])  # partial block copied
-    assert bm.ref_counts[parent.block_table[0]] == 2
-    bm.free_request(parent)
-    bm.free_request(child)
+def test_update_from_output_finishes_on_eos_stop_ids_and_length():
+    sched = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=100, eos_token_ids=frozenset({2}))
+    eos, stop_id, length, ignore = (make_req("eos", 3), make_req("stop", 3, start=10, stop_token_ids=[9]),
+                                    make_req("len", 3, start=20, max_tokens=1), make_req("ign", 3, start=30, ignore_eos=True))
+    for r in (eos, stop_id, length, ignore):
+        sched.add(r)
+    out = sched.schedule()
+    news = sched.update_from_output(out, SampledTokens({"eos": 2, "stop": 9, "len": 5, "ign": 2}))
+    got = {o.request_id: (o.new_token_ids, o.finish_reason, o.stop_reason, o.num_output_tokens) for o in news}
+    assert got == {"eos": ((2,), "stop", None, 1), "stop": ((9,), "stop", 9, 1), "len": ((5,), "length", None, 1),
+                   "ign": ((2,), None, None, 1)}
+    assert [r.request_id for r in sched.running] == ["ign"] and sched.block_manager.num_used_blocks == 1
+
+
+def test_update_from_output_reports_nothing_for_a_prompt_chunk():
+    sched = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=4)
+    req = make_req("long", 10)
+    sched.add(req)
+    out = sched.schedule()
+    assert sched.update_from_output(out, fake_model(out)) == [] and req.num_computed_tokens == 4
+    assert req.num_hashed_blocks == 1  # its first block filled: hashed once, now findable
+    assert req.block_hashes[0] in sched.block_manager.hash_to_block
+
+
+def test_siblings_wait_for_the_leader_then_share_its_prompt_blocks():
+    """n > 1 at admission: the other sequences queue behind the first and reuse its prompt through the prefix cache."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    params = SamplingParams(max_tokens=3, n=3)
+    lead = Request("r", list(range(10)), params, index=0)
+    sibs = [Request(f"r#{i}", list(range(10)), params, index=i, parent_id="r", leader=lead) for i in (1, 2)]
+    for r in (lead, *sibs):
+        sched.add(r)
+    assert fake_step(sched) == [("r", 10)]  # the siblings wait while the leader computes the prompt
+    assert fake_step(sched) == [("r", 1), ("r#1", 2), ("r#2", 2)]  # 8 of 10 prompt tokens from the leader's blocks
+    assert sibs[0].num_cached_tokens == 8 and bm.ref_counts[lead.block_table[0]] == 3
+    while sched.num_unfinished:
+        fake_step(sched)
     assert bm.num_used_blocks == 0
+
+
+def test_a_hash_collision_never_serves_another_prompts_blocks(monkeypatch):
+    """Every block key collides: the stored token ids are checked on a hit, so nothing is reused."""
+    monkeypatch.setattr(BlockManager, "hash_block", staticmethod(lambda parent, tokens: b"same"))
+    bm = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
+    sched.add(make_req("a", 10, max_tokens=1))
+    fake_step(sched)
+    other = make_req("b", 10, max_tokens=1, start=500)
+    sched.add(other)
+    assert fake_step(sched) == [("b", 10)] and other.num_cached_tokens == 0
+    same = make_req("c", 10, max_tokens=1)  # a's own prompt: its first block still verifies
+    assert bm.allocate_prefix(same) == 4
 
 
 def test_abort_frees_blocks_and_waiting_requests():
@@ -191,10 +229,6 @@ def test_sliding_window_releases_blocks_no_query_can_see():
     bm.cache_full_blocks(req)
     bm.release_out_of_window(req, window=6)  # next position 10 sees 5..10: block 0 (positions 0-3) is dead
     assert req.block_table[0] == 0 and req.block_table[1:] == [2, 3] and bm.num_used_blocks == 2
-    child = make_req("child", 10)
-    bm.fork(req, child)  # n > 1 children share the live blocks only
-    assert child.block_table[0] == 0 and bm.ref_counts[2] == 2 and child.num_released_blocks == 1
-    bm.free_request(child)
     req.num_computed_tokens = 13
     bm.release_out_of_window(req, window=6)  # next position 13 sees 8..13: block 1 (4-7) is dead too
     assert req.block_table[:2] == [0, 0] and bm.num_used_blocks == 1

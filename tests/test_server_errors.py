@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from lmgen.engine.engine import EngineStats
-from lmgen.engine.request import Request, RequestStatus, StepOutput
+from lmgen.engine.engine import EngineSnapshot, EngineStats
+from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.async_engine import AsyncEngine, EngineClosedError, QueueFullError
 from lmgen.server.metrics import parse_metrics
@@ -216,70 +216,85 @@ def test_queue_full_is_503_then_recovers(base, http):
 
 # ---- AsyncEngine on a fake engine: its failure paths, without a model ------------------------------------
 class FakeEngine:
-    """Just enough of lmgen.engine.Engine: one token per running request per step; a prompt starting
-    with POISON makes the step raise; a prompt [BAD] is refused at admission."""
+    """The narrow engine API AsyncEngine uses (add_request / abort / step / stop_sequences / snapshot and the queue
+    counters), without a model: one token (7) per running request per step; a prompt starting with POISON makes
+    the step raise; a prompt [BAD] is refused at admission."""
 
     POISON, BAD = 13, 666
 
     def __init__(self, max_num_seqs: int = 4, step_seconds: float = 0.005):
-        self.scheduler = SimpleNamespace(running=[], waiting=deque(), max_num_seqs=max_num_seqs, finish=self._finish)
+        self.max_num_seqs, self.step_seconds = max_num_seqs, step_seconds
+        self.waiting: deque[tuple[str, list[int], SamplingParams]] = deque()
+        self.running: dict[str, tuple[list[int], SamplingParams, int]] = {}  # id -> (prompt, params, tokens so far)
         self.stats = EngineStats()
-        self.step_seconds = step_seconds
-        self.requests: dict[str, Request] = {}
         self.aborted: list[str] = []
         self.steps = 0
 
     def add_request(self, ids, params, request_id):
         if ids == [self.BAD]:
             raise ValueError("prompt token id 666 is cursed")
-        req = Request(request_id, ids, params)
-        self.requests[request_id] = req
-        self.scheduler.waiting.append(req)
+        self.waiting.append((request_id, ids, params))
         return request_id
 
     def has_unfinished(self):
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.running or self.waiting)
 
-    def _finish(self, req, status):
-        req.status = status
-        if req in self.scheduler.running:
-            self.scheduler.running.remove(req)
-        if req in self.scheduler.waiting:
-            self.scheduler.waiting.remove(req)
+    num_running = property(lambda self: len(self.running))
+    num_waiting = property(lambda self: len(self.waiting))
+
+    def set_max_num_seqs(self, n):
+        self.max_num_seqs = n
+
+    def request_ids(self):
+        return list(self.running) + [rid for rid, _, _ in self.waiting]
+
+    def unschedulable_request(self):
+        return None
 
     def abort(self, rid):
         self.aborted.append(rid)
-        req = self.requests.pop(rid, None)
-        if req is not None and not req.is_finished:
-            self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self.running.pop(rid, None)
+        self.waiting = deque(w for w in self.waiting if w[0] != rid)
 
-    def release(self, rid):
-        self.requests.pop(rid, None)
+    def stop_sequences(self, seqs):
+        for rid, _ in seqs:
+            self.running.pop(rid, None)
+
+    def snapshot(self, drain_latencies=False):
+        st = self.stats
+        return EngineSnapshot(len(self.running), len(self.waiting), 0, 1, 0, 0, st.prompt_tokens, st.prefill_tokens,
+                              st.generation_tokens, self.steps, (), ())
 
     def step(self):
         self.steps += 1
         time.sleep(self.step_seconds)
-        sched = self.scheduler
-        while sched.waiting and len(sched.running) < sched.max_num_seqs:
-            req = sched.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            sched.running.append(req)
-        if any(r.prompt_token_ids[0] == self.POISON for r in sched.running):
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            rid, ids, params = self.waiting.popleft()
+            self.running[rid] = (ids, params, 0)
+        if any(ids[0] == self.POISON for ids, _, _ in self.running.values()):
             raise RuntimeError("poisoned batch")
         outs = []
-        for req in list(sched.running):
-            req.output_token_ids.append(7)
+        for rid, (ids, params, count) in list(self.running.items()):
+            count += 1
             self.stats.generation_tokens += 1
-            done = len(req.output_token_ids) >= req.params.max_tokens
+            done = count >= params.max_tokens
+            self.running[rid] = (ids, params, count)
             if done:
-                self._finish(req, RequestStatus.FINISHED_LENGTH)
-            outs.append(StepOutput(req.request_id, 0, [7], "x", done, req.finish_reason, req))
+                del self.running[rid]
+            outs.append(EngineCoreOutput(rid, 0, (7,), None, 0.0, "length" if done else None, None, len(ids), 0, count))
         return outs
+
+
+class XTokenizer:
+    """Every token reads 'x'."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "x" * len(ids)
 
 
 def _async_engine(**kw) -> tuple[AsyncEngine, FakeEngine]:
     fake = FakeEngine(**{k: kw.pop(k) for k in ("max_num_seqs", "step_seconds") if k in kw})
-    return AsyncEngine(SimpleNamespace(engine=fake), **kw), fake
+    return AsyncEngine(SimpleNamespace(engine=fake, tokenizer=XTokenizer()), **kw), fake
 
 
 async def _text(engine: AsyncEngine, ids, max_tokens: int, rid: str) -> str:

@@ -8,8 +8,10 @@
 from lmgen.chat.conversation import Conversation
 from lmgen.chat.retrieval import Retriever
 from lmgen.config import ModelConfig, UnsupportedModelError
-from lmgen.engine.engine import ContextOverflowError, Engine
-from lmgen.engine.request import CompletionOutput, RequestOutput, RequestStatus
+from lmgen.engine.engine import Engine
+from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
+from lmgen.engine.request import RequestStatus
+from lmgen.errors import ContextOverflowError, InvalidRequestError
 from lmgen.llm import LLM
 from lmgen.loader.errors import ModelLoadError
 from lmgen.sampling.params import SamplingParams
@@ -17,6 +19,6 @@ from lmgen.tokenizer.chat_template import ChatTemplate, ChatTemplateError
 from lmgen.tokenizer.tokenizer import Tokenizer
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestStatus", "ChatTemplate", "ChatTemplateError",
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "StepOutput", "InvalidRequestError", "RequestStatus", "ChatTemplate", "ChatTemplateError",
     "Conversation", "Retriever", "Tokenizer", "ModelConfig", "Engine", "ContextOverflowError", "ModelLoadError", "UnsupportedModelError",
 ]

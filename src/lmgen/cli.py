@@ -155,18 +155,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if params.n == 1 and params.beam_width == 1 and not args.no_stream:
         if not args.chat:
             print(prompt, end="", flush=True)
-        last = None
+        last, token_ids, logprobs = None, [], []
         for so in llm.stream_outputs(prompt, params):
             print(so.delta_text, end="", flush=True)
+            token_ids.extend(so.new_token_ids)
+            logprobs.extend(so.new_logprobs or ())
             last = so
         print()
         if last is not None and params.logprobs is not None:
-            _print_logprobs(llm, last.request.output_token_ids, last.request.logprobs)
-        n_prompt = last.request.num_prompt_tokens if last else 0
+            _print_logprobs(llm, token_ids, logprobs)
+        n_prompt = last.num_prompt_tokens if last else 0
     else:
         result = llm.generate(prompt, params)[0]
         for c in result.outputs:
-            header = f"--- [{c.index}] finish={c.finish_reason} cumulative_logprob={c.cumulative_logprob:.3f}"
+            header = f"--- [{c.index}] finish={c.finish_reason}"
+            if c.cumulative_logprob is not None:  # only computed when logprobs were asked for
+                header += f" cumulative_logprob={c.cumulative_logprob:.3f}"
             print(header + (f" score={c.score:.4f}" if c.score is not None else ""))
             print(c.text)
             if params.logprobs is not None:

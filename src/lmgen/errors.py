@@ -14,3 +14,12 @@ class ContextOverflowError(ValueError):
         self.context_length = context_length
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
+
+
+class InvalidRequestError(ValueError):
+    """A request's option has a value lmgen refuses; `param` names the option and `value` holds what was given."""
+
+    def __init__(self, message: str, *, param: str | None = None, value: object = None):
+        super().__init__(message)
+        self.param = param
+        self.value = value

@@ -9,8 +9,9 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 
 from lmgen.engine.engine import Engine
+from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
+from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
-from lmgen.engine.request import CompletionOutput, RequestOutput, StepOutput
 from lmgen.loader import LoadedModel, load_model
 from lmgen.model.transformer import Transformer
 from lmgen.models import resolve_model
@@ -103,11 +104,14 @@ class LLM:
         self.chat_template = chat_template
         # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
         tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
+        # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged here only
+        self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(getattr(self.tokenizer, "eos_token_ids", ()) or ())
         self.engine = Engine(
-            self.model, self.tokenizer, context_length=self.context_length, num_blocks=math.ceil(tokens / block_size),
-            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
+            self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
+            num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
         )
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -161,31 +165,38 @@ class LLM:
         """Adds every request or none: if one is rejected, the ones already queued are aborted."""
         ids = []
         try:
-            for (_, prompt_ids), sp in zip(encoded, plist):
-                ids.append(self.engine.add_request(prompt_ids, sp))
+            for (text, prompt_ids), sp in zip(encoded, plist):
+                rid = self.engine.add_request(prompt_ids, sp)
+                self.output_processor.add_request(rid, text, prompt_ids, sp)
+                ids.append(rid)
         except Exception:
             for rid in ids:
-                self.engine.abort(rid)
+                self._abort(rid)
             raise
         return ids
 
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.output_processor.abort(request_id)
+
+    def _step(self) -> ProcessedOutputs:
+        """One engine step through the output processor; sequences that reached a stop string stop in the core."""
+        processed = self.output_processor.process(self.engine.step())
+        self.engine.stop_sequences(processed.stop_in_core)
+        return processed
+
     def _run(self, encoded, plist) -> list[RequestOutput]:
         rids = self._add_all(encoded, plist)
-        collectors = {rid: _Collector(rid, text, ids, sp.n) for rid, (text, ids), sp in zip(rids, encoded, plist)}
+        results: dict[str, RequestOutput] = {}
         try:
-            while any(not c.finished for c in collectors.values()):
-                for so in self.engine.step():
-                    if so.request_id in collectors:
-                        collectors[so.request_id].add(so)
+            while len(results) < len(rids):
+                for out in self._step().finished:
+                    results[out.request_id] = out
         except BaseException:
             for rid in rids:
-                self.engine.abort(rid)
+                self._abort(rid)
             raise
-        outputs = []
-        for rid in rids:
-            outputs.append(collectors[rid].result(self.engine))
-            self.engine.release(rid)
-        return outputs
+        return [results[rid] for rid in rids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the completion's text as it is generated (UTF-8 safe, stop strings held back)."""
@@ -198,19 +209,17 @@ class LLM:
         params = params or SamplingParams()
         if params.n != 1 or params.beam_width != 1:
             raise ValueError("streaming supports n=1 without beam search; use generate() for n > 1 or beams")
-        _, ids = self._to_ids(prompt)
-        rid = self.engine.add_request(ids, params)
+        (rid,) = self._add_all([self._to_ids(prompt)], [params])
         finished = False
         try:
             while not finished:
-                for so in self.engine.step():
+                for so in self._step().steps:
                     if so.request_id == rid:
                         finished = so.finished
                         yield so
         finally:
             if not finished:
-                self.engine.abort(rid)
-            self.engine.release(rid)
+                self._abort(rid)
 
     # ---- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True, **kwargs) -> list[int]:
@@ -265,7 +274,7 @@ class LLM:
         from lmgen.sampling.beam import beam_search, candidates_needed
 
         k = sp.beam_width
-        eos = set() if sp.ignore_eos else set(self.engine.eos_token_ids) | set(sp.stop_token_ids or ())
+        eos = set() if sp.ignore_eos else set(self.eos_token_ids) | set(sp.stop_token_ids or ())
         score_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, ignore_eos=True)
         # transformers ranks (1 + #eos) * K continuations per step; the user-facing cap of 20 logprobs does not
         # apply to this internal scoring request, so the field is set after validation.
@@ -287,33 +296,3 @@ class LLM:
             outputs.append(CompletionOutput(i, self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens),
                                             list(b.token_ids), b.cumulative_logprob, None, b.finish_reason, score=b.score))
         return RequestOutput(f"beam-{id(beams)}", text, prompt_ids, outputs)
-
-
-class _Collector:
-    """Accumulates StepOutputs of one user request into its RequestOutput."""
-
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], n: int):
-        self.request_id, self.prompt, self.prompt_ids, self.n = request_id, prompt, prompt_ids, n
-        self.text: dict[int, list[str]] = {}
-        self.done: dict[int, StepOutput] = {}
-        self.seqs = {}
-
-    def add(self, so: StepOutput) -> None:
-        self.text.setdefault(so.index, []).append(so.delta_text)
-        self.seqs[so.index] = so.request
-        if so.finished:
-            self.done[so.index] = so
-
-    @property
-    def finished(self) -> bool:
-        return len(self.done) == self.n
-
-    def result(self, engine: Engine) -> RequestOutput:
-        outs = []
-        for i in range(self.n):
-            req = self.seqs[i]
-            outs.append(CompletionOutput(i, "".join(self.text[i]), list(req.output_token_ids),
-                                         req.cumulative_logprob, req.logprobs, req.finish_reason, req.stop_reason))
-        first = self.seqs[0]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, True, first.prompt_logprobs,
-                             first.num_cached_tokens)

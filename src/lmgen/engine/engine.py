@@ -1,4 +1,4 @@
-"""Engine: the step loop. schedule -> run the model -> sample -> append tokens, detokenize, check stops."""
+"""Engine: the core step loop, schedule -> execute -> update, on token ids only (text is the OutputProcessor's)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 import torch
 
 from lmgen.engine.kv_cache import BlockManager, KVCache
+from lmgen.engine.outputs import EngineCoreOutput
+from lmgen.engine.request import Request, RequestStatus
+from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
+from lmgen.engine.scheduler import SampledTokens, Scheduler
 from lmgen.errors import ContextOverflowError
-from lmgen.engine.request import Request, RequestStatus, StepOutput
-from lmgen.engine.runner import ModelRunner
-from lmgen.engine.scheduler import Scheduler
 from lmgen.model.transformer import Transformer
 from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.sampler import Sampler, SamplingMetadata
-from lmgen.tokenizer.detokenizer import IncrementalDetokenizer
 
 
 @dataclass
 class EngineStats:
-    """Counters since start, read by `--stats` and the server's /metrics."""
+    """Counters since start, read by `--stats`; the server reads them through `Engine.snapshot()`."""
 
     prompt_tokens: int = 0  # prompt tokens of admitted requests
     prefill_tokens: int = 0  # prompt tokens actually computed (prefix-cache hits excluded)
@@ -31,24 +31,41 @@ class EngineStats:
     steps: int = 0
     prefill_seconds: float = 0.0  # time in steps that computed prompt tokens
     decode_seconds: float = 0.0  # time in pure decode steps
-    # Latency samples, the most recent `max_samples` of each (bounded, so a long offline run does not grow them;
-    # the server moves them into its /metrics histograms after every step)
+    # Latency samples, the most recent `max_samples` of each (bounded, so a long offline run does not grow them)
     max_samples: int = 4096
-    ttft: deque = field(init=False)  # seconds from arrival to first token, per request
+    ttft: deque = field(init=False)  # seconds from arrival to first token, per sequence
     itl: deque = field(init=False)  # seconds between consecutive tokens
 
     def __post_init__(self) -> None:
         self.ttft, self.itl = deque(maxlen=self.max_samples), deque(maxlen=self.max_samples)
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state at one moment, taken on the engine's thread (what /metrics renders)."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_hits: int
+    prefix_queries: int
+    prompt_tokens: int
+    prefill_tokens: int
+    generation_tokens: int
+    steps: int
+    new_ttft: tuple[float, ...]  # latency samples since the previous draining snapshot
+    new_itl: tuple[float, ...]
+
+
 class Engine:
-    """Owns the model, KV cache, scheduler and sampler; `step()` advances every running request by one step."""
+    """Owns the model, KV cache, scheduler and sampler; `step()` advances every running sequence by one step."""
 
     def __init__(
         self,
         model: Transformer,
-        tokenizer,
         *,
+        eos_token_ids: frozenset[int],
         context_length: int,
         num_blocks: int,
         block_size: int = 16,
@@ -57,23 +74,24 @@ class Engine:
         enable_prefix_caching: bool = True,
     ):
         cfg = model.config
-        self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
+        self.model, self.context_length = model, context_length
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.eos_token_ids, cfg.sliding_window)
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
-        self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.requests: dict[str, Request] = {}  # every live sequence (n>1 children included), by sequence id
-        self.children: dict[str, list[str]] = {}  # user request id -> its sequence ids
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.sequences: dict[str, Request] = {}  # every live sequence (n > 1 siblings included), by sequence id
+        self.requests: dict[str, list[str]] = {}  # user request id -> its live sequence ids
         self.last_token_time: dict[str, float] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queues a request; raises ValueError (ContextOverflowError) for inputs it can never serve."""
+        """Queues a request as its n sequences; raises ValueError (ContextOverflowError) for inputs it can never serve.
+
+        n > 1: the siblings wait until the first has computed the prompt, then share its blocks via the prefix cache."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = list(prompt_token_ids)
@@ -90,27 +108,72 @@ class Engine:
                 needed=len(ids) + 1, context_length=self.context_length, prompt_tokens=len(ids), max_tokens=params.max_tokens,
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.children:
+        n = params.n if params.beam_width == 1 else 1
+        seq_ids = [_seq_id(request_id, i) for i in range(n)]
+        if request_id in self.requests or any(s in self.sequences for s in seq_ids):
             raise ValueError(f"request id {request_id!r} is already running")
-        req = Request(request_id, ids, params, self._generator(params.seed, 0), max_total_tokens=self.context_length)
-        self.scheduler.add(req)
-        self.requests[request_id] = req
-        self.children[request_id] = [request_id]
-        self.detokenizers[request_id] = self._detokenizer(req)
-        self.stats.prompt_tokens += len(ids)
+        leader = None
+        for i, seq_id in enumerate(seq_ids):
+            req = Request(seq_id, ids, params, self._generator(params.seed, i), max_total_tokens=self.context_length,
+                          index=i, parent_id=request_id, leader=leader)
+            self.scheduler.add(req)
+            self.sequences[seq_id] = req
+            leader = leader or req
+        self.requests[request_id] = seq_ids
+        self.stats.prompt_tokens += len(ids) * n
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Cancels a user request (all of its n sequences) and frees its cache blocks."""
-        for seq_id in self.children.pop(request_id, []):
-            req = self.requests.pop(seq_id, None)
-            if req is not None and not req.is_finished:
-                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-            self.detokenizers.pop(seq_id, None)
-            self.last_token_time.pop(seq_id, None)
+        for seq_id in list(self.requests.get(request_id, ())):
+            self._finish(request_id, seq_id, RequestStatus.FINISHED_ABORTED)
+
+    def stop_sequences(self, seqs: list[tuple[str, int]]) -> None:
+        """Ends sequences, as (request id, index), that the output processor saw reach a stop string."""
+        for request_id, index in seqs:
+            self._finish(request_id, _seq_id(request_id, index), RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
+
+    def set_max_num_seqs(self, max_num_seqs: int) -> None:
+        """How many sequences may run in one batch (the server's --max-num-seqs)."""
+        if not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+        self.scheduler.max_num_seqs = max_num_seqs
+
+    def request_ids(self) -> list[str]:
+        """The user requests with a live sequence."""
+        return list(self.requests)
+
+    def unschedulable_request(self) -> str | None:
+        """The oldest waiting request, if nothing runs (so it can never get the blocks it needs), else None."""
+        sched = self.scheduler
+        return sched.waiting[0].parent_id if sched.waiting and not sched.running else None
+
+    def _finish(self, request_id: str, seq_id: str, status: RequestStatus | None) -> None:
+        """Frees a sequence's blocks (unless the scheduler finished it already) and forgets it."""
+        req = self.sequences.pop(seq_id, None)
+        if req is not None and status is not None and not req.is_finished:
+            self.scheduler.finish(req, status)
+        self.last_token_time.pop(seq_id, None)
+        seqs = self.requests.get(request_id)
+        if seqs is not None and seq_id in seqs:
+            seqs.remove(seq_id)
+            if not seqs:
+                del self.requests[request_id]
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator:
         """An explicit RNG per sequence: seeded (seed + index for the n-th sample) or from OS entropy."""
@@ -118,96 +181,58 @@ class Engine:
         g.manual_seed((seed + index) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return g
 
-    def _detokenizer(self, req: Request) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(
-            self.tokenizer, stop=req.params.stop or (), skip_special_tokens=req.params.skip_special_tokens,
-            prompt_token_ids=req.prompt_token_ids,
-        )
-
     # ---- the step -------------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
-        """One iteration of continuous batching; returns news for every sequence that produced a token."""
+    def step(self) -> list[EngineCoreOutput]:
+        """One iteration of continuous batching: schedule -> execute (model + sampler) -> update."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
                 req = self.scheduler.waiting[0]
-                raise RuntimeError(f"request {req.request_id!r} needs more KV-cache blocks than exist")
+                raise RuntimeError(f"request {req.parent_id!r} needs more KV-cache blocks than exist")
             return []
         t0 = time.perf_counter()
-        out = self.runner.run(sched)
-        prefill, window = 0, self.model.config.sliding_window
-        for req, n in sched.scheduled:
-            prefill += min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens))
-            req.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(req)
-            if window is not None:
-                self.block_manager.release_out_of_window(req, window)
-        for seq_id, (logits, targets) in out.prompt_logits.items():
-            self._record_prompt_logprobs(self.requests[seq_id], logits, targets)
-        results = self._sample(out.sample_requests, out.logits) if out.sample_requests else []
-        dt = time.perf_counter() - t0
+        prefill = sum(min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens)) for req, n in sched.scheduled)
+        sampled = self._sample(self.runner.run(sched))
+        outputs = self.scheduler.update_from_output(sched, sampled)
+        now, dt = time.monotonic(), time.perf_counter() - t0
+        for req, _ in sched.scheduled:
+            if req.request_id in sampled.token_ids:
+                self._record_latency(req, now)
+            if req.is_finished:
+                self._finish(req.parent_id, req.request_id, None)
         self.stats.steps += 1
+        self.stats.generation_tokens += len(outputs)
         self.stats.prefill_tokens += prefill
         if prefill:
             self.stats.prefill_seconds += dt
         else:
             self.stats.decode_seconds += dt
-        return results
+        return outputs
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        # n > 1: the parent's prompt was prefilled once; its children fork its blocks and share its logits row.
-        rows = list(range(len(reqs)))
-        for i, req in enumerate(list(reqs)):
-            if req.fork_pending:
-                req.fork_pending = False
-                for child in self._fork(req):
-                    reqs.append(child)
-                    rows.append(i)
+    def _sample(self, out: ModelRunnerOutput) -> SampledTokens:
+        reqs = out.sample_requests
+        prompt_lp = {seq_id: _prompt_logprobs(logits, targets, self.sequences[seq_id].params.prompt_logprobs)
+                     for seq_id, (logits, targets) in out.prompt_logits.items()}
+        if not reqs:
+            return SampledTokens({}, prompt_logprobs=prompt_lp)
         meta = SamplingMetadata.build(
-            [r.params for r in reqs],
-            [r.prompt_token_ids for r in reqs],
-            [r.output_token_ids for r in reqs],
-            [r.generator for r in reqs],
-            [self._min_tokens_stop_ids(r) for r in reqs],
-            logits.shape[-1],
-            logits.device,
-            logits_rows=rows if len(rows) != logits.shape[0] else None,  # the sampler shares the forked rows' work
+            [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
+            [r.generator for r in reqs], [self._min_tokens_stop_ids(r) for r in reqs], out.logits.shape[-1], out.logits.device,
         )
-        sampled = self.sampler(logits, meta)
+        sampled = self.sampler(out.logits, meta)
         tokens = sampled.token_ids.tolist()
         chosen = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top = (sampled.top_logprobs[0].tolist(), sampled.top_logprobs[1].tolist()) if sampled.top_logprobs is not None else None
-        now = time.monotonic()
-        results = []
+        entries, chosen_by_seq = {}, {}
         for row, (req, token) in enumerate(zip(reqs, tokens)):
-            if req.params.logprobs is not None and chosen is not None:
-                entry = {}
-                if top is not None:
-                    entry = dict(zip(top[0][row][: req.params.logprobs], top[1][row][: req.params.logprobs]))
-                entry[token] = chosen[row]
-                req.logprobs.append(entry)
             if chosen is not None:
-                req.cumulative_logprob += chosen[row]
-            results.append(self._append_token(req, token, now))
-        return results
-
-    def _fork(self, parent: Request) -> list[Request]:
-        children = []
-        for i in range(1, parent.params.n):
-            seq_id = f"{parent.request_id}#{i}"
-            child = Request(seq_id, parent.prompt_token_ids, parent.params, self._generator(parent.params.seed, i),
-                            max_total_tokens=self.context_length, index=i, parent_id=parent.request_id)
-            child.fork_pending = False
-            child.arrival_time = parent.arrival_time
-            copy = self.block_manager.fork(parent, child)
-            if copy is not None:
-                self.kv_cache.copy_block(*copy)
-            self.scheduler.add_running(child)
-            self.requests[seq_id] = child
-            self.children[parent.request_id].append(seq_id)
-            self.detokenizers[seq_id] = self._detokenizer(child)
-            children.append(child)
-        return children
+                chosen_by_seq[req.request_id] = chosen[row]
+                if req.params.logprobs is not None:
+                    k = req.params.logprobs
+                    entry = dict(zip(top[0][row][:k], top[1][row][:k])) if top is not None else {}
+                    entry[token] = chosen[row]
+                    entries[req.request_id] = entry
+        return SampledTokens({r.request_id: t for r, t in zip(reqs, tokens)}, entries, chosen_by_seq, prompt_lp)
 
     def _min_tokens_stop_ids(self, req: Request) -> set[int]:
         ids = set(req.params.stop_token_ids or ())
@@ -215,9 +240,7 @@ class Engine:
             ids |= self.eos_token_ids
         return ids
 
-    def _append_token(self, req: Request, token: int, now: float) -> StepOutput:
-        req.output_token_ids.append(token)
-        self.stats.generation_tokens += 1
+    def _record_latency(self, req: Request, now: float) -> None:
         last = self.last_token_time.get(req.request_id)
         if last is None:
             req.first_token_time = now
@@ -225,41 +248,33 @@ class Engine:
         else:
             self.stats.itl.append(now - last)
         self.last_token_time[req.request_id] = now
-        detok = self.detokenizers[req.request_id]
-        params, delta, status = req.params, "", None
-        if token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_token_ids):
-            status = RequestStatus.FINISHED_STOPPED  # the end token itself never reaches the text
-            req.stop_reason = token if token in (params.stop_token_ids or ()) else None
-        else:
-            delta = detok.add_tokens([token])
-            if detok.stop_string is not None:
-                status = RequestStatus.FINISHED_STOPPED
-                req.stop_reason = detok.stop_string
-                if params.include_stop_str_in_output:
-                    delta += detok.stop_string
-            elif len(req.output_token_ids) >= req.max_output_tokens:
-                status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            if detok.stop_string is None:
-                delta += detok.flush()
-            self.scheduler.finish(req, status)
-            self.last_token_time.pop(req.request_id, None)
-        return StepOutput(req.parent_id, req.index, [token], delta, req.is_finished, req.finish_reason, req)
 
-    def _record_prompt_logprobs(self, req: Request, logits: torch.Tensor, targets: list[int]) -> None:
-        logprobs = torch.log_softmax(logits, dim=-1)  # (positions, vocab)
-        k = req.params.prompt_logprobs
-        if req.prompt_logprobs is None:
-            req.prompt_logprobs = [None]  # the first prompt token has no prediction
-        top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
-        target_lp = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
-        for p, target in enumerate(targets):
-            entry = dict(zip(top_i[p].tolist(), top_v[p].tolist())) if k else {}
-            entry[target] = target_lp[p]
-            req.prompt_logprobs.append(entry)
+    # ---- state for observers --------------------------------------------------------------------
+    def snapshot(self, drain_latencies: bool = False) -> EngineSnapshot:
+        """A frozen view of queue, cache and counters; with `drain_latencies`, hands over (and clears) the
+        TTFT / ITL samples gathered since the last draining call. Call it on the thread that steps the engine."""
+        bm, st, sched = self.block_manager, self.stats, self.scheduler
+        ttft, itl = (tuple(st.ttft), tuple(st.itl)) if drain_latencies else ((), ())
+        if drain_latencies:
+            st.ttft.clear()
+            st.itl.clear()
+        return EngineSnapshot(len(sched.running), len(sched.waiting), bm.num_used_blocks, bm.num_blocks, bm.prefix_hits,
+                              bm.prefix_queries, st.prompt_tokens, st.prefill_tokens, st.generation_tokens, st.steps, ttft, itl)
 
-    def release(self, request_id: str) -> None:
-        """Forgets a finished user request's bookkeeping (outputs already handed out)."""
-        for seq_id in self.children.pop(request_id, []):
-            self.requests.pop(seq_id, None)
-            self.detokenizers.pop(seq_id, None)
+
+def _seq_id(request_id: str, index: int) -> str:
+    """The engine's id of a request's index-th sequence."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
+def _prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[dict[int, float]]:
+    """Per prompt position: the logprob of the token that follows it, plus the top-k candidates."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # (positions, vocab)
+    top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
+    target_lp = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+    entries = []
+    for p, target in enumerate(targets):
+        entry = dict(zip(top_i[p].tolist(), top_v[p].tolist())) if k else {}
+        entry[target] = target_lp[p]
+        entries.append(entry)
+    return entries

@@ -3,12 +3,16 @@
 Memory is split into `num_blocks` blocks of `block_size` token slots (vLLM's PagedAttention, Kwon et al.,
 2023). A request owns a block table; a full block is hashed by (hash of the previous block, its token ids),
 so requests sharing a prefix (a system prompt, the earlier turns of a chat) share those blocks and skip
-their prefill. Freed blocks keep their hash until they are reused, so a later request can still hit them;
+their prefill. Each block is hashed once, when it fills (SHA-256 chained with its parent's hash, as vLLM's
+`sha256` prefix hashing: Python's `hash` of int tuples is not randomised, so colliding prompts could be crafted),
+and a hit is verified against the block's stored parent hash and token ids before it is reused. Freed blocks keep their hash until they are reused, so a later request can still hit them;
 blocks with nothing cached are reused first, so resident memory follows the tokens in use, not the reservation.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -35,13 +39,6 @@ class KVCache:
             v[:block_size].zero_()
             self.layers.append((k, v))
 
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy-on-write for forked sequences (n > 1): the partial last block gets a private copy."""
-        bs = self.block_size
-        for k, v in self.layers:
-            k[dst * bs:(dst + 1) * bs] = k[src * bs:(src + 1) * bs]
-            v[dst * bs:(dst + 1) * bs] = v[src * bs:(src + 1) * bs]
-
     @property
     def bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
@@ -57,8 +54,10 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * (num_blocks + 1)
-        self.block_hash: list[int | None] = [None] * (num_blocks + 1)
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[bytes | None] = [None] * (num_blocks + 1)
+        # what a cached block holds, checked on every hit: (parent block's hash, this block's token ids)
+        self.block_key: list[tuple[bytes, tuple[int, ...]] | None] = [None] * (num_blocks + 1)
+        self.hash_to_block: dict[bytes, int] = {}
         # Free blocks, in the order `_take` hands them out:
         #  1. freed blocks holding no cached prefix, most recently freed first (their pages are resident already);
         #  2. never-used blocks (the OS maps their pages in on first write, so the cache's resident memory grows
@@ -87,38 +86,46 @@ class BlockManager:
         else:
             block, _ = self.free_cached.popitem(last=False)
             self.hash_to_block.pop(self.block_hash[block], None)
-            self.block_hash[block] = None
+            self.block_hash[block] = self.block_key[block] = None
         self.ref_counts[block] = 1
         return block
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, token_ids: list[int], num_full_blocks: int) -> list[int]:
-        hashes, prev = [], 0
-        for b in range(num_full_blocks):
-            prev = hash((prev, tuple(token_ids[b * self.block_size:(b + 1) * self.block_size])))
-            hashes.append(prev)
-        return hashes
+    @staticmethod
+    def hash_block(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+        """A full block's key: SHA-256 of its parent's key and its token ids (the chain makes it name the whole prefix)."""
+        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+
+    def block_hashes(self, req: Request, num_full_blocks: int) -> list[bytes]:
+        """The request's first `num_full_blocks` block keys; each is computed once and kept on the request."""
+        hashes, bs = req.block_hashes, self.block_size
+        while len(hashes) < num_full_blocks:
+            b = len(hashes)
+            hashes.append(self.hash_block(hashes[-1] if hashes else b"", req.token_slice(b * bs, (b + 1) * bs)))
+        return hashes[:num_full_blocks]
 
     def allocate_prefix(self, req: Request) -> int:
         """At admission: reuse cached blocks for the longest matching prefix; returns tokens served.
         At least one token is always left to compute, since its logits are needed to sample."""
         if not self.enable_prefix_caching or req.block_table or req.params.prompt_logprobs is not None:
             return 0  # prompt_logprobs need every prompt position computed (vLLM skips the cache for them too)
-        tokens = req.all_token_ids
-        max_blocks = (len(tokens) - 1) // self.block_size
-        hits = []
-        for h in self._hashes(tokens, max_blocks):
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits, parent, bs = [], b"", self.block_size
+        for b, h in enumerate(self.block_hashes(req, max_blocks)):
             block = self.hash_to_block.get(h)
-            if block is None:
+            # a hash collision must never serve another prompt's KV: the block must hold exactly these tokens
+            if block is None or self.block_key[block] != (parent, req.token_slice(b * bs, (b + 1) * bs)):
                 break
             hits.append(block)
+            parent = h
         self.prefix_queries += max_blocks
         self.prefix_hits += len(hits)
         for block in hits:
             self._ref(block)
         req.block_table = hits
+        req.num_hashed_blocks = len(hits)
         req.num_computed_tokens = len(hits) * self.block_size
         return req.num_computed_tokens
 
@@ -139,32 +146,19 @@ class BlockManager:
         """After a step: register every block whose slots are all computed under its prefix hash."""
         if not self.enable_prefix_caching:
             return
-        tokens = req.all_token_ids
-        full = min(req.num_computed_tokens, len(tokens)) // self.block_size
-        for b, h in enumerate(self._hashes(tokens, full)):
-            block = req.block_table[b]
+        bs = self.block_size
+        full = min(req.num_computed_tokens, req.num_tokens) // bs
+        start = req.num_hashed_blocks  # blocks before it were registered (or found cached) already
+        if full <= start:
+            return
+        hashes = self.block_hashes(req, full)
+        for b in range(start, full):
+            block, h = req.block_table[b], hashes[b]
             if block and self.block_hash[block] is None and h not in self.hash_to_block:  # 0: released
                 self.block_hash[block] = h
+                self.block_key[block] = (hashes[b - 1] if b else b"", req.token_slice(b * bs, (b + 1) * bs))
                 self.hash_to_block[h] = block
-
-    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
-        """Shares the parent's blocks with a child (n > 1). Returns (src, dst) if the partial last block
-        needed a private copy (the caller copies the K/V), else None; raises if no block is free."""
-        child.block_table = list(parent.block_table)
-        for block in child.block_table:
-            if block:  # 0: a block released out of the sliding window
-                self._ref(block)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.num_released_blocks = parent.num_released_blocks
-        if parent.num_computed_tokens % self.block_size == 0:
-            return None
-        src = child.block_table.pop()
-        self._unref(src)
-        if not self.num_free_blocks:
-            raise RuntimeError("no free KV block to fork a sequence")
-        dst = self._take()
-        child.block_table.append(dst)
-        return src, dst
+        req.num_hashed_blocks = full
 
     def free_request(self, req: Request) -> None:
         """Returns a finished/preempted/aborted request's blocks; hashed ones stay findable until reused."""
@@ -174,6 +168,7 @@ class BlockManager:
         req.block_table = []
         req.num_computed_tokens = 0
         req.num_released_blocks = 0
+        req.num_hashed_blocks = 0
 
     def release_out_of_window(self, req: Request, window: int) -> None:
         """Sliding-window attention: gives back the leading blocks that no later query can see (the next

@@ -1,10 +1,9 @@
-"""Request (one sequence being generated), its ordered status, and the outputs handed back to users."""
+"""Request: one sequence inside the engine core (never handed out of it), and its ordered status."""
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ class Request:
         max_total_tokens: int | None = None,
         index: int = 0,
         parent_id: str | None = None,
+        leader: "Request | None" = None,
     ):
         self.request_id = request_id
         self.parent_id = parent_id or request_id  # the user's request id; n>1 children share it
@@ -63,6 +63,10 @@ class Request:
         # sliding-window models: leading blocks given back because no later query can see them (their table
         # entries are the null block 0), see BlockManager.release_out_of_window
         self.num_released_blocks = 0
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of its full blocks, computed once (BlockManager)
+        self.num_hashed_blocks = 0  # leading blocks already registered in (or found in) the prefix cache
+        # n > 1: the first sibling, whose prompt prefill the others wait for so that they share its blocks
+        self.leader = leader
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()
@@ -74,7 +78,6 @@ class Request:
         if max_total_tokens is not None:
             budget = min(budget, max_total_tokens - len(self.prompt_token_ids))
         self.max_output_tokens = budget
-        self.fork_pending = params.n > 1 and index == 0 and not getattr(params, "beam_width", 1) > 1
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +91,19 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Token ids [start, end) of prompt + output, without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return tuple(self.prompt_token_ids[start:end])
+        return tuple(self.prompt_token_ids[start:n]) + tuple(self.output_token_ids[max(start - n, 0):end - n])
+
+    @property
+    def waits_for_leader(self) -> bool:
+        """A sibling (n > 1) waits while its leader is still computing the shared prompt."""
+        lead = self.leader
+        return lead is not None and lead.status == RequestStatus.RUNNING and lead.num_computed_tokens < lead.num_prompt_tokens
+
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
@@ -98,45 +114,3 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request({self.request_id!r}, {self.status.name}, computed={self.num_computed_tokens}/{self.num_tokens})"
-
-
-@dataclass
-class CompletionOutput:
-    """One of a request's n completions (vLLM's CompletionOutput)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
-    score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
-
-
-@dataclass
-class RequestOutput:
-    """What `LLM.generate` returns per prompt (vLLM's RequestOutput)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool = True
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
-    dropped_messages: int = 0  # chat only: oldest history messages dropped to fit the context window
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class StepOutput:
-    """One step's news about one sequence: the new tokens and the text they released."""
-
-    request_id: str  # the user's request id (shared by n>1 children)
-    index: int
-    new_token_ids: list[int]
-    delta_text: str
-    finished: bool
-    finish_reason: str | None
-    request: Request

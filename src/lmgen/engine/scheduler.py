@@ -1,4 +1,5 @@
-"""Continuous batching: every step, decide which requests run and how many tokens each computes.
+"""Continuous batching: every step, decide which requests run and how many tokens each computes, and, after
+the forward pass, what its results mean for each request (`update_from_output`).
 
 Scheduling works on token counters, not phases (vLLM v1): a request needs
 `num_tokens - num_computed_tokens` tokens computed. A fresh prompt needs many (prefill, cut into chunks
@@ -13,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lmgen.engine.kv_cache import BlockManager
+from lmgen.engine.outputs import EngineCoreOutput, Logprobs
 from lmgen.engine.request import Request, RequestStatus
 
 
@@ -32,12 +34,24 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass(frozen=True)
+class SampledTokens:
+    """What the model and the sampler produced in one step, by sequence id (vLLM v1's ModelRunnerOutput)."""
+
+    token_ids: dict[str, int]  # sequences that reached their newest token: the token drawn for each
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)  # top-k + chosen, for those that asked
+    chosen_logprobs: dict[str, float] = field(default_factory=dict)  # the drawn token's logprob, when computed
+    prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # prompt positions computed this step
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 eos_token_ids: frozenset[int] = frozenset(), sliding_window: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, {max_num_batched_tokens}")
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.eos_token_ids, self.sliding_window = frozenset(eos_token_ids), sliding_window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -46,11 +60,6 @@ class Scheduler:
         if req.num_tokens >= max_tokens:
             raise ValueError(f"prompt of {req.num_tokens} tokens does not fit the KV cache ({max_tokens} slots)")
         self.waiting.append(req)
-
-    def add_running(self, req: Request) -> None:
-        """A forked child (n > 1) that already shares its parent's cache blocks joins the running batch."""
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
 
     @property
     def num_unfinished(self) -> int:
@@ -77,9 +86,12 @@ class Scheduler:
                 i += 1
                 continue
             break  # `req` itself was preempted: nothing after it is left
-        # 2. Then admit waiting requests, oldest first, while blocks, budget and the seq limit allow.
+        # 2. Then admit waiting requests, oldest first, while blocks, budget and the seq limit allow. An n > 1
+        #    sibling waits until its leader's prompt is computed, then finds it in the prefix cache.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
+            if req.waits_for_leader:
+                break
             fresh = not req.block_table
             if fresh:
                 req.num_cached_tokens = bm.allocate_prefix(req)
@@ -95,6 +107,50 @@ class Scheduler:
             out.scheduled.append((req, num_new))
             budget -= num_new
         return out
+
+    def update_from_output(self, sched: SchedulerOutput, sampled: SampledTokens) -> list[EngineCoreOutput]:
+        """After the forward pass: advance computed-token counters, register full blocks in the prefix cache,
+        release blocks out of the sliding window, append drawn tokens and finish sequences on a stop token
+        id / EOS / max_tokens / the context window. Returns the news of every sequence that got a token."""
+        outputs = []
+        for req, n in sched.scheduled:
+            if req.params.prompt_logprobs is not None and req.num_computed_tokens == 0:
+                req.prompt_logprobs = [None]  # (re)computing the prompt from its start; the first token has no prediction
+            req.num_computed_tokens += n
+            if req.request_id in sampled.prompt_logprobs:
+                req.prompt_logprobs.extend(sampled.prompt_logprobs[req.request_id])
+            self.block_manager.cache_full_blocks(req)
+            if self.sliding_window is not None:
+                self.block_manager.release_out_of_window(req, self.sliding_window)
+            token = sampled.token_ids.get(req.request_id)
+            if token is None:  # a prompt chunk short of the newest token: nothing drawn yet
+                continue
+            req.output_token_ids.append(token)
+            entry = sampled.logprobs.get(req.request_id)
+            if req.logprobs is not None and entry is not None:
+                req.logprobs.append(entry)
+            req.cumulative_logprob += sampled.chosen_logprobs.get(req.request_id, 0.0)
+            status = self._finish_status(req, token)
+            if status is not None:
+                self.finish(req, status)
+            outputs.append(EngineCoreOutput(
+                req.parent_id, req.index, (token,), (entry,) if entry is not None and req.logprobs is not None else None,
+                req.cumulative_logprob, req.finish_reason, req.stop_reason, req.num_prompt_tokens, req.num_cached_tokens,
+                len(req.output_token_ids),
+                tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == 1 else None,
+            ))
+        return outputs
+
+    def _finish_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.params
+        if token in (params.stop_token_ids or ()):
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED  # the end token itself never reaches the text
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= req.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)

@@ -29,7 +29,7 @@ from lmgen.server import protocol as P
 from lmgen.server.async_engine import AsyncEngine
 from lmgen.server.errors import _parse, install_error_handlers
 from lmgen.server.metrics import CONTENT_TYPE, ServerMetrics
-from lmgen.server.outputs import _ended_by_token, _visible
+from lmgen.server.outputs import visible_logprobs
 from lmgen.server.service import _completion_prompts, _Server
 from lmgen.server.streaming import _chat_stream, _ClientGone, _completion_stream, _SSEResponse, _unless_disconnected
 
@@ -39,13 +39,13 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish on S
 
 
 def create_app(llm, served_model_name: str | list[str] | None = None, api_key: str | None = None, max_queue: int = 256,
-               max_num_seqs: int | None = None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> FastAPI:
+               max_num_seqs: int | None = None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, max_n: int = 128) -> FastAPI:
     """The FastAPI app serving `llm` (an lmgen.LLM). The engine thread starts with the app's lifespan
     (or at the first request) and stops on shutdown, after in-flight requests had `shutdown_timeout`
     seconds to finish."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [llm.model_name])
     metrics = ServerMetrics()
-    engine = AsyncEngine(llm, max_queue=max_queue, max_num_seqs=max_num_seqs, metrics=metrics)
+    engine = AsyncEngine(llm, max_queue=max_queue, max_num_seqs=max_num_seqs, metrics=metrics, max_n=max_n)
     srv = _Server(llm, engine, names, api_key)
 
     @asynccontextmanager
@@ -69,7 +69,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
 
     @app.get("/metrics")
     async def get_metrics():
-        return Response(metrics.render(llm.engine, engine.num_pending), media_type=CONTENT_TYPE)
+        return Response(metrics.render(engine.num_pending), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -122,19 +122,19 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
             return _SSEResponse(_completion_stream(srv, req, rid, created, prompts, streams),
                                 lambda: [s.abort() for s in streams])
         try:
-            results = await _unless_disconnected(request, srv.collect(streams, req.n))
+            results = await _unless_disconnected(request, srv.collect(streams))
         except _ClientGone:
             return Response(status_code=499)
-        choices, all_seqs = [], []
-        for pi, ((text, ids), seqs) in enumerate(zip(prompts, results)):
-            for j, seq in enumerate(seqs):
-                all_seqs.append(seq)
-                body = "".join(seq.text)
+        choices, completion_tokens = [], 0
+        for pi, ((text, ids), result) in enumerate(zip(prompts, results)):
+            for j, seq in enumerate(result.outputs):
+                completion_tokens += len(seq.token_ids)
+                body = seq.text
                 logprobs = None
                 if k is not None:
-                    pairs = _visible(seq.token_ids, seq.logprobs, _ended_by_token(seq.finish_reason, seq.stop_reason))
+                    pairs = visible_logprobs(seq.token_ids, seq.logprobs, seq.finish_reason, seq.stop_reason)
                     if req.echo:
-                        plp = seq.prompt_logprobs or ([None] * len(ids))
+                        plp = result.prompt_logprobs or ([None] * len(ids))
                         logprobs, off = srv.completion_logprobs(list(zip(ids, plp)), k, 0)
                         more, _ = srv.completion_logprobs(pairs, k, off)
                         for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
@@ -145,7 +145,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
                     body = text + body
                 choices.append(P.CompletionChoice(index=pi * req.n + j, text=body, logprobs=logprobs,
                                                   finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        usage = srv.usage([len(ids) for _, ids in prompts], [seqs[0].num_cached_tokens for seqs in results], all_seqs)
+        usage = srv.usage([len(ids) for _, ids in prompts], [r.num_cached_tokens for r in results], completion_tokens)
         return P.CompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
 
     # ---- chat completions -----------------------------------------------------------------------
@@ -174,18 +174,18 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         if req.stream:
             return _SSEResponse(_chat_stream(srv, req, rid, created, len(ids), streams[0]), streams[0].abort)
         try:
-            seqs = (await _unless_disconnected(request, srv.collect(streams, req.n)))[0]
+            result = (await _unless_disconnected(request, srv.collect(streams)))[0]
         except _ClientGone:
             return Response(status_code=499)
         choices = []
-        for j, seq in enumerate(seqs):
+        for j, seq in enumerate(result.outputs):
             logprobs = None
             if k is not None:
-                pairs = _visible(seq.token_ids, seq.logprobs, _ended_by_token(seq.finish_reason, seq.stop_reason))
+                pairs = visible_logprobs(seq.token_ids, seq.logprobs, seq.finish_reason, seq.stop_reason)
                 logprobs = srv.chat_logprobs(pairs, k)
-            choices.append(P.ChatChoice(index=j, message=P.AssistantMessage(content="".join(seq.text)), logprobs=logprobs,
+            choices.append(P.ChatChoice(index=j, message=P.AssistantMessage(content=seq.text), logprobs=logprobs,
                                         finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        usage = srv.usage([len(ids)], [seqs[0].num_cached_tokens], seqs)
+        usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs))
         return P.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
 
     return app
@@ -206,7 +206,8 @@ def serve(args) -> int:
     api_key = getattr(args, "api_key", None) or os.environ.get("LMGEN_API_KEY") or None
     timeout = float(getattr(args, "shutdown_timeout", None) or os.environ.get("LMGEN_SHUTDOWN_TIMEOUT") or DEFAULT_SHUTDOWN_TIMEOUT)
     app = create_app(llm, name, api_key=api_key, max_queue=getattr(args, "max_queue", 256),
-                     max_num_seqs=getattr(args, "max_num_seqs", None), shutdown_timeout=timeout)
+                     max_num_seqs=getattr(args, "max_num_seqs", None), shutdown_timeout=timeout,
+                     max_n=getattr(args, "max_n", 128))
     host = getattr(args, "host", None) or "127.0.0.1"
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on")

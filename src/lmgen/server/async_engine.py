@@ -6,9 +6,9 @@ request's own asyncio.Queue through `loop.call_soon_threadsafe`. The thread bloc
 queue while there is nothing to run, and otherwise alternates "take every pending command" with one
 `engine.step()`, so a new request joins the running batch at the next step (continuous batching).
 
-What a coroutine receives are `StepOutput`s whose `request` is a `RequestSnapshot`: a copy of the
-Request's fields taken in the engine thread at that step, so the event loop never reads a Request
-the engine thread is still mutating. Those types, and the errors, are in `request_stream`.
+The engine thread also runs the OutputProcessor (text, stop strings), so what a coroutine receives are frozen
+values: `StepOutput`s as they come, then the finished `RequestOutput`. It talks to the engine only through
+add_request / abort / step / snapshot. `RequestStream` and the errors are in `request_stream`.
 """
 
 from __future__ import annotations
@@ -20,20 +20,12 @@ import threading
 import time
 from typing import AsyncIterator
 
-from lmgen.engine.request import RequestStatus, StepOutput
+from lmgen.engine.output_processor import OutputProcessor
+from lmgen.engine.outputs import StepOutput
+from lmgen.errors import InvalidRequestError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.metrics import ServerMetrics
-from lmgen.server.request_stream import (
-    _ACCEPTED,
-    _DONE,
-    EngineClosedError,
-    EngineStepError,
-    QueueFullError,
-    RequestSnapshot,
-    RequestStream,
-)
-
-__all__ = ["AsyncEngine", "RequestStream", "RequestSnapshot", "QueueFullError", "EngineClosedError", "EngineStepError"]
+from lmgen.server.request_stream import ACCEPTED, DONE, EngineClosedError, EngineStepError, QueueFullError, RequestStream
 
 logger = logging.getLogger("lmgen.server")
 
@@ -41,17 +33,20 @@ logger = logging.getLogger("lmgen.server")
 class AsyncEngine:
     """Runs `llm.engine` in a background thread and serves many asyncio callers at once."""
 
-    def __init__(self, llm, max_queue: int = 256, max_num_seqs: int | None = None, metrics: ServerMetrics | None = None):
+    def __init__(self, llm, max_queue: int = 256, max_num_seqs: int | None = None, metrics: ServerMetrics | None = None,
+                 max_n: int = 128):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+        if not isinstance(max_n, int) or max_n < 1:
+            raise ValueError(f"max_n must be a positive integer, got {max_n!r}")
         self.llm = llm
         self.engine = llm.engine
+        self.processor = OutputProcessor(llm.tokenizer)  # engine thread only
         if max_num_seqs is not None:
-            if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-                raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
-            self.engine.scheduler.max_num_seqs = max_num_seqs
-        self.max_queue = max_queue
+            self.engine.set_max_num_seqs(max_num_seqs)
+        self.max_queue, self.max_n = max_queue, max_n
         self.metrics = metrics or ServerMetrics()
+        self.metrics.update(self.engine.snapshot())  # no engine thread yet: safe to read here
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only (len() is read elsewhere)
         # adds submitted by the event loop / taken by the engine thread: each counter has one writer
@@ -103,14 +98,19 @@ class AsyncEngine:
         """Hands a request to the engine and returns its stream once the engine accepted it. Raises what
         the engine raised on admission (ValueError / ContextOverflowError), QueueFullError, or
         EngineClosedError."""
+        fan_out = max(params.n, params.beam_width)
+        if fan_out > self.max_n:  # n sequences (or beams) per request: bounded, so one request cannot flood the queue
+            which = "n" if params.n >= params.beam_width else "beam_width"
+            raise InvalidRequestError(f"{which} must be at most {self.max_n} on this server (its --max-n), got {fan_out}",
+                                      param=which, value=fan_out)
         if self._closed or self.dead is not None:
             raise EngineClosedError("the server is shutting down" if self._closed else f"the engine stopped: {self.dead}")
         self.start()
-        stream = RequestStream(self, request_id, params.n, asyncio.get_running_loop())
+        stream = RequestStream(request_id, asyncio.get_running_loop(), lambda rid: self._submit(("abort", rid)))
         self._adds_submitted += 1
         self._submit(("add", stream, list(prompt_ids), params))
         try:
-            await stream._accepted()
+            await stream.wait_accepted()
         except asyncio.CancelledError:
             stream.finished = False
             stream.abort()  # it may have been accepted meanwhile
@@ -142,6 +142,7 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                     self._guarded(self._handle, cmd)
+                self.metrics.update(self.engine.snapshot())  # admissions and aborts change what /metrics shows
                 if not self._stopping and self.engine.has_unfinished():
                     self._guarded(self._step)
         except BaseException as e:  # a bug in this loop itself: fail everyone, refuse new work
@@ -160,7 +161,7 @@ class AsyncEngine:
                     break
                 if cmd[0] == "add":
                     self._adds_taken += 1
-                    cmd[1]._put(err)
+                    cmd[1].put(err)
 
     def _guarded(self, fn, *args) -> None:
         """Runs one unit of the loop; an exception there (a bug, or an engine call failing outside a
@@ -184,102 +185,83 @@ class AsyncEngine:
             rid = cmd[1]
             if self._streams.pop(rid, None) is not None:
                 self.engine.abort(rid)
+                self.processor.abort(rid)
                 self.metrics.request_finished("abort")
         elif kind == "stop":
             self._stopping = True
 
     def _queue_is_full(self) -> bool:
-        sched = self.engine.scheduler
-        free_seats = max(0, sched.max_num_seqs - len(sched.running))
-        return len(sched.waiting) >= self.max_queue + free_seats
+        free_seats = max(0, self.engine.max_num_seqs - self.engine.num_running)
+        return self.engine.num_waiting >= self.max_queue + free_seats
 
     def _add(self, stream: RequestStream, ids: list[int], params: SamplingParams) -> None:
         if stream.finished:  # cancelled before the thread got to it
             return
         if self._queue_is_full():
             self.metrics.request_rejected("queue_full")
-            stream._put(QueueFullError(
-                f"the server is busy: {len(self.engine.scheduler.waiting)} requests are already waiting "
+            stream.put(QueueFullError(
+                f"the server is busy: {self.engine.num_waiting} sequences are already waiting "
                 f"(limit {self.max_queue}); retry later"))
             return
         if stream.request_id in self._streams:
-            stream._put(ValueError(f"request id {stream.request_id!r} is already running"))
+            stream.put(ValueError(f"request id {stream.request_id!r} is already running"))
             return
         try:
             self.engine.add_request(ids, params, stream.request_id)
         except Exception as e:  # invalid for the engine: only this request hears about it
             self.metrics.request_rejected("invalid")
-            stream._put(e)
+            stream.put(e)
             return
+        self.processor.add_request(stream.request_id, None, ids, params)
         self._streams[stream.request_id] = stream
-        stream._put(_ACCEPTED)
+        stream.put(ACCEPTED)
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            processed = self.processor.process(self.engine.step())
+            self.engine.stop_sequences(processed.stop_in_core)
         except Exception as e:
             self._recover(e)
             return
-        self.metrics.harvest(self.engine.stats)
-        for so in outputs:
+        self.metrics.update(self.engine.snapshot(drain_latencies=True))
+        for so in processed.steps:
             stream = self._streams.get(so.request_id)
-            if stream is None:  # aborted meanwhile
-                continue
-            stream._put(self._snapshot(so, stream))
-            if so.finished:
-                stream.remaining -= 1
-                if stream.remaining == 0:
-                    del self._streams[so.request_id]
-                    self.engine.release(so.request_id)
-                    self.metrics.request_finished(so.finish_reason)
-                    stream._put(_DONE)
-
-    @staticmethod
-    def _snapshot(so: StepOutput, stream: RequestStream) -> StepOutput:
-        req = so.request
-        k = len(so.new_token_ids)
-        prompt_lp = None
-        if req.prompt_logprobs is not None and not stream.sent_prompt_logprobs and so.index == 0:
-            prompt_lp = list(req.prompt_logprobs)
-            stream.sent_prompt_logprobs = True
-        snap = RequestSnapshot(
-            request_id=req.request_id, index=so.index, num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_token_ids),
-            cumulative_logprob=req.cumulative_logprob,
-            logprobs=list(req.logprobs[-k:]) if req.logprobs is not None and k else (None if req.logprobs is None else []),
-            prompt_logprobs=prompt_lp,
-            output_token_ids=list(req.output_token_ids) if so.finished else None,
-            stop_reason=req.stop_reason, finish_reason=so.finish_reason,
-        )
-        return StepOutput(so.request_id, so.index, list(so.new_token_ids), so.delta_text, so.finished, so.finish_reason, snap)
+            if stream is not None:  # None: aborted meanwhile
+                stream.put(so)
+        for out in processed.finished:
+            stream = self._streams.pop(out.request_id, None)
+            if stream is not None:
+                self.metrics.request_finished(out.outputs[0].finish_reason if out.outputs else None)
+                stream.put(out)
+                stream.put(DONE)
 
     def _recover(self, error: Exception) -> None:
         """A step raised. If nothing runs and the oldest waiting request can never be scheduled, only it
         fails; otherwise the step's batch is unknown, so every live request fails with the error and the
         loop carries on with a clean engine."""
         self.metrics.engine_error()
-        sched = self.engine.scheduler
-        if not sched.running and sched.waiting:
-            culprits = [sched.waiting[0].parent_id]
+        stuck = self.engine.unschedulable_request()
+        if stuck is not None:
+            culprits = [stuck]
         else:
             culprits = list(self._streams)
             logger.exception("engine step failed; failing %d request(s)", len(culprits), exc_info=error)
         err = error if isinstance(error, (ValueError, RuntimeError)) else EngineStepError(repr(error))
         for rid in culprits:
             self._fail(rid, err, abort=True)
-        for req in list(sched.waiting) + list(sched.running):  # orphans (no stream): never leave them stuck
-            if req.parent_id not in self._streams:
-                self.engine.abort(req.parent_id)
-                if not req.is_finished:
-                    sched.finish(req, RequestStatus.FINISHED_ABORTED)
+        for rid in self.engine.request_ids():  # orphans (no stream): never leave them stuck
+            if rid not in self._streams:
+                self.engine.abort(rid)
+                self.processor.abort(rid)
 
     def _fail(self, rid: str, error: BaseException, abort: bool) -> None:
         stream = self._streams.pop(rid, None)
         if abort:
             try:
                 self.engine.abort(rid)
+                self.processor.abort(rid)
             except Exception:  # pragma: no cover - a broken engine must not stop the failing
                 logger.exception("abort of %s failed", rid)
         if stream is not None:
             self.metrics.request_finished("error")
-            stream._put(error)
+            stream.put(error)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmgen.engine.engine import ContextOverflowError
+from lmgen.errors import ContextOverflowError, InvalidRequestError
 from lmgen.server import protocol as P
 from lmgen.server.async_engine import EngineClosedError, QueueFullError
 
@@ -27,6 +27,8 @@ def _api_error(e: BaseException) -> P.APIError:
         return P.APIError(503, str(e), type="server_overloaded", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineClosedError):
         return P.APIError(503, str(e), type="server_unavailable", code="shutting_down")
+    if isinstance(e, InvalidRequestError):
+        return P.APIError(400, str(e), param=e.param)
     if isinstance(e, (ValueError, TypeError)):
         return P.APIError(400, str(e), param=P.param_of(e) if isinstance(e, ValueError) else None)
     logger.error("internal error: %r", e, exc_info=e)

@@ -70,20 +70,16 @@ class ServerMetrics:
         self.finished: dict[str, int] = {}  # finish_reason -> user requests
         self.rejected: dict[str, int] = {}  # reason -> requests refused at admission (queue_full, invalid, ...)
         self.engine_errors = 0
+        self.snapshot = None  # the engine's latest EngineSnapshot
 
     # ---- engine thread ----------------------------------------------------------------------------
-    def harvest(self, stats) -> None:
-        """Moves new TTFT / ITL samples out of an EngineStats into the histograms."""
-        ttft, itl = stats.ttft, stats.itl
-        if not ttft and not itl:
-            return
-        new_ttft, new_itl = list(ttft), list(itl)  # same thread as the engine's appends: nothing slips in between
-        ttft.clear()
-        itl.clear()
+    def update(self, snapshot) -> None:
+        """Takes the engine's latest EngineSnapshot (taken on the engine thread) and its new latency samples."""
         with self.lock:
-            for v in new_ttft:
+            self.snapshot = snapshot
+            for v in snapshot.new_ttft:
                 self.ttft.observe(v)
-            for v in new_itl:
+            for v in snapshot.new_itl:
                 self.itl.observe(v)
 
     def request_finished(self, reason: str | None) -> None:
@@ -100,10 +96,11 @@ class ServerMetrics:
             self.engine_errors += 1
 
     # ---- scrape -----------------------------------------------------------------------------------
-    def render(self, engine, pending: int = 0) -> str:
-        """The exposition text. `engine` is the lmgen Engine (read-only here); `pending` counts requests
-        handed to the engine thread that it has not picked up yet (they are waiting too)."""
-        sched, bm, stats = engine.scheduler, engine.block_manager, engine.stats
+    def render(self, pending: int = 0) -> str:
+        """The exposition text, from the latest engine snapshot; `pending` counts requests handed to the
+        engine thread that it has not picked up yet (they are waiting too)."""
+        with self.lock:
+            snap = self.snapshot
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict | None, float]]) -> None:
@@ -112,21 +109,22 @@ class ServerMetrics:
             for labels, value in samples:
                 out.append(f"{name}{_labels(labels)} {_fmt(value)}")
 
-        metric("lmgen_requests_running", "gauge", "Sequences in the running batch.", [(None, len(sched.running))])
-        metric("lmgen_requests_waiting", "gauge", "Sequences waiting to be scheduled (queued or preempted).",
-               [(None, len(sched.waiting) + pending)])
-        metric("lmgen_kv_cache_blocks_used", "gauge", "KV-cache blocks held by live sequences.", [(None, bm.num_used_blocks)])
-        metric("lmgen_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", [(None, bm.num_blocks)])
-        metric("lmgen_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use.",
-               [(None, bm.num_used_blocks / bm.num_blocks if bm.num_blocks else 0.0)])
-        metric("lmgen_prefix_cache_hits_total", "counter", "Prompt blocks served from the prefix cache.", [(None, bm.prefix_hits)])
-        metric("lmgen_prefix_cache_queries_total", "counter", "Full prompt blocks looked up in the prefix cache.",
-               [(None, bm.prefix_queries)])
-        metric("lmgen_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", [(None, stats.prompt_tokens)])
-        metric("lmgen_prefill_tokens_total", "counter", "Prompt tokens actually computed (prefix-cache hits excluded).",
-               [(None, stats.prefill_tokens)])
-        metric("lmgen_generation_tokens_total", "counter", "Generated tokens.", [(None, stats.generation_tokens)])
-        metric("lmgen_engine_steps_total", "counter", "Engine steps run.", [(None, stats.steps)])
+        if snap is not None:
+            metric("lmgen_requests_running", "gauge", "Sequences in the running batch.", [(None, snap.running)])
+            metric("lmgen_requests_waiting", "gauge", "Sequences waiting to be scheduled (queued or preempted).",
+                   [(None, snap.waiting + pending)])
+            metric("lmgen_kv_cache_blocks_used", "gauge", "KV-cache blocks held by live sequences.", [(None, snap.kv_blocks_used)])
+            metric("lmgen_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", [(None, snap.kv_blocks_total)])
+            metric("lmgen_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use.",
+                   [(None, snap.kv_blocks_used / snap.kv_blocks_total if snap.kv_blocks_total else 0.0)])
+            metric("lmgen_prefix_cache_hits_total", "counter", "Prompt blocks served from the prefix cache.", [(None, snap.prefix_hits)])
+            metric("lmgen_prefix_cache_queries_total", "counter", "Full prompt blocks looked up in the prefix cache.",
+                   [(None, snap.prefix_queries)])
+            metric("lmgen_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", [(None, snap.prompt_tokens)])
+            metric("lmgen_prefill_tokens_total", "counter", "Prompt tokens actually computed (prefix-cache hits excluded).",
+                   [(None, snap.prefill_tokens)])
+            metric("lmgen_generation_tokens_total", "counter", "Generated tokens.", [(None, snap.generation_tokens)])
+            metric("lmgen_engine_steps_total", "counter", "Engine steps run.", [(None, snap.steps)])
         with self.lock:
             metric("lmgen_requests_finished_total", "counter", "User requests finished, by finish reason.",
                    [({"finish_reason": k}, v) for k, v in sorted(self.finished.items())])

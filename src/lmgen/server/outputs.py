@@ -1,19 +1,19 @@
-"""A request's output as the routes see it: accumulated per-sequence text / tokens / logprobs, per-token
-text and bytes for logprobs, and which logprob entries belong to the visible text (an ending EOS does not)."""
+"""Logprobs as the routes show them: per-token text and bytes, and which logprob entries belong to the
+visible text (an EOS / stop token that ended a sequence does not)."""
 
 from __future__ import annotations
 
 import functools
 import re
 
-from lmgen.engine.request import StepOutput
+from lmgen.engine.outputs import Logprobs, StepOutput
 
 
 # ---- token text for logprobs -------------------------------------------------------------------------
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class _TokenText:
+class TokenText:
     """Per-token strings and raw bytes (for logprobs), cached."""
 
     def __init__(self, tokenizer):
@@ -40,50 +40,19 @@ class _TokenText:
         return list(text.encode("utf-8"))
 
 
-# ---- one sequence's accumulated output ---------------------------------------------------------------
-class _Seq:
-    def __init__(self):
-        self.text: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict[int, float]] = []
-        self.finish_reason: str | None = None
-        self.stop_reason = None
-        self.num_output_tokens = 0
-        self.num_prompt_tokens = 0
-        self.num_cached_tokens = 0
-        self.prompt_logprobs = None
-
-    def add(self, so: StepOutput) -> None:
-        snap = so.request
-        self.text.append(so.delta_text)
-        self.token_ids.extend(so.new_token_ids)
-        if snap.logprobs:
-            self.logprobs.extend(snap.logprobs)
-        if snap.prompt_logprobs is not None:
-            self.prompt_logprobs = snap.prompt_logprobs
-        self.num_output_tokens = snap.num_output_tokens
-        self.num_prompt_tokens = snap.num_prompt_tokens
-        self.num_cached_tokens = snap.num_cached_tokens
-        if so.finished:
-            self.finish_reason, self.stop_reason = so.finish_reason, snap.stop_reason
-
-
-def _visible(token_ids: list[int], entries: list[dict[int, float]], finished_by_token: bool) -> list[tuple[int, dict[int, float]]]:
-    """Logprob entries of the tokens that belong to the text: an EOS / stop token that ended the
+# ---- which logprob entries are visible ---------------------------------------------------------------
+def visible_logprobs(token_ids, entries: list[Logprobs], finish_reason: str | None,
+                     stop_reason: int | str | None) -> list[tuple[int, Logprobs]]:
+    """(token, entry) pairs of the tokens that belong to the text: an EOS / stop token that ended the
     sequence is not part of it (OpenAI does not report it)."""
     pairs = list(zip(token_ids, entries))
-    if finished_by_token and pairs:
+    if finish_reason == "stop" and not isinstance(stop_reason, str) and pairs:
         pairs = pairs[:-1]
     return pairs
 
 
-def _ended_by_token(so_finish: str | None, stop_reason) -> bool:
-    return so_finish == "stop" and not isinstance(stop_reason, str)
-
-
-def _step_logprob_pairs(so: StepOutput, k: int | None) -> list[tuple[int, dict[int, float]]]:
+def step_logprob_pairs(so: StepOutput, k: int | None) -> list[tuple[int, Logprobs]]:
     """This step's (token, logprobs) pairs a streaming client sees; empty when logprobs were not asked for."""
-    if k is None or not so.request.logprobs:
+    if k is None or not so.new_logprobs:
         return []
-    ended = so.finished and _ended_by_token(so.finish_reason, so.request.stop_reason)
-    return _visible(so.new_token_ids, so.request.logprobs, ended)
+    return visible_logprobs(so.new_token_ids, list(so.new_logprobs), so.finish_reason, so.stop_reason)

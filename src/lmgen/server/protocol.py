@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel
 
-from lmgen.engine.engine import ContextOverflowError
+from lmgen.errors import ContextOverflowError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.protocol_requests import (
     ChatCompletionRequest,

@@ -1,17 +1,13 @@
-"""What an AsyncEngine caller holds: a request's RequestStream (its outputs as an async iterator), the
-RequestSnapshot inside each output, and the errors admission can raise (QueueFullError, EngineClosedError).
+"""What an AsyncEngine caller holds: a request's RequestStream (its StepOutputs as an async iterator, then
+its RequestOutput), and the errors admission can raise (QueueFullError, EngineClosedError).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
-from lmgen.engine.request import StepOutput
-
-if TYPE_CHECKING:
-    from lmgen.server.async_engine import AsyncEngine
+from lmgen.engine.outputs import RequestOutput, StepOutput
 
 
 class QueueFullError(RuntimeError):
@@ -26,55 +22,33 @@ class EngineStepError(RuntimeError):
     """An engine step failed; the requests it was running were failed with this error."""
 
 
-@dataclass(frozen=True)
-class RequestSnapshot:
-    """A Request's state right after one step, copied in the engine thread.
-
-    `logprobs` holds only the entries of this step's new tokens ({token_id: logprob}, top-k plus the
-    chosen one), or None when the request did not ask for logprobs. `output_token_ids` is the full
-    list, copied only at the final step (None before). `prompt_logprobs` is sent with the first output
-    only (None afterwards)."""
-
-    request_id: str
-    index: int
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    cumulative_logprob: float
-    logprobs: list[dict[int, float]] | None
-    prompt_logprobs: list[dict[int, float] | None] | None
-    output_token_ids: list[int] | None
-    stop_reason: int | str | None
-    finish_reason: str | None
-
-
-_ACCEPTED = object()  # first item on a stream: the engine took the request
-_DONE = object()  # last item: every one of the request's n sequences finished
+ACCEPTED = object()  # first item on a stream: the engine took the request
+DONE = object()  # last item: every one of the request's n sequences finished (after its RequestOutput)
 
 
 class RequestStream:
-    """One request's outputs, as an async iterator of StepOutputs (all n sequences interleaved).
+    """One request's outputs, as an async iterator of StepOutputs (all n sequences interleaved); once it is
+    exhausted, `result` holds the finished RequestOutput.
 
     `abort()` (or leaving an `async for` early through `aclose`) cancels the request and frees its
     cache blocks; it is a no-op once the request finished."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, n: int, loop: asyncio.AbstractEventLoop):
-        self._engine, self.request_id, self.n, self._loop = engine, request_id, n, loop
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, on_abort: Callable[[str], None]):
+        self.request_id, self._loop, self._on_abort = request_id, loop, on_abort
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
-        self.remaining = n  # engine thread: sequences still running
-        self.sent_prompt_logprobs = False  # engine thread
+        self.result: RequestOutput | None = None
 
     # engine thread -> event loop
-    def _put(self, item) -> None:
+    def put(self, item) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
-    async def _accepted(self) -> None:
+    async def wait_accepted(self) -> None:
         item = await self._queue.get()
-        if item is not _ACCEPTED:
+        if item is not ACCEPTED:
             self.finished = True
             raise item
 
@@ -86,10 +60,13 @@ class RequestStream:
             raise StopAsyncIteration
         try:
             item = await self._queue.get()
+            if isinstance(item, RequestOutput):
+                self.result = item
+                item = await self._queue.get()
         except BaseException:  # cancelled (client gone): cancel the request too
             self.abort()
             raise
-        if item is _DONE:
+        if item is DONE:
             self.finished = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
@@ -100,7 +77,7 @@ class RequestStream:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self._engine._submit(("abort", self.request_id))
+            self._on_abort(self.request_id)
 
     async def aclose(self) -> None:
         self.abort()

@@ -13,7 +13,8 @@ from fastapi import Request
 from lmgen.sampling.params import SamplingParams
 from lmgen.server import protocol as P
 from lmgen.server.async_engine import AsyncEngine, RequestStream
-from lmgen.server.outputs import _Seq, _TokenText
+from lmgen.engine.outputs import RequestOutput
+from lmgen.server.outputs import TokenText
 
 
 class _Server:
@@ -24,7 +25,7 @@ class _Server:
         self.tok = llm.tokenizer
         self.vocab_size = llm.config.vocab_size
         self.context_length = llm.context_length
-        self.token_text = _TokenText(llm.tokenizer)
+        self.token_text = TokenText(llm.tokenizer)
         self.created = int(time.time())
 
     # ---- checks ---------------------------------------------------------------------------------
@@ -58,12 +59,12 @@ class _Server:
         return streams
 
     @staticmethod
-    async def collect(streams: list[RequestStream], n: int) -> list[list[_Seq]]:
-        async def one(stream: RequestStream) -> list[_Seq]:
-            seqs = [_Seq() for _ in range(n)]
-            async for so in stream:
-                seqs[so.index].add(so)
-            return seqs
+    async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+        """Waits for every stream's finished RequestOutput (aborting them all if this is cancelled)."""
+        async def one(stream: RequestStream) -> RequestOutput:
+            async for _ in stream:
+                pass
+            return stream.result
 
         try:
             return list(await asyncio.gather(*(one(s) for s in streams)))
@@ -72,10 +73,9 @@ class _Server:
                 s.abort()
 
     @staticmethod
-    def usage(prompt_lens: list[int], cached: list[int], seqs: list[_Seq]) -> P.Usage:
-        completion = sum(s.num_output_tokens for s in seqs)
+    def usage(prompt_lens: list[int], cached: list[int], completion_tokens: int) -> P.Usage:
         prompt = sum(prompt_lens)
-        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
                        prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(cached)))
 
     # ---- logprobs -------------------------------------------------------------------------------

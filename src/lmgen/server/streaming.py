@@ -11,11 +11,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from lmgen.engine.request import StepOutput
+from lmgen.engine.outputs import StepOutput
 from lmgen.server import protocol as P
 from lmgen.server.async_engine import RequestStream
 from lmgen.server.errors import _api_error
-from lmgen.server.outputs import _Seq, _step_logprob_pairs
+from lmgen.server.outputs import step_logprob_pairs
 
 if TYPE_CHECKING:
     from lmgen.server.service import _Server
@@ -117,7 +117,7 @@ async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, c
                              prompts: list[tuple[str, list[int]]], streams: list[RequestStream]) -> AsyncIterator[str]:
     n, k = req.n, req.logprobs
     offsets: dict[int, int] = {}
-    seqs: dict[int, _Seq] = {}
+    last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
     def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> str:
         return _sse(P.CompletionChunk(id=rid, created=created, model=req.model, choices=[P.CompletionChoice(
@@ -131,19 +131,17 @@ async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, c
                     yield chunk(pi * n + j, text)
         async for pi, so in _merge(streams):
             index = pi * n + so.index
-            seq = seqs.setdefault(index, _Seq())
-            seq.add(so)
+            last[index] = so
             logprobs = None
-            pairs = _step_logprob_pairs(so, k)
+            pairs = step_logprob_pairs(so, k)
             if pairs:
                 logprobs, offsets[index] = srv.completion_logprobs(pairs, k, offsets.get(index, 0))
             if not (so.delta_text or logprobs or so.finished):
                 continue
-            yield chunk(index, so.delta_text, logprobs, so.finish_reason if so.finished else None,
-                        so.request.stop_reason if so.finished else None)
+            yield chunk(index, so.delta_text, logprobs, so.finish_reason, so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
-            cached = [next((s.num_cached_tokens for i, s in seqs.items() if i // n == pi), 0) for pi in range(len(prompts))]
-            usage = srv.usage([len(ids) for _, ids in prompts], cached, list(seqs.values()))
+            cached = [next((s.num_cached_tokens for i, s in last.items() if i // n == pi), 0) for pi in range(len(prompts))]
+            usage = srv.usage([len(ids) for _, ids in prompts], cached, sum(s.num_output_tokens for s in last.values()))
             yield _sse(P.CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
         yield _DONE
     except Exception as e:  # the engine failed this request after the stream had started
@@ -157,7 +155,7 @@ async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, c
 async def _chat_stream(srv: _Server, req: P.ChatCompletionRequest, rid: str, created: int, prompt_len: int,
                        stream: RequestStream) -> AsyncIterator[str]:
     k = (req.top_logprobs or 0) if req.logprobs else None
-    seqs: dict[int, _Seq] = {}
+    last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
     def chunk(index: int, delta: P.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
         return _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[P.ChatChunkChoice(
@@ -167,19 +165,17 @@ async def _chat_stream(srv: _Server, req: P.ChatCompletionRequest, rid: str, cre
         for j in range(req.n):
             yield chunk(j, P.DeltaMessage(role="assistant", content=""))
         async for so in stream:
-            seq = seqs.setdefault(so.index, _Seq())
-            seq.add(so)
+            last[so.index] = so
             logprobs = None
-            pairs = _step_logprob_pairs(so, k)
+            pairs = step_logprob_pairs(so, k)
             if pairs:
                 logprobs = srv.chat_logprobs(pairs, k)
             if not (so.delta_text or logprobs or so.finished):
                 continue
-            yield chunk(so.index, P.DeltaMessage(content=so.delta_text or None), logprobs,
-                        so.finish_reason if so.finished else None, so.request.stop_reason if so.finished else None)
+            yield chunk(so.index, P.DeltaMessage(content=so.delta_text or None), logprobs, so.finish_reason, so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
-            cached = next(iter(seqs.values())).num_cached_tokens if seqs else 0
-            usage = srv.usage([prompt_len], [cached], list(seqs.values()))
+            cached = next(iter(last.values())).num_cached_tokens if last else 0
+            usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()))
             yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
         yield _DONE
     except Exception as e:
