@@ -79,7 +79,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("server"), "--max-num-seqs", "16")
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), "--max-num-seqs", "16", "--max-n", "40")
     yield srv
     srv.stop()
 
@@ -102,6 +102,20 @@ def _wait_idle(server: ServerProcess, timeout: float = 60.0) -> dict[str, float]
 
 
 # ---- basics ------------------------------------------------------------------------------------------
+def test_n_up_to_the_server_limit_then_400(server, client):
+    """n > 1 fans out at admission: 40 choices (more than --max-num-seqs 16, so siblings queue) and a 400 naming
+    `n` above --max-n, with every KV block back afterwards."""
+    r = client.completions.create(model=MODEL, prompt="Name a colour:", max_tokens=2, temperature=1.0, n=40, seed=3)
+    assert sorted(c.index for c in r.choices) == list(range(40))
+    assert 40 <= r.usage.completion_tokens <= 80
+    assert len({c.text for c in r.choices}) > 1
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Name a colour:", max_tokens=2, n=41)
+    assert e.value.body["param"] == "n" and "at most 40" in e.value.body["message"]
+    _wait_idle(server)
+
+
+
 def test_models_health_tokenize(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.base + "/health").json() == {"status": "ok"}

@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503")
+    s.add_argument("--max-n", type=int, default=128, help="most completions (n) or beams one request may ask for; more get 400")
     s.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
     s.set_defaults(func=cmd_serve)
     return parser
