@@ -102,6 +102,28 @@ def _wait_idle(server: ServerProcess, timeout: float = 60.0) -> dict[str, float]
 
 
 # ---- basics ------------------------------------------------------------------------------------------
+def test_beam_search_through_the_server_equals_transformers(client, hf_smol_model, hf_smol_tokenizer):
+    """beam_width / length_penalty as extra fields (vLLM-style): the server's beams are transformers' beams."""
+    import torch
+    from transformers import GenerationConfig
+
+    prompt = "The three primary colours are"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, n=3,
+                                  extra_body={"beam_width": 3, "length_penalty": 1.0})
+    ids = hf_smol_tokenizer(prompt, return_tensors="pt").input_ids
+    hf_smol_model.generation_config = GenerationConfig(eos_token_id=hf_smol_tokenizer.eos_token_id, pad_token_id=1,
+                                                       do_sample=False)
+    with torch.no_grad():
+        out = hf_smol_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=3, num_return_sequences=3,
+                                     max_new_tokens=8, length_penalty=1.0, early_stopping=False, do_sample=False,
+                                     return_dict_in_generate=True, output_scores=True)
+    n = ids.shape[1]
+    lengths = (out.beam_indices != -1).sum(dim=1).tolist()
+    expected = [hf_smol_tokenizer.decode(out.sequences[i, n:n + lengths[i]], skip_special_tokens=True) for i in range(3)]
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == expected
+
+
+
 def test_n_up_to_the_server_limit_then_400(server, client):
     """n > 1 fans out at admission: 40 choices (more than --max-num-seqs 16, so siblings queue) and a 400 naming
     `n` above --max-n, with every KV block back afterwards."""

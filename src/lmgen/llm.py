@@ -137,18 +137,7 @@ class LLM:
         """Completes each prompt; returns one RequestOutput per prompt, in order."""
         batch = self._batch(prompts)
         plist = self._params_list(params, len(batch))
-        encoded = [self._to_ids(p) for p in batch]
-        results: list[RequestOutput | None] = [None] * len(batch)
-        normal = []
-        for i, ((text, ids), sp) in enumerate(zip(encoded, plist)):
-            if sp.beam_width > 1:
-                results[i] = self._beam_search(text, ids, sp)
-            else:
-                normal.append(i)
-        if normal:
-            for i, out in zip(normal, self._run([encoded[i] for i in normal], [plist[i] for i in normal])):
-                results[i] = out
-        return results  # type: ignore[return-value]
+        return self._run([self._to_ids(p) for p in batch], plist)
 
     @staticmethod
     def _params_list(params, count: int) -> list[SamplingParams]:
@@ -266,33 +255,3 @@ class LLM:
         params = params or SamplingParams()
         ids, _ = self.fit_chat(messages, params.max_tokens, chat_template, True, **template_kwargs)
         return self.stream(ids, params)
-
-    # ---- beam search ----------------------------------------------------------------------------
-    def _beam_search(self, text: str | None, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
-        """Beam search over the engine: each step scores every live beam as a 1-token request; the prefix
-        cache makes the shared history cost nothing but its last partial block."""
-        from lmgen.sampling.beam import beam_search, candidates_needed
-
-        k = sp.beam_width
-        eos = set() if sp.ignore_eos else set(self.eos_token_ids) | set(sp.stop_token_ids or ())
-        score_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, ignore_eos=True)
-        # transformers ranks (1 + #eos) * K continuations per step; the user-facing cap of 20 logprobs does not
-        # apply to this internal scoring request, so the field is set after validation.
-        score_params.logprobs = candidates_needed(k, eos)
-
-        def next_logprobs(seqs: list[list[int]]) -> list[dict[int, float]]:
-            outs = self._run([(None, s) for s in seqs], [score_params] * len(seqs))
-            return [o.outputs[0].logprobs[0] for o in outs]
-
-        max_tokens = sp.max_tokens if sp.max_tokens is not None else self.context_length - len(prompt_ids)
-        max_tokens = min(max_tokens, self.context_length - len(prompt_ids))
-        if max_tokens < 1:
-            raise ContextOverflowError(f"the prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}")
-        beams = beam_search(prompt_ids, next_logprobs, beam_width=k, max_tokens=max_tokens, eos_token_ids=eos,
-                            length_penalty=sp.length_penalty, early_stopping=sp.early_stopping, n=sp.n)
-        outputs = []
-        for i, b in enumerate(beams):
-            ids = [t for t in b.token_ids if t not in eos]
-            outputs.append(CompletionOutput(i, self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens),
-                                            list(b.token_ids), b.cumulative_logprob, None, b.finish_reason, score=b.score))
-        return RequestOutput(f"beam-{id(beams)}", text, prompt_ids, outputs)

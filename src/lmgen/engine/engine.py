@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmgen.engine.beam_group import BeamGroup
 from lmgen.engine.kv_cache import BlockManager, KVCache
 from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.engine.request import Request, RequestStatus
@@ -17,6 +18,7 @@ from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
 from lmgen.engine.scheduler import SampledTokens, Scheduler
 from lmgen.errors import ContextOverflowError
 from lmgen.model.transformer import Transformer
+from lmgen.sampling.beam import BeamSearch, candidates_needed
 from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.sampler import Sampler, SamplingMetadata
 
@@ -83,6 +85,7 @@ class Engine:
         self.sampler = Sampler()
         self.sequences: dict[str, Request] = {}  # every live sequence (n > 1 siblings included), by sequence id
         self.requests: dict[str, list[str]] = {}  # user request id -> its live sequence ids
+        self.beam_groups: dict[str, BeamGroup] = {}  # beam-search requests, by user request id
         self.last_token_time: dict[str, float] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -108,7 +111,9 @@ class Engine:
                 needed=len(ids) + 1, context_length=self.context_length, prompt_tokens=len(ids), max_tokens=params.max_tokens,
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        n = params.n if params.beam_width == 1 else 1
+        if params.beam_width > 1:
+            return self._add_beam_request(ids, params, request_id)
+        n = params.n
         seq_ids = [_seq_id(request_id, i) for i in range(n)]
         if request_id in self.requests or any(s in self.sequences for s in seq_ids):
             raise ValueError(f"request id {request_id!r} is already running")
@@ -123,8 +128,29 @@ class Engine:
         self.stats.prompt_tokens += len(ids) * n
         return request_id
 
+    def _add_beam_request(self, ids: list[int], params: SamplingParams, request_id: str) -> str:
+        """A beam search as one root sequence (the prompt); its group forks the beams as they survive."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        eos = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids or ())
+        max_tokens = min(params.max_tokens or self.context_length, self.context_length - len(ids))
+        search = BeamSearch(len(ids), beam_width=params.beam_width, max_tokens=max_tokens, eos_token_ids=eos,
+                            length_penalty=params.length_penalty, early_stopping=params.early_stopping, n=params.n)
+        # each beam is scored by the model's raw log-probs: the top (1 + #eos) * K of them (transformers' rule); the
+        # user-facing cap of 20 logprobs does not apply to this internal request, so the field is set after validation
+        score = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, ignore_eos=True)
+        score.logprobs = candidates_needed(params.beam_width, eos)
+        root = Request(request_id, ids, score, self._generator(0, 0), parent_id=request_id)
+        self.scheduler.add(root)
+        self.beam_groups[request_id] = BeamGroup(request_id, root, search)
+        self.sequences[request_id] = root
+        self.requests[request_id] = [request_id]
+        self.stats.prompt_tokens += len(ids)
+        return request_id
+
     def abort(self, request_id: str) -> None:
         """Cancels a user request (all of its n sequences) and frees its cache blocks."""
+        self.beam_groups.pop(request_id, None)
         for seq_id in list(self.requests.get(request_id, ())):
             self._finish(request_id, seq_id, RequestStatus.FINISHED_ABORTED)
 
@@ -194,6 +220,7 @@ class Engine:
         prefill = sum(min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens)) for req, n in sched.scheduled)
         sampled = self._sample(self.runner.run(sched))
         outputs = self.scheduler.update_from_output(sched, sampled)
+        outputs += self._advance_beams({r.parent_id for r, _ in sched.scheduled if r.beam_group is not None})
         now, dt = time.monotonic(), time.perf_counter() - t0
         for req, _ in sched.scheduled:
             if req.request_id in sampled.token_ids:
@@ -207,6 +234,24 @@ class Engine:
             self.stats.prefill_seconds += dt
         else:
             self.stats.decode_seconds += dt
+        return outputs
+
+    def _advance_beams(self, request_ids: set[str]) -> list[EngineCoreOutput]:
+        """Advances every beam group whose live beams were all scored; a finished group yields its n results."""
+        outputs = []
+        for rid in request_ids:
+            group = self.beam_groups.get(rid)
+            if group is None or not group.ready:
+                continue
+            new, gone = group.advance(self.scheduler, self.block_manager, self.kv_cache)
+            for req in gone:
+                self._finish(rid, req.request_id, None)
+            for req in new:
+                self.sequences[req.request_id] = req
+                self.requests.setdefault(rid, []).append(req.request_id)
+            if group.search.done:
+                del self.beam_groups[rid]
+                outputs += group.outputs(group.search.prompt_len, gone[0].num_cached_tokens if gone else 0)
         return outputs
 
     def _sample(self, out: ModelRunnerOutput) -> SampledTokens:

@@ -39,6 +39,13 @@ class KVCache:
             v[:block_size].zero_()
             self.layers.append((k, v))
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write for a forked beam: its partial last block gets a private copy."""
+        bs = self.block_size
+        for k, v in self.layers:
+            k[dst * bs:(dst + 1) * bs] = k[src * bs:(src + 1) * bs]
+            v[dst * bs:(dst + 1) * bs] = v[src * bs:(src + 1) * bs]
+
     @property
     def bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
@@ -159,6 +166,27 @@ class BlockManager:
                 self.block_key[block] = (hashes[b - 1] if b else b"", req.token_slice(b * bs, (b + 1) * bs))
                 self.hash_to_block[h] = block
         req.num_hashed_blocks = full
+
+    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Shares the parent's blocks with a child (a forked beam). Returns (src, dst) when the partial last block
+        needs a private copy (the caller copies the K/V); with no free block for it the child gets no blocks."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            if block:  # 0: a block released out of the sliding window
+                self._ref(block)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_released_blocks = parent.num_released_blocks
+        child.block_hashes, child.num_hashed_blocks = list(parent.block_hashes), parent.num_hashed_blocks
+        if parent.num_computed_tokens % self.block_size == 0:
+            return None
+        src = child.block_table.pop()
+        self._unref(src)
+        if not self.num_free_blocks:
+            self.free_request(child)
+            return None
+        dst = self._take()
+        child.block_table.append(dst)
+        return src, dst
 
     def free_request(self, req: Request) -> None:
         """Returns a finished/preempted/aborted request's blocks; hashed ones stay findable until reused."""

@@ -22,6 +22,7 @@ class _Sequence:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    score: float | None = None
 
 
 @dataclass
@@ -51,7 +52,7 @@ class OutputProcessor:
         self.requests: dict[str, _RequestState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        n = params.n if params.beam_width == 1 else 1
+        n = params.n  # beam search: its n best hypotheses
         self.requests[request_id] = _RequestState(prompt, list(prompt_token_ids), params, remaining=n)
 
     def abort(self, request_id: str) -> None:
@@ -87,30 +88,33 @@ class OutputProcessor:
             state.prompt_logprobs = list(out.prompt_logprobs)
         if out.index == 0:
             state.num_cached_tokens = out.num_cached_tokens
-        finish, stop_reason, delta = out.finish_reason, out.stop_reason, ""
+        finish, stop_reason = out.finish_reason, out.stop_reason
         detok = seq.detokenizer
-        if finish != "stop":  # an EOS / stop token that ended the sequence never reaches the text
-            delta = detok.add_tokens(list(out.new_token_ids))
-            if detok.stop_string is not None:
-                finish, stop_reason = "stop", detok.stop_string
-                if params.include_stop_str_in_output:
-                    delta += detok.stop_string
+        # an EOS / stop token that ended the sequence never reaches the text
+        text_ids = out.new_token_ids[:-1] if finish == "stop" else out.new_token_ids
+        delta = detok.add_tokens(list(text_ids)) if text_ids else ""
+        if detok.stop_string is not None:
+            finish, stop_reason = "stop", detok.stop_string
+            if params.include_stop_str_in_output:
+                delta += detok.stop_string
         if finish is not None and detok.stop_string is None:
             delta += detok.flush()
         seq.text.append(delta)
         seq.token_ids.extend(out.new_token_ids)
         if seq.logprobs is not None and out.new_logprobs is not None:
             seq.logprobs.extend(out.new_logprobs)
-        if params.logprobs is not None:
+        if params.logprobs is not None or out.score is not None:
             seq.cumulative_logprob = out.cumulative_logprob
+        seq.score = out.score
         seq.finish_reason, seq.stop_reason = finish, stop_reason
         return StepOutput(out.request_id, out.index, out.new_token_ids, delta, out.new_logprobs, finish, stop_reason,
                           out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens, out.cumulative_logprob,
-                          tuple(state.prompt_logprobs) if out.prompt_logprobs is not None and out.index == 0 else None)
+                          tuple(state.prompt_logprobs) if out.prompt_logprobs is not None and out.index == 0 else None,
+                          out.score)
 
     @staticmethod
     def _result(request_id: str, state: _RequestState) -> RequestOutput:
-        outs = [CompletionOutput(i, "".join(s.text), s.token_ids, s.cumulative_logprob, s.logprobs, s.finish_reason, s.stop_reason)
-                for i, s in sorted(state.sequences.items())]
+        outs = [CompletionOutput(i, "".join(s.text), s.token_ids, s.cumulative_logprob, s.logprobs, s.finish_reason,
+                                 s.stop_reason, s.score) for i, s in sorted(state.sequences.items())]
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outs, True, state.prompt_logprobs,
                              state.num_cached_tokens)

@@ -23,6 +23,7 @@ class EngineCoreOutput:
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     num_output_tokens: int
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # sent with a sequence's first output only
+    score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
 
     @property
     def finished(self) -> bool:
@@ -46,6 +47,7 @@ class StepOutput:
     num_output_tokens: int
     cumulative_logprob: float
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # with the first output of sequence 0 only
+    score: float | None = None  # beam search's score of a finished hypothesis
 
     @property
     def finished(self) -> bool:

@@ -61,6 +61,11 @@ class Scheduler:
             raise ValueError(f"prompt of {req.num_tokens} tokens does not fit the KV cache ({max_tokens} slots)")
         self.waiting.append(req)
 
+    def add_running(self, req: Request) -> None:
+        """A forked beam that already shares its parent's cache blocks joins the running batch."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -74,6 +79,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new == 0:  # a beam scored already, waiting for the rest of its group
+                i += 1
+                continue
             while not bm.allocate_slots(req, num_new):
                 victim = self.running.pop()  # the newest running request gives its blocks back
                 self._preempt(victim)
@@ -124,6 +132,9 @@ class Scheduler:
                 self.block_manager.release_out_of_window(req, self.sliding_window)
             token = sampled.token_ids.get(req.request_id)
             if token is None:  # a prompt chunk short of the newest token: nothing drawn yet
+                continue
+            if req.beam_group is not None:  # a beam: its group picks the continuations from the scores
+                req.beam_group.report(req, sampled.logprobs[req.request_id])
                 continue
             req.output_token_ids.append(token)
             entry = sampled.logprobs.get(req.request_id)

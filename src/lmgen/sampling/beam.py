@@ -1,9 +1,10 @@
 """Beam search over a scoring callback, reproducing Hugging Face transformers.
 
-The engine supplies ``next_logprobs(seqs)``, which runs the model (with its KV
-or prefix cache) on the live beams and returns, for each sequence, the
-log-probabilities of (at least) its most likely next tokens.  ``beam_search``
-is pure bookkeeping on top of it, written to give exactly what
+``BeamSearch`` is the bookkeeping as a step-wise state machine: it names the
+live beams to score (``pending``), takes their log-probabilities (``advance``)
+and says when it is ``done``; the engine runs it inside its step loop (its beams
+share a batch with other requests) and ``beam_search`` drives it over a
+``next_logprobs(seqs)`` callback.  It is written to give exactly what
 ``transformers``' ``model.generate(num_beams=K, num_return_sequences=n,
 do_sample=False, length_penalty=..., early_stopping=..., max_new_tokens=...)``
 gives (transformers 4.5x / 5.x vectorised ``_beam_search``), scores included.
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BeamResult", "beam_search", "candidates_needed"]
+__all__ = ["BeamResult", "BeamSearch", "beam_search", "candidates_needed"]
 
 _BIG = -1.0e9  # transformers' "impossible" score
 
@@ -119,53 +120,71 @@ def beam_search(
     Scores are accumulated and normalised in float32 exactly as transformers
     does, so ``score`` equals ``sequences_scores``.
     """
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if not 1 <= n <= beam_width:
-        raise ValueError(f"n must be in [1, beam_width={beam_width}], got {n}")
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise ValueError(f'early_stopping must be True, False or "never", got {early_stopping!r}')
     prompt = list(prompt_token_ids)
-    eos = set(eos_token_ids)
     if beam_width == 1:
-        return _greedy(prompt, next_logprobs, max_tokens, eos, length_penalty)
+        BeamSearch.validate(1, max_tokens, n, early_stopping)
+        return _greedy(prompt, next_logprobs, max_tokens, set(eos_token_ids), length_penalty)
+    search = BeamSearch(len(prompt), beam_width=beam_width, max_tokens=max_tokens, eos_token_ids=eos_token_ids,
+                        length_penalty=length_penalty, early_stopping=early_stopping, n=n)
+    while not search.done:
+        seqs = search.pending()
+        dists = next_logprobs([prompt + list(seq) for seq in seqs])
+        if len(dists) != len(seqs):
+            raise ValueError(f"next_logprobs returned {len(dists)} results for {len(seqs)} sequences")
+        search.advance(dict(zip(seqs, dists)))
+    return search.results()
 
-    K = beam_width
-    prompt_len = len(prompt)
-    max_length = prompt_len + max_tokens
-    beams_to_keep = candidates_needed(K, eos)
-    top_num_beam_mask = torch.arange(beams_to_keep) < K
 
-    # live beams (generated tokens only) and their cumulative log-probs
-    running: list[list[int]] = [[] for _ in range(K)]
-    running_scores = torch.full((K,), _BIG, dtype=torch.float32)
-    running_scores[0] = 0.0
-    # finished hypotheses: K slots, -1e9 placeholders at first
-    finished: list[list[int]] = [[] for _ in range(K)]
-    finished_cum = torch.zeros((K,), dtype=torch.float32)
-    finished_scores = torch.full((K,), _BIG, dtype=torch.float32)
-    is_finished = torch.zeros((K,), dtype=torch.bool)
-    heuristic_unsatisfied = True
-    cur_len = prompt_len
+class BeamSearch:
+    """One beam search (K = beam_width > 1) as a state machine, with transformers' arithmetic (see `beam_search`)."""
 
-    while True:
-        # a. log-probs of every live beam (identical sequences asked once)
-        unique: dict[tuple[int, ...], int] = {}
-        for seq in running:
-            unique.setdefault(tuple(seq), len(unique))
-        dists = next_logprobs([prompt + list(seq) for seq in unique])
-        if len(dists) != len(unique):
-            raise ValueError(f"next_logprobs returned {len(dists)} results for {len(unique)} sequences")
+    @staticmethod
+    def validate(beam_width: int, max_tokens: int, n: int, early_stopping) -> None:
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be at least 1, got {beam_width}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not 1 <= n <= beam_width:
+            raise ValueError(f"n must be in [1, beam_width={beam_width}], got {n}")
+        if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+            raise ValueError(f'early_stopping must be True, False or "never", got {early_stopping!r}')
 
-        # b. candidate continuations, beam-major then token id (transformers'
-        #    flattened (beam, vocab) layout)
+    def __init__(self, prompt_len: int, *, beam_width: int, max_tokens: int, eos_token_ids: set[int],
+                 length_penalty: float = 1.0, early_stopping: bool | str = False, n: int = 1):
+        self.validate(beam_width, max_tokens, n, early_stopping)
+        if beam_width == 1:
+            raise ValueError("beam_width 1 is greedy decoding, not a beam search")
+        K = self.K = beam_width
+        self.n, self.eos, self.length_penalty, self.early_stopping = n, set(eos_token_ids), length_penalty, early_stopping
+        self.prompt_len, self.max_length = prompt_len, prompt_len + max_tokens
+        self.beams_to_keep = candidates_needed(K, self.eos)
+        self.top_num_beam_mask = torch.arange(self.beams_to_keep) < K
+        # live beams (generated tokens only) and their cumulative log-probs
+        self.running: list[list[int]] = [[] for _ in range(K)]
+        self.running_scores = torch.full((K,), _BIG, dtype=torch.float32)
+        self.running_scores[0] = 0.0
+        # finished hypotheses: K slots, -1e9 placeholders at first
+        self.finished: list[list[int]] = [[] for _ in range(K)]
+        self.finished_cum = torch.zeros((K,), dtype=torch.float32)
+        self.finished_scores = torch.full((K,), _BIG, dtype=torch.float32)
+        self.is_finished = torch.zeros((K,), dtype=torch.bool)
+        self.heuristic_unsatisfied = True
+        self.cur_len = prompt_len
+        self.done = False
+
+    def pending(self) -> list[tuple[int, ...]]:
+        """The distinct live beams (generated tokens) whose next-token log-probs `advance` needs."""
+        return list(dict.fromkeys(tuple(seq) for seq in self.running))
+
+    def advance(self, dists: dict[tuple[int, ...], dict[int, float]]) -> None:
+        """One step: extend every live beam by its candidates, keep the best, collect finished hypotheses."""
+        K, eos, running = self.K, self.eos, self.running
+        # b. candidate continuations, beam-major then token id (transformers' flattened (beam, vocab) layout)
         cand_beam: list[int] = []
         cand_tok: list[int] = []
         cand_lp: list[float] = []
         for b, seq in enumerate(running):
-            dist = dists[unique[tuple(seq)]]
+            dist = dists[tuple(seq)]
             if len(dist) < 2 * K:
                 raise ValueError(
                     f"next_logprobs must return at least {2 * K} log-probs per sequence "
@@ -175,57 +194,58 @@ def beam_search(
                 cand_beam.append(b)
                 cand_tok.append(tok)
                 cand_lp.append(dist[tok])
-        accumulated = torch.tensor(cand_lp, dtype=torch.float32) + running_scores[torch.tensor(cand_beam)]
+        accumulated = torch.tensor(cand_lp, dtype=torch.float32) + self.running_scores[torch.tensor(cand_beam)]
 
         # c. top-(2K) continuations
-        keep_now = min(beams_to_keep, len(cand_tok))
+        keep_now = min(self.beams_to_keep, len(cand_tok))
         topk_scores, topk_idx = torch.topk(accumulated, k=keep_now)
         topk_seqs = [running[cand_beam[i]] + [cand_tok[i]] for i in topk_idx.tolist()]
-        at_limit = cur_len + 1 >= max_length
+        at_limit = self.cur_len + 1 >= self.max_length
         hits = torch.tensor([at_limit or seq[-1] in eos for seq in topk_seqs], dtype=torch.bool)
 
         # e. next live beams: best K continuations that did not finish
         topk_running_scores = topk_scores + hits.to(torch.float32) * _BIG
         next_idx = torch.topk(topk_running_scores, k=K)[1]
-        running = [topk_seqs[i] for i in next_idx.tolist()]
-        running_scores = topk_running_scores[next_idx]
+        self.running = [topk_seqs[i] for i in next_idx.tolist()]
+        self.running_scores = topk_running_scores[next_idx]
 
         # f. finished hypotheses: only the top-K continuations may finish
-        just_finished = hits & top_num_beam_mask[:keep_now]
-        normalised = topk_scores / ((cur_len + 1 - prompt_len) ** length_penalty)
-        full = bool(is_finished.all()) and early_stopping is True
+        just_finished = hits & self.top_num_beam_mask[:keep_now]
+        normalised = topk_scores / ((self.cur_len + 1 - self.prompt_len) ** self.length_penalty)
+        full = bool(self.is_finished.all()) and self.early_stopping is True
         normalised = normalised + float(full) * _BIG
-        normalised = normalised + float(not heuristic_unsatisfied) * _BIG
+        normalised = normalised + float(not self.heuristic_unsatisfied) * _BIG
         normalised = normalised + (~just_finished) * _BIG
-        merged_scores = torch.cat((finished_scores, normalised))
-        merged_seqs = finished + topk_seqs
-        merged_cum = torch.cat((finished_cum, topk_scores))
-        merged_finished = torch.cat((is_finished, just_finished))
+        merged_scores = torch.cat((self.finished_scores, normalised))
+        merged_seqs = self.finished + topk_seqs
+        merged_cum = torch.cat((self.finished_cum, topk_scores))
+        merged_finished = torch.cat((self.is_finished, just_finished))
         keep = torch.topk(merged_scores, k=K)[1]
-        finished = [merged_seqs[i] for i in keep.tolist()]
-        finished_scores = merged_scores[keep]
-        finished_cum = merged_cum[keep]
-        is_finished = merged_finished[keep]
+        self.finished = [merged_seqs[i] for i in keep.tolist()]
+        self.finished_scores = merged_scores[keep]
+        self.finished_cum = merged_cum[keep]
+        self.is_finished = merged_finished[keep]
 
         # g. stopping condition
-        cur_len += 1
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_len = max_length - prompt_len
+        self.cur_len += 1
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best_len = self.max_length - self.prompt_len
         else:
-            best_len = cur_len - prompt_len
-        best_possible = running_scores[:1] / (best_len**length_penalty)
-        worst_finished = torch.where(is_finished, torch.min(finished_scores), torch.tensor(_BIG))
-        heuristic_unsatisfied = heuristic_unsatisfied and bool(torch.any(best_possible > worst_finished))
-        exists_open_beam = not (bool(is_finished.all()) and early_stopping is True)
+            best_len = self.cur_len - self.prompt_len
+        best_possible = self.running_scores[:1] / (best_len**self.length_penalty)
+        worst_finished = torch.where(self.is_finished, torch.min(self.finished_scores), torch.tensor(_BIG))
+        self.heuristic_unsatisfied = self.heuristic_unsatisfied and bool(torch.any(best_possible > worst_finished))
+        exists_open_beam = not (bool(self.is_finished.all()) and self.early_stopping is True)
         valid_continuations = not bool(hits.all())
-        if not (heuristic_unsatisfied and exists_open_beam and valid_continuations):
-            break
+        self.done = not (self.heuristic_unsatisfied and exists_open_beam and valid_continuations)
 
-    results = []
-    for i in range(n):
-        if not bool(is_finished[i]):
-            continue  # a never-filled slot (only with -inf log-probs)
-        seq = finished[i]
-        reason = "stop" if seq and seq[-1] in eos else "length"
-        results.append(BeamResult(list(seq), float(finished_cum[i]), float(finished_scores[i]), reason))
-    return results
+    def results(self) -> list[BeamResult]:
+        """The n best finished hypotheses, best first."""
+        results = []
+        for i in range(self.n):
+            if not bool(self.is_finished[i]):
+                continue  # a never-filled slot (only with -inf log-probs)
+            seq = self.finished[i]
+            reason = "stop" if seq and seq[-1] in self.eos else "length"
+            results.append(BeamResult(list(seq), float(self.finished_cum[i]), float(self.finished_scores[i]), reason))
+        return results

@@ -144,6 +144,7 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None,
         stop_token_ids=req.stop_token_ids, min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        beam_width=req.beam_width, length_penalty=req.length_penalty, early_stopping=req.early_stopping,
     )
     try:
         return SamplingParams(**fields)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Literal, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -41,6 +41,10 @@ class _SamplingFields(_Strict):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # beam search (vLLM's `use_beam_search` + `best_of`, as lmgen's SamplingParams names them)
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, Literal["never"]] = False
 
 
 class CompletionRequest(_SamplingFields):
