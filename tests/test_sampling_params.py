@@ -118,7 +118,17 @@ def test_greedy_property():
     assert SamplingParams(temperature=0.0).greedy
     assert not SamplingParams(temperature=0.01).greedy
     assert not SamplingParams().greedy
-    assert SamplingParams(beam_width=3, temperature=0.8).greedy
+    assert SamplingParams(beam_width=3).greedy
+
+
+@pytest.mark.parametrize("option", [dict(temperature=0.8), dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1),
+                                    dict(repetition_penalty=1.2), dict(presence_penalty=0.5), dict(logit_bias={5: 1.0}),
+                                    dict(min_tokens=2), dict(logprobs=2)])
+def test_beam_search_refuses_options_it_would_ignore(option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"^{name} must be left at its default with beam search"):
+        SamplingParams(beam_width=3, **option)
+    assert SamplingParams(beam_width=3, temperature=0).beam_width == 3  # greedy's 0 and the default 1 are fine
 
 
 def test_replace_validates_and_copies():

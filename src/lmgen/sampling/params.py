@@ -28,8 +28,9 @@ Semantics of the less obvious fields:
   tokens have been generated.
 * ``logprobs``: number of top log-probabilities reported at each generated
   step (0 = only the chosen token's), from the model's raw distribution.
-* ``beam_width > 1`` selects beam search (deterministic; ``temperature``,
-  ``top_k``, ``top_p`` and ``min_p`` are then ignored); ``n`` must not exceed
+* ``beam_width > 1`` selects beam search (deterministic, over the model's raw
+  log-probs: temperature, top-k/p, min-p, penalties, logit_bias, min_tokens and
+  logprobs must stay off, or it is a ValueError); ``n`` must not exceed
   ``beam_width``.  ``length_penalty`` and ``early_stopping`` (``True``,
   ``False`` or ``"never"``) have Hugging Face transformers semantics.
 """
@@ -62,6 +63,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # text coherent.
     "creative": {"temperature": 1.0, "top_p": 0.95, "min_p": 0.05},
 }
+
+
+# options beam search cannot honour, with the values that mean "off"
+_BEAM_IGNORES = {"temperature": (0.0, 1.0), "top_k": (0, -1), "top_p": (1.0,), "min_p": (0.0,), "repetition_penalty": (1.0,),
+                 "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "logit_bias": (None, {}), "min_tokens": (0,),
+                 "logprobs": (None,), "prompt_logprobs": (None,)}
 
 
 def _fail(name: str, requirement: str, value: Any) -> None:
@@ -189,6 +196,11 @@ class SamplingParams:
             _fail("beam_width", "at least 1", beam_width)
         if beam_width > 1 and n > beam_width:
             _fail("n", f"at most beam_width ({beam_width}) with beam search", n)
+        if beam_width > 1:  # beams rank the model's raw log-probs: a sampling option would be silently ignored
+            for name, off in _BEAM_IGNORES.items():
+                value = getattr(self, name)
+                if value not in off:
+                    raise ValueError(f"{name} must be left at its default with beam search (beam_width > 1), got {value!r}")
 
         self._float("length_penalty")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
