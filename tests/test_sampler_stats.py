@@ -232,27 +232,6 @@ def test_shared_row_path_equals_per_row_path(tiny):
     assert len(set(a.tolist())) > 3
 
 
-def test_logits_rows_equals_materialised_rows(tiny):
-    model, logits, prompt = tiny
-    other = last_logits(model, prompt + [3])
-    stacked = torch.stack([logits, other])
-    rows = [0, 1, 0, 0, 1, 1, 0]
-    params = [SamplingParams(seed=1), SamplingParams(top_k=7), SamplingParams(temperature=0)] * 3
-    params = params[: len(rows)]
-
-    def meta(**kw):
-        return SamplingMetadata.build(
-            params, [prompt] * len(rows), [[]] * len(rows),
-            [torch.Generator().manual_seed(40 + i) for i in range(len(rows))],
-            [set()] * len(rows), TINY_VOCAB, "cpu", **kw,
-        )
-
-    a = Sampler()(stacked, meta(logits_rows=rows))
-    b = Sampler()(stacked[rows], meta())
-    assert torch.equal(a.token_ids, b.token_ids)
-    assert a.token_ids[2] == torch.argmax(logits) and a.token_ids[5] == torch.argmax(other)
-
-
 # ------------------------------------------------------------ logprobs
 
 

@@ -53,12 +53,6 @@ class SamplingMetadata:
     ``output_counts``, ``logit_bias``, ``min_tokens_mask``) are built on
     first use, and are ``None`` when no row needs them, so that the sampler
     skips the corresponding transform entirely.
-
-    ``logits_rows`` (optional): row ``i`` samples from ``logits[logits_rows[i]]``
-    instead of ``logits[i]``; e.g. the ``n`` samples of one prompt share its
-    logits row at their first step.  Rows that share a logits row and have
-    identical transform inputs are transformed once and then each draws with
-    its own generator.
     """
 
     temperature: torch.Tensor  # (batch,) float32; 0 = greedy row
@@ -74,7 +68,6 @@ class SamplingMetadata:
     rows: list[RowInputs]
     vocab_size: int
     device: torch.device
-    logits_rows: list[int] | None = None
 
     # -- summary (Python-side, no device sync) -----------------------------
     @property
@@ -167,7 +160,6 @@ class SamplingMetadata:
             rows=[self.rows[i] for i in rows],
             vocab_size=self.vocab_size,
             device=self.device,
-            logits_rows=None,
         )
 
     @classmethod
@@ -180,7 +172,6 @@ class SamplingMetadata:
         stop_ids_for_min_tokens: list[set[int]],
         vocab_size: int,
         device,
-        logits_rows: list[int] | None = None,
     ) -> "SamplingMetadata":
         """Build the metadata for a batch.
 
@@ -189,8 +180,7 @@ class SamplingMetadata:
         ``params[i].min_tokens`` tokens.  ``generators[i]`` is the row's random
         generator (seeded when ``params[i].seed`` is set); it must live on
         ``device``.  ``None`` means "use the sampler's own entropy-seeded
-        generator" (never the global RNG).  ``logits_rows``: see the class
-        docstring.  The token-id lists are read, not copied: do not change
+        generator" (never the global RNG).  The token-id lists are read, not copied: do not change
         them while the metadata is in use.
         """
         batch = len(params)
@@ -199,7 +189,7 @@ class SamplingMetadata:
             ("output_token_ids", output_token_ids),
             ("generators", generators),
             ("stop_ids_for_min_tokens", stop_ids_for_min_tokens),
-        ) + ((("logits_rows", logits_rows),) if logits_rows is not None else ()):
+        ):
             if len(seq) != batch:
                 raise ValueError(f"{name} has {len(seq)} rows, expected {batch}")
 
@@ -244,5 +234,4 @@ class SamplingMetadata:
             rows=rows,
             vocab_size=vocab_size,
             device=torch.device(device),
-            logits_rows=list(logits_rows) if logits_rows is not None else None,
         )

@@ -74,9 +74,8 @@ class Sampler:
     a generator use the sampler's own entropy-seeded generator, never the
     global RNG.
 
-    Work sharing: rows that read the same logits row (``meta.logits_rows``,
-    or a logits tensor expanded along the batch dimension, i.e. with batch
-    stride 0) and have identical transform inputs are transformed once; each
+    Work sharing: rows of a logits tensor expanded along the batch dimension
+    (batch stride 0) that have identical transform inputs are transformed once; each
     still draws with its own generator.
     """
 
@@ -120,9 +119,7 @@ class Sampler:
     def _groups(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[list[int], list[int], list[int]]:
         """(source logits row per group, representative row per group, group per row)."""
         batch = meta.batch_size
-        if meta.logits_rows is not None:
-            src = list(meta.logits_rows)
-        elif logits.shape[0] > 1 and logits.stride(0) == 0:
+        if logits.shape[0] > 1 and logits.stride(0) == 0:
             src = [0] * batch  # expanded tensor: every row is the same
         else:
             src = list(range(batch))
@@ -144,10 +141,8 @@ class Sampler:
         batch = meta.batch_size
         if logits.dim() != 2:
             raise ValueError(f"logits must be 2-D (rows, vocab), got shape {tuple(logits.shape)}")
-        if meta.logits_rows is None and logits.shape[0] != batch:
+        if logits.shape[0] != batch:
             raise ValueError(f"logits must have shape (batch={batch}, vocab), got {tuple(logits.shape)}")
-        if meta.logits_rows is not None and any(not 0 <= r < logits.shape[0] for r in meta.logits_rows):
-            raise ValueError(f"logits_rows out of range for {logits.shape[0]} logits rows")
 
         group_src, group_rep, group_of = self._groups(logits, meta)
         identity = len(group_rep) == batch and group_src == list(range(batch))
