@@ -138,3 +138,27 @@ def test_request_templates_never_touch_the_filesystem(tmp_path, monkeypatch):
     assert touched == []
     assert ChatTemplate.resolve("chatml", allow_files=False).render(HI).startswith("<|im_start|>user")
     assert ChatTemplate.resolve("{{ messages[0].content }}!", allow_files=False).render(HI) == "Hi!"
+
+
+@pytest.mark.parametrize("source", [
+    "{% set big = 'x' * 9000000 %}{{ ([big] * 100)|map('string')|join }}",  # a generator joined
+    "{% set big = 'x' * 9000000 %}{{ ''.join(([big] * 100)|map('string')) }}",
+    "{% set big = 'x' * 5000000 %}{{ big|join('ab') }}",  # a string joined with a separator
+    "{{ [1]|batch(1000000000, 0)|list }}",  # a count argument
+    "{{ range(10000)|list|tojson(indent=5000) }}",
+    "{{ 'ab'.expandtabs(100000000) }}",
+])
+def test_growing_calls_are_refused_before_they_run(source):
+    rss0 = _peak_rss()
+    with pytest.raises(ChatTemplateLimitError) as e:
+        ChatTemplate(source, limits=FAST).render(HI)
+    assert e.value.limit == "size", str(e.value)
+    assert _peak_rss() - rss0 < 400 << 20
+
+
+def test_ordinary_filters_and_methods_still_work():
+    src = ("{{ messages|map(attribute='content')|join(', ') }}|{{ 'a,b'.split(',')|join('-') }}|{{ 3.14159|round(2) }}|"
+           "{{ 'x'.center(5) }}|{{ messages|tojson(indent=2)|length > 10 }}|{{ [3, 1, 2]|sort|first }}|"
+           "{{ 'Hi {}'.format('you') }}|{{ '%05d' % 42 }}|{{ range(3)|sum }}|{{ 'a\tb'.expandtabs(4) }}")
+    out = ChatTemplate(src).render([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "ok"}])
+    assert out == "你好, ok|a-b|3.14|  x  |True|1|Hi you|00042|3|a   b"

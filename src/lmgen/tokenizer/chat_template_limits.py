@@ -164,7 +164,7 @@ def _flat(args: tuple, kwargs: dict) -> list[Any]:
     return out
 
 
-def _estimate(name: str, recv: Any, args: tuple, kwargs: dict) -> int:
+def _estimate(name: str, recv: Any, args: tuple, kwargs: dict, is_filter: bool) -> int:
     """An upper bound on the size of ``recv.name(*args)`` (or filter ``name(recv, *args)``) for the
     operations that can grow a value; 0 for the rest (their result is checked after the call)."""
     flat = _flat(args, kwargs)
@@ -180,25 +180,48 @@ def _estimate(name: str, recv: Any, args: tuple, kwargs: dict) -> int:
         hits = recv.count(args[0]) if args[0] else len(recv) + 1
         return len(recv) + hits * max(len(args[1]) - len(args[0]), 0)
     if name == "join":
-        seq, sep = (args[0] if args else [], recv) if isinstance(recv, str) else (recv, args[0] if args else "")
+        seq, sep = (recv, args[0] if args else "") if is_filter else (args[0] if args else [], recv)
         n = len(seq) if isinstance(seq, Sized) else 0
+        if isinstance(seq, str):
+            return len(seq) * (1 + _size(sep))
         return sum(_size(s) for s in seq) + n * _size(sep) if isinstance(seq, (list, tuple)) else n * _size(sep)
     if name == "translate" and isinstance(recv, str) and args and isinstance(args[0], dict):
         grow = max([_size(v) for v in args[0].values()] + [1])
         return len(recv) * grow
-    if name in ("indent", "wordwrap", "tojson"):
-        text = recv if isinstance(recv, str) else ""
+    if name in ("indent", "wordwrap") and isinstance(recv, str):
         pad = max([a if isinstance(a, int) and not isinstance(a, bool) else _size(a) for a in flat] + [0])
-        lines = text.count("\n") + 1 if text else _size(str(recv)) if name == "tojson" else 1
-        return _size(text) + lines * pad
+        return len(recv) + (recv.count("\n") + 1) * pad
+    if name == "tojson":
+        indent = kwargs.get("indent", args[1] if len(args) > 1 else None)
+        pad = indent if isinstance(indent, int) and not isinstance(indent, bool) else _size(indent)
+        return _size(str(recv)) * (1 + pad) if pad else 0
     return 0
 
 
-def check_call(name: str, recv: Any, args: tuple, kwargs: dict, limit: int) -> None:
-    """Refuses a filter or method call whose result could be over ``limit`` characters or items."""
-    bound = _estimate(name, recv, args, kwargs)
+# Filters whose int arguments are values, not counts or widths.
+_NUMERIC_FILTERS = frozenset({"abs", "d", "default", "filesizeformat", "float", "int", "max", "min", "round", "string",
+                              "sum", "tojson"})
+
+
+def check_call(name: str, recv: Any, args: tuple, kwargs: dict, limit: int, *, is_filter: bool) -> tuple[Any, tuple]:
+    """Refuses a filter or method call whose result could be over ``limit`` characters or items: a count or
+    width argument over ``limit`` (any int argument of a string / list / dict method or of a non-numeric
+    filter), or a known growing operation whose result would be. Returns ``(recv, args)``, with the
+    sequence a ``join`` joins made a list first, so that its size can be checked."""
+    if name == "join":
+        if not is_filter and isinstance(recv, str) and args and not isinstance(args[0], Sized):
+            args = (list(args[0]), *args[1:])  # sep.join(iterable)
+        elif is_filter and not isinstance(recv, Sized) and isinstance(recv, Iterable):
+            recv = list(recv)  # iterable|join(sep)
+    if (name not in _NUMERIC_FILTERS) if is_filter else isinstance(recv, (str, bytes, list, tuple, dict)):
+        counts = [a for a in _flat(args, kwargs) if isinstance(a, int) and not isinstance(a, bool)]
+        if counts and max(abs(a) for a in counts) > limit:
+            raise _too_big(f"a value (with {name!r} and {max(abs(a) for a in counts)})", max(abs(a) for a in counts),
+                           limit)
+    bound = _estimate(name, recv, args, kwargs, is_filter)
     if bound > limit:
         raise _too_big(f"a value (with {name!r})", bound, limit)
+    return recv, args
 
 
 def check_result(value: Any, limit: int) -> Any:

@@ -107,8 +107,9 @@ def _guard_filter(name: str, func: Callable[..., Any], limit: int) -> Callable[.
 
     @functools.wraps(func)  # keeps jinja_pass_arg, so Jinja passes the same arguments
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        value = args[skip] if len(args) > skip else None
-        check_call(name, value, args[skip + 1:], kwargs, limit)
+        if len(args) > skip:
+            value, rest = check_call(name, args[skip], args[skip + 1:], kwargs, limit, is_filter=True)
+            args = (*args[:skip], value, *rest)
         return check_result(func(*args, **kwargs), limit)
 
     return guarded
@@ -144,8 +145,8 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
         target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
-        check_call(getattr(target, "__name__", ""), getattr(target, "__self__", None), args, kwargs,
-                   __self.max_chars)
+        _, args = check_call(getattr(target, "__name__", ""), getattr(target, "__self__", None), args, kwargs,
+                             __self.max_chars, is_filter=False)
         return check_result(super().call(__context, __obj, *args, **kwargs), __self.max_chars)
 
 
