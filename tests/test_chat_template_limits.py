@@ -162,3 +162,19 @@ def test_ordinary_filters_and_methods_still_work():
            "{{ 'Hi {}'.format('you') }}|{{ '%05d' % 42 }}|{{ range(3)|sum }}|{{ 'a\tb'.expandtabs(4) }}")
     out = ChatTemplate(src).render([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "ok"}])
     assert out == "你好, ok|a-b|3.14|  x  |True|1|Hi you|00042|3|a   b"
+
+
+@pytest.mark.parametrize("source", [
+    "{% set big = 'x' * 9000000 %}{{ [big] * 1000 }}",  # printing a container prints every item
+    "{% set big = 'x' * 9000000 %}{{ ([big] * 1000) ~ '' }}",
+    "{% set big = 'x' * 9000000 %}{{ ([big] * 1000)|string|length }}",
+    "{% set big = 'x' * 9000000 %}{{ ([big] * 1000)|tojson|length }}",
+    "{% set big = 'x' * 9000000 %}{{ ([big] * 1000)|pprint|length }}",
+    "{% set big = 'x' * 9000000 %}{{ [[big] * 1000]|join|length }}",
+    "{% set big = 'x' * 9000000 %}{{ '%s' % ([big] * 1000,) }}",
+])
+def test_containers_turned_into_text_are_sized_first(source):
+    rss0 = _peak_rss()
+    with pytest.raises(ChatTemplateLimitError):
+        ChatTemplate(source, limits=FAST).render(HI)
+    assert _peak_rss() - rss0 < 400 << 20

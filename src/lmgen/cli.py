@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a `chat_template` (Jinja text, never a path) in chat requests (default: refused)")
-    s.add_argument("--max-request-bytes", type=int, default=4 << 20,
+    s.add_argument("--max-request-bytes", type=int, default=None,
                    help="request bodies over this many bytes get 413 (default 4 MiB)")
     s.set_defaults(func=cmd_serve)
     return parser

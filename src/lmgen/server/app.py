@@ -104,7 +104,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         req = await _parse(request, P.DetokenizeRequest)
         srv.check_model(req.model, required=False)
         P.check_token_ids(req.tokens, srv.vocab_size, "tokens")
-        return P.DetokenizeResponse(prompt=srv.tok.decode(req.tokens)).model_dump()
+        return P.DetokenizeResponse(prompt=await srv.offload(srv.tok.decode, req.tokens)).model_dump()
 
     # ---- completions ----------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -216,7 +216,8 @@ def serve(args) -> int:
     app = create_app(llm, name, api_key=api_key, max_queue=getattr(args, "max_queue", 256),
                      max_num_seqs=getattr(args, "max_num_seqs", None), shutdown_timeout=timeout,
                      trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
-                     max_request_bytes=getattr(args, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
+                     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if getattr(args, "max_request_bytes", None) is None
+                     else args.max_request_bytes)
     host = getattr(args, "host", None) or "127.0.0.1"
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on")

@@ -33,7 +33,7 @@ from typing import Any
 
 from lmgen.errors import ChatTemplateLimitError
 
-__all__ = ["RenderLimits", "RenderWatch", "check_binop", "check_call", "check_result", "checked_join"]
+__all__ = ["RenderLimits", "RenderWatch", "check_binop", "check_call", "check_printable", "check_result", "checked_join"]
 
 _TEMPLATE_FILE = "<template>"  # the filename Jinja compiles templates under
 _MEMORY_CHECK_EVERY_S = 0.002  # creating a max_chars string takes longer than this
@@ -143,6 +143,32 @@ def _size(x: Any) -> int:
     return len(x) if isinstance(x, Sized) else 0
 
 
+def _text_size(x: Any, limit: int) -> int:
+    """Roughly ``len(str(x))`` for the strings, numbers and containers a template handles (a container's
+    text holds all its items' texts), counted without building it; stops counting once past ``limit``."""
+    total, stack = 0, [x]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v) + 2
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 + 2 * len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            total += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        else:
+            total += 24
+    return total
+
+
+# Filters that turn their whole value into text (a container: all of its items).
+_TEXT_FILTERS = frozenset({"capitalize", "center", "e", "escape", "forceescape", "format", "indent", "lower", "pprint",
+                           "replace", "safe", "string", "striptags", "title", "trim", "truncate", "upper", "urlencode",
+                           "urlize", "wordcount", "wordwrap", "xmlattr"})
+
+
 def _widths(fmt: str, args: Iterable[Any]) -> int:
     """The largest number written in a format string or passed as an int argument (a width or precision)."""
     largest = max((int(n) for n in _NUMBER.findall(fmt) if len(n) < 30), default=0)
@@ -164,14 +190,16 @@ def _flat(args: tuple, kwargs: dict) -> list[Any]:
     return out
 
 
-def _estimate(name: str, recv: Any, args: tuple, kwargs: dict, is_filter: bool) -> int:
+def _estimate(name: str, recv: Any, args: tuple, kwargs: dict, is_filter: bool, limit: int) -> int:
     """An upper bound on the size of ``recv.name(*args)`` (or filter ``name(recv, *args)``) for the
     operations that can grow a value; 0 for the rest (their result is checked after the call)."""
     flat = _flat(args, kwargs)
+    if is_filter and name in _TEXT_FILTERS and not isinstance(recv, str):
+        return _text_size(recv, limit)  # what it grows the text by is checked after
     if name in ("center", "ljust", "rjust", "zfill", "truncate"):
         return max([_size(recv)] + [a for a in flat if isinstance(a, int) and not isinstance(a, bool)])
     if name in ("format", "format_map") and isinstance(recv, str):
-        return len(recv) + _widths(recv, flat) + sum(_size(a) for a in flat)
+        return len(recv) + _widths(recv, flat) + sum(_text_size(a, limit) for a in flat)
     if name == "expandtabs" and isinstance(recv, str):
         tab = next((a for a in flat if isinstance(a, int)), 8)
         return len(recv) + recv.count("\t") * max(tab, 0)
@@ -184,7 +212,7 @@ def _estimate(name: str, recv: Any, args: tuple, kwargs: dict, is_filter: bool) 
         n = len(seq) if isinstance(seq, Sized) else 0
         if isinstance(seq, str):
             return len(seq) * (1 + _size(sep))
-        return sum(_size(s) for s in seq) + n * _size(sep) if isinstance(seq, (list, tuple)) else n * _size(sep)
+        return _text_size(seq, limit) + n * _size(sep) if isinstance(seq, (list, tuple)) else n * _size(sep)
     if name == "translate" and isinstance(recv, str) and args and isinstance(args[0], dict):
         grow = max([_size(v) for v in args[0].values()] + [1])
         return len(recv) * grow
@@ -194,7 +222,7 @@ def _estimate(name: str, recv: Any, args: tuple, kwargs: dict, is_filter: bool) 
     if name == "tojson":
         indent = kwargs.get("indent", args[1] if len(args) > 1 else None)
         pad = indent if isinstance(indent, int) and not isinstance(indent, bool) else _size(indent)
-        return _size(str(recv)) * (1 + pad) if pad else 0
+        return _text_size(recv, limit) * (1 + (pad or 0))
     return 0
 
 
@@ -218,7 +246,7 @@ def check_call(name: str, recv: Any, args: tuple, kwargs: dict, limit: int, *, i
         if counts and max(abs(a) for a in counts) > limit:
             raise _too_big(f"a value (with {name!r} and {max(abs(a) for a in counts)})", max(abs(a) for a in counts),
                            limit)
-    bound = _estimate(name, recv, args, kwargs, is_filter)
+    bound = _estimate(name, recv, args, kwargs, is_filter, limit)
     if bound > limit:
         raise _too_big(f"a value (with {name!r})", bound, limit)
     return recv, args
@@ -243,8 +271,6 @@ def check_binop(operator: str, left: Any, right: Any, limit: int) -> None:
         if isinstance(left, ints) and isinstance(right, ints) and abs(left) > 1 \
                 and left.bit_length() * abs(right) > limit:
             raise _too_big("a number", left.bit_length() * abs(right), limit, "bits")
-        if isinstance(left, float) and isinstance(right, ints) and abs(right) > 10_000 and abs(left) > 1:
-            raise _too_big("a power with an exponent", abs(right), 10_000, "")
     elif operator == "+":
         if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
                 and len(left) + len(right) > limit:
@@ -252,9 +278,21 @@ def check_binop(operator: str, left: Any, right: Any, limit: int) -> None:
     elif operator == "%" and isinstance(left, str):
         flat = list(right.values()) if isinstance(right, dict) else list(right) if isinstance(right, tuple) \
             else [right]
-        bound = len(left) + _widths(left, flat) + sum(_size(a) for a in flat)
+        bound = len(left) + _widths(left, flat) + sum(_text_size(a, limit) for a in flat)
         if bound > limit:
             raise _too_big("a formatted string", bound, limit)
+
+
+def check_printable(value: Any, limit: int) -> Any:
+    """``value`` unchanged, unless its text (``{{ value }}`` prints ``str(value)``) would pass ``limit``."""
+    if not isinstance(value, str) and _text_size(value, limit) > limit:
+        raise _passed(_text_size(value, limit), limit)
+    return value
+
+
+def _passed(total: int, limit: int) -> ChatTemplateLimitError:
+    return ChatTemplateLimitError(f"the chat template's output (or a string it joins) passed {limit} characters",
+                                  limit="output", value=total, maximum=limit)
 
 
 def checked_join(parts: Iterable[Any], limit: int) -> str:
@@ -262,10 +300,12 @@ def checked_join(parts: Iterable[Any], limit: int) -> str:
     out: list[str] = []
     total = 0
     for p in parts:
-        s = p if isinstance(p, str) else str(p)
-        total += len(s)
+        if not isinstance(p, str):
+            if total + _text_size(p, limit) > limit:  # a container's text can be far larger than the container
+                raise _passed(total + _text_size(p, limit), limit)
+            p = str(p)
+        total += len(p)
         if total > limit:
-            raise ChatTemplateLimitError(
-                f"the chat template's output (or a string it joins) passed {limit} characters", limit="output", value=total, maximum=limit)
-        out.append(s)
+            raise _passed(total, limit)
+        out.append(p)
     return "".join(out)

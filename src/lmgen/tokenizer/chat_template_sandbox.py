@@ -18,7 +18,14 @@ import jinja2.utils
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lmgen.tokenizer.chat_template_limits import RenderLimits, check_binop, check_call, check_result, checked_join
+from lmgen.tokenizer.chat_template_limits import (
+    RenderLimits,
+    check_binop,
+    check_call,
+    check_printable,
+    check_result,
+    checked_join,
+)
 
 __all__ = ["TemplateRaised", "compile_template"]
 
@@ -129,7 +136,8 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _CheckedConcat
 
     def __init__(self, max_chars: int, **options: Any):
-        super().__init__(**options)
+        # `{{ value }}` prints str(value) inline; finalize sees the value first (a container's text can be huge)
+        super().__init__(finalize=functools.partial(check_printable, limit=max_chars), **options)
         self.max_chars = max_chars
         # Generated code joins every output buffer (blocks, macros, the whole template) with this.
         self.concat = functools.partial(checked_join, limit=max_chars)
