@@ -263,7 +263,7 @@ def check_binop(operator: str, left: Any, right: Any, limit: int) -> None:
     ints = (int,)
     if operator == "*":
         for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, ints) and len(seq) * n > limit:
+            if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, ints) and len(seq) * n > limit:
                 raise _too_big("a repeated sequence", len(seq) * n, limit)
         if isinstance(left, ints) and isinstance(right, ints) and left.bit_length() + right.bit_length() > limit:
             raise _too_big("a number", left.bit_length() + right.bit_length(), limit, "bits")
@@ -272,7 +272,7 @@ def check_binop(operator: str, left: Any, right: Any, limit: int) -> None:
                 and left.bit_length() * abs(right) > limit:
             raise _too_big("a number", left.bit_length() * abs(right), limit, "bits")
     elif operator == "+":
-        if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+        if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)) \
                 and len(left) + len(right) > limit:
             raise _too_big("a concatenation", len(left) + len(right), limit)
     elif operator == "%" and isinstance(left, str):
