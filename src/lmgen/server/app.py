@@ -5,9 +5,10 @@ POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus text).
 
 Every error is answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
 a malformed body, wrong types, invalid sampling values or a context overflow, 401 for a missing or
-wrong API key, 404 for an unknown model or route, 503 when the waiting queue is full or the server is
-shutting down, 413 for a body over `max_request_bytes` (before it is parsed). A request is only accepted (and a stream only opened with 200) once the engine took it,
-so admission errors are never hidden inside an already-started stream.
+wrong API key, 404 for an unknown model or route, 413 for a body over `max_request_bytes` (before it is
+parsed), 503 when the waiting queue is full or the server is shutting down. A request is only accepted
+(and a stream only opened with 200) once the engine took it, so admission errors are never hidden inside
+an already-started stream.
 
 This module holds the routes and `lmgen serve`; the pieces they use live in errors.py (error shaping),
 service.py (`_Server`: checks, admission, logprobs, prompts), outputs.py (accumulated outputs) and
