@@ -159,6 +159,19 @@ def test_over_long_prompt_names_both_numbers(http):
     assert_still_serving(http)
 
 
+def test_request_chat_template_needs_the_opt_in(base, http):
+    """Without --trust-request-chat-template a request's chat_template is refused, path or text alike."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    for template in ("/etc/passwd", "{{ messages[0].content }}", "chatml"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                           extra_body={"chat_template": template})
+        assert exc.value.body["param"] == "chat_template"
+        assert "--trust-request-chat-template" in exc.value.body["message"]
+    assert_still_serving(http)
+
+
 # ---- 401 / 404 ---------------------------------------------------------------------------------------
 def test_api_key(base, http):
     openai = pytest.importorskip("openai")

@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503")
     s.add_argument("--max-n", type=int, default=128, help="most completions (n) or beams one request may ask for; more get 400")
     s.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a `chat_template` (Jinja text, never a path) in chat requests (default: refused)")
+    s.add_argument("--max-request-bytes", type=int, default=None,
+                   help="request bodies over this many bytes get 413 (default 4 MiB)")
     s.set_defaults(func=cmd_serve)
     return parser
 

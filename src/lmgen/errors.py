@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lmgen.tokenizer.chat_template_error import ChatTemplateError
+
 
 class ContextOverflowError(ValueError):
     """A prompt (or the shortest history a chat can keep) does not fit the context window; the message and
@@ -23,3 +25,15 @@ class InvalidRequestError(ValueError):
         super().__init__(message)
         self.param = param
         self.value = value
+
+
+class ChatTemplateLimitError(ChatTemplateError):
+    """A chat template went over a render limit (time, output size, size of one value, memory); `limit` names
+    which, `value` is what was reached or asked for and `maximum` the limit."""
+
+    def __init__(self, message: str, *, limit: str, value: float | int | None = None,
+                 maximum: float | int | None = None):
+        super().__init__(message)
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum

@@ -5,13 +5,15 @@ POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus text).
 
 Every error is answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
 a malformed body, wrong types, invalid sampling values or a context overflow, 401 for a missing or
-wrong API key, 404 for an unknown model or route, 503 when the waiting queue is full or the server is
-shutting down. A request is only accepted (and a stream only opened with 200) once the engine took it,
-so admission errors are never hidden inside an already-started stream.
+wrong API key, 404 for an unknown model or route, 413 for a body over `max_request_bytes` (before it is
+parsed), 503 when the waiting queue is full or the server is shutting down. A request is only accepted
+(and a stream only opened with 200) once the engine took it, so admission errors are never hidden inside
+an already-started stream.
 
 This module holds the routes and `lmgen serve`; the pieces they use live in errors.py (error shaping),
 service.py (`_Server`: checks, admission, logprobs, prompts), outputs.py (accumulated outputs) and
-streaming.py (SSE).
+streaming.py (SSE) and body_limit.py (the 413). Chat templates render and prompts tokenize in worker
+threads (service.py), never on the event loop, so /health answers while a slow one runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lmgen.server import protocol as P
 from lmgen.server.async_engine import AsyncEngine
+from lmgen.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from lmgen.server.errors import _parse, install_error_handlers
 from lmgen.server.metrics import CONTENT_TYPE, ServerMetrics
 from lmgen.server.outputs import visible_logprobs
@@ -39,26 +42,32 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish on S
 
 
 def create_app(llm, served_model_name: str | list[str] | None = None, api_key: str | None = None, max_queue: int = 256,
-               max_num_seqs: int | None = None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, max_n: int = 128) -> FastAPI:
+               max_num_seqs: int | None = None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+               trust_request_chat_template: bool = False,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_n: int = 128) -> FastAPI:
     """The FastAPI app serving `llm` (an lmgen.LLM). The engine thread starts with the app's lifespan
     (or at the first request) and stops on shutdown, after in-flight requests had `shutdown_timeout`
-    seconds to finish."""
+    seconds to finish. A request's `chat_template` (Jinja text only) is refused with 400 unless
+    `trust_request_chat_template`; a body over `max_request_bytes` gets 413."""
+    BodyLimit(None, max_request_bytes)  # a bad limit fails here, not at the first request
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [llm.model_name])
     metrics = ServerMetrics()
     engine = AsyncEngine(llm, max_queue=max_queue, max_num_seqs=max_num_seqs, metrics=metrics, max_n=max_n)
-    srv = _Server(llm, engine, names, api_key)
+    srv = _Server(llm, engine, names, api_key, trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         yield
         await engine.shutdown(shutdown_timeout)
+        srv.pool.shutdown(wait=False, cancel_futures=True)
         logger.info("engine stopped")
 
     app = FastAPI(title="lmgen", version="0.1.0", lifespan=lifespan)
     app.state.lmgen = srv
     app.state.engine = engine
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     # ---- plain routes ---------------------------------------------------------------------------
     @app.get("/health")
@@ -85,9 +94,9 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         if (req.prompt is None) == (req.messages is None):
             raise P.APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
         if req.prompt is not None:
-            ids = srv.tok.encode(req.prompt, add_special_tokens=True if req.add_special_tokens is None else req.add_special_tokens)
+            ids = await srv.offload(srv.tok.encode, req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
         else:
-            ids = srv.render_messages(req.messages, req.add_generation_prompt)
+            ids = await srv.render_messages(req.messages, req.add_generation_prompt, fit_context=False)
         return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=srv.context_length).model_dump()
 
     @app.post("/detokenize")
@@ -96,7 +105,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         req = await _parse(request, P.DetokenizeRequest)
         srv.check_model(req.model, required=False)
         P.check_token_ids(req.tokens, srv.vocab_size, "tokens")
-        return P.DetokenizeResponse(prompt=srv.tok.decode(req.tokens)).model_dump()
+        return P.DetokenizeResponse(prompt=await srv.offload(srv.tok.decode, req.tokens)).model_dump()
 
     # ---- completions ----------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -108,7 +117,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
             raise P.APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise P.APIError(400, f"best_of is not supported (other than best_of == n), got {req.best_of}", param="best_of")
-        prompts = _completion_prompts(srv, req)
+        prompts = await _completion_prompts(srv, req)
         k = req.logprobs
         jobs = []
         for _, ids in prompts:
@@ -162,7 +171,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         extra = dict(req.chat_template_kwargs or {})
         if req.tools:
             extra["tools"] = req.tools
-        ids = srv.render_messages(req.messages, req.add_generation_prompt, req.chat_template, extra)
+        ids = await srv.render_messages(req.messages, req.add_generation_prompt, req.chat_template, extra)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = P.resolve_max_tokens(requested, len(ids), srv.context_length, param, what="messages")
@@ -207,7 +216,10 @@ def serve(args) -> int:
     timeout = float(getattr(args, "shutdown_timeout", None) or os.environ.get("LMGEN_SHUTDOWN_TIMEOUT") or DEFAULT_SHUTDOWN_TIMEOUT)
     app = create_app(llm, name, api_key=api_key, max_queue=getattr(args, "max_queue", 256),
                      max_num_seqs=getattr(args, "max_num_seqs", None), shutdown_timeout=timeout,
-                     max_n=getattr(args, "max_n", 128))
+                     max_n=getattr(args, "max_n", 128),
+                     trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+                     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if getattr(args, "max_request_bytes", None) is None
+                     else args.max_request_bytes)
     host = getattr(args, "host", None) or "127.0.0.1"
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on")

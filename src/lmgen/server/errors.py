@@ -52,7 +52,8 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     for err in errors[:3]:
         loc = ".".join(str(x) for x in err["loc"])
         got = err.get("input")
-        parts.append(f"{loc}: {err['msg']}" + (f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict) else ""))
+        shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."  # never echo a huge value back
+        parts.append(f"{loc}: {err['msg']}" + (f" (got {shown})" if err["type"] != "missing" and not isinstance(got, dict) else ""))
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more, param
 

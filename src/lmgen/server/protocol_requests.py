@@ -1,12 +1,20 @@
 """OpenAI wire format, requests: the strictly validated bodies of /v1/completions, /v1/chat/completions,
 /tokenize and /detokenize (OpenAI's fields plus vLLM's sampling extras; unknown fields are ignored).
+As OpenAI, a message role outside ROLES and more than MAX_STOP_STRINGS stop strings are refused (400).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+# The roles OpenAI's chat API takes; a template sees nothing else.
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+ROLES: tuple[str, ...] = Role.__args__
+# OpenAI takes up to 4 stop strings, vLLM any number; each is matched against every new token, so a cap.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000
 
 
 class _Strict(BaseModel):
@@ -46,6 +54,17 @@ class _SamplingFields(_Strict):
     length_penalty: float = 1.0
     early_stopping: Union[bool, Literal["never"]] = False
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(strings)}")
+        longest = max((len(s) for s in strings), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return stop
+
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
@@ -65,7 +84,7 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, tool_call_id... reach the template
-    role: str
+    role: Role
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 

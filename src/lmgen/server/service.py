@@ -4,22 +4,30 @@ admission to the engine, collecting outputs, usage, logprobs formatting, prompt 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 from fastapi import Request
 
+from lmgen.errors import ChatTemplateLimitError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server import protocol as P
 from lmgen.server.async_engine import AsyncEngine, RequestStream
 from lmgen.engine.outputs import RequestOutput
 from lmgen.server.outputs import TokenText
+from lmgen.tokenizer.chat_template import ChatTemplate
+
+PROMPT_THREADS = 4  # renders and tokenizations in flight at once, off the event loop
 
 
 class _Server:
-    def __init__(self, llm, engine: AsyncEngine, model_names: list[str], api_key: str | None):
+    def __init__(self, llm, engine: AsyncEngine, model_names: list[str], api_key: str | None,
+                 trust_request_chat_template: bool = False):
         self.llm, self.engine = llm, engine
+        self.trust_request_chat_template = trust_request_chat_template
         self.model_names = model_names
         self.api_key = api_key
         self.tok = llm.tokenizer
@@ -27,6 +35,25 @@ class _Server:
         self.context_length = llm.context_length
         self.token_text = TokenText(llm.tokenizer)
         self.created = int(time.time())
+        # No token covers more characters than the longest vocabulary piece, so a text longer than
+        # context_length times that cannot fit the window: it is refused without tokenizing it.
+        pieces = llm.tokenizer.convert_ids_to_tokens(range(llm.tokenizer.vocab_size))
+        self.max_prompt_chars = self.context_length * max([len(p) for p in pieces] + [1])
+        # Template rendering and tokenization run here, never on the event loop (they can take seconds).
+        self.pool = ThreadPoolExecutor(max_workers=PROMPT_THREADS, thread_name_prefix="lmgen-prompt")
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the prompt threads, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
+    def check_prompt_chars(self, text: str, what: str, param: str) -> None:
+        """400 for a text that certainly does not fit the context window, before anything tokenizes it."""
+        if len(text) > self.max_prompt_chars:
+            raise P.APIError(
+                400, f"This model's maximum context length is {self.context_length} tokens. However, your {what} "
+                     f"has {len(text)} characters, more than {self.context_length} tokens can hold "
+                     f"({self.max_prompt_chars}). Please shorten the {what}.", param=param,
+                code="context_length_exceeded")
 
     # ---- checks ---------------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
@@ -113,8 +140,15 @@ class _Server:
         return P.ChoiceLogprobs(content=content)
 
     # ---- chat prompt ----------------------------------------------------------------------------
-    def render_messages(self, messages: list[P.ChatMessage], add_generation_prompt: bool, chat_template: str | None = None,
-                        extra: dict | None = None) -> list[int]:
+    async def render_messages(self, messages: list[P.ChatMessage], add_generation_prompt: bool,
+                              chat_template: str | None = None, extra: dict | None = None,
+                              fit_context: bool = True) -> list[int]:
+        """Prompt ids of a conversation, rendered and tokenized in the prompt threads. A request's own
+        `chat_template` is template text (or a built-in / the model's named template), never a file, and
+        only taken when the server trusts request templates."""
+        if chat_template is not None and not self.trust_request_chat_template:
+            raise P.APIError(400, "chat_template is not accepted in requests by this server (start it with "
+                                  "--trust-request-chat-template to allow it)", param="chat_template")
         msgs = []
         for i, m in enumerate(messages):
             content = m.content
@@ -136,15 +170,36 @@ class _Server:
         if not msgs:
             raise P.APIError(400, "messages must not be empty", param="messages")
         try:
-            return self.llm.render_chat(msgs, chat_template, add_generation_prompt, **(extra or {}))
+            text = await self.offload(self._render, msgs, add_generation_prompt, chat_template, extra or {})
         except P.APIError:
             raise
+        except ChatTemplateLimitError as e:
+            raise P.APIError(400, f"the chat template went over a limit: {e}",
+                             param="chat_template" if chat_template is not None else "messages",
+                             code="chat_template_limit") from None
         except Exception as e:  # the template raised (bad roles, raise_exception(), ...)
-            raise P.APIError(400, f"could not apply the chat template: {e}", param="messages") from None
+            raise P.APIError(400, f"could not apply the chat template: {e}",
+                             param="chat_template" if chat_template is not None else "messages") from None
+        if fit_context:
+            self.check_prompt_chars(text, "messages", "messages")
+        return await self.offload(self.tok.encode, text, False)
+
+    def _render(self, msgs: list[dict], add_generation_prompt: bool, chat_template: str | None, extra: dict) -> str:
+        """The prompt text (runs in a prompt thread): the operator's / model's template, or the request's."""
+        if chat_template is None:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                chat_template=self.llm.chat_template, **extra)
+        named = self.tok.chat_templates.get(chat_template)
+        if named is not None:
+            template = ChatTemplate(named, self.tok.bos_token, self.tok.eos_token)
+        else:
+            template = ChatTemplate.resolve(chat_template, self.tok.bos_token, self.tok.eos_token, allow_files=False)
+        return template.render(msgs, add_generation_prompt=add_generation_prompt, **extra)
 
 
-def _completion_prompts(srv: _Server, req: P.CompletionRequest) -> list[tuple[str, list[int]]]:
-    """(prompt text, prompt ids) for each prompt of a completions request."""
+async def _completion_prompts(srv: _Server, req: P.CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(prompt text, prompt ids) for each prompt of a completions request; tokenized in the prompt threads
+    after a cheap length check."""
     prompt = req.prompt
     if isinstance(prompt, str):
         items: list = [prompt]
@@ -154,10 +209,21 @@ def _completion_prompts(srv: _Server, req: P.CompletionRequest) -> list[tuple[st
         items = [prompt]
     else:
         items = list(prompt)
+    for p in items:
+        if isinstance(p, str):
+            srv.check_prompt_chars(p, "prompt", "prompt")
+        elif len(p) > srv.context_length:
+            raise P.APIError(400, f"This model's maximum context length is {srv.context_length} tokens. However, "
+                                  f"your prompt has {len(p)} tokens. Please shorten the prompt.", param="prompt",
+                             code="context_length_exceeded")
+    return await srv.offload(_tokenize_prompts, srv, items, req.add_special_tokens)
+
+
+def _tokenize_prompts(srv: _Server, items: list, add_special_tokens: bool) -> list[tuple[str, list[int]]]:
     out = []
     for p in items:
         if isinstance(p, str):
-            ids = srv.tok.encode(p, add_special_tokens=req.add_special_tokens)
+            ids = srv.tok.encode(p, add_special_tokens=add_special_tokens)
             text = p
         else:
             P.check_token_ids(p, srv.vocab_size, "prompt")

@@ -24,6 +24,8 @@ class TokenizersBackend:
         self._lib_special = {t_id for t_id, tok in tk.get_added_tokens_decoder().items() if tok.special}
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > 4096:  # encode_batch releases the GIL: a long text does not stall the other threads
+            return self.tk.encode_batch([text], add_special_tokens=False)[0].ids
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:

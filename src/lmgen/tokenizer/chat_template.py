@@ -14,7 +14,9 @@ Templates are untrusted code (they come with downloaded model files), so they
 run in Jinja's immutable sandbox, as in ``transformers``; on top of that any
 attempt to reach Python internals (``__class__``, ``__globals__``, ...) fails
 loudly with :class:`ChatTemplateError` instead of rendering an empty string,
-and the data a template sees is rebuilt from plain JSON types first.
+and the data a template sees is rebuilt from plain JSON types first. Every
+render runs under :class:`RenderLimits` (time, output size, memory; see
+chat_template_limits) and goes over one with :class:`ChatTemplateLimitError`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from typing import Any
 
 import jinja2.exceptions
 
+from lmgen.errors import ChatTemplateLimitError
 from lmgen.tokenizer.chat_template_builtins import BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES
 from lmgen.tokenizer.chat_template_error import ChatTemplateError
 from lmgen.tokenizer.chat_template_inputs import prepare_messages, to_plain, validate_messages
+from lmgen.tokenizer.chat_template_limits import RenderLimits, RenderWatch
 from lmgen.tokenizer.chat_template_sandbox import TemplateRaised, compile_template
 
-__all__ = ["ChatTemplate", "ChatTemplateError"]
+__all__ = ["ChatTemplate", "ChatTemplateError", "ChatTemplateLimitError", "RenderLimits"]
 
 
 def _template_line(exc: BaseException) -> int | None:
@@ -57,20 +61,22 @@ class ChatTemplate:
     ``bos_token`` / ``eos_token`` are passed to the template as variables of
     those names, as transformers passes the tokenizer's special tokens (a
     token given as ``None`` is left undefined, as transformers leaves it).
+    ``limits`` bound every render (default :class:`RenderLimits`()).
     """
 
     BUILTINS: dict[str, str] = BUILTIN_TEMPLATES
 
     def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None,
-                 *, name: str | None = None):
+                 *, name: str | None = None, limits: RenderLimits | None = None):
         if not isinstance(source, str):
             raise ChatTemplateError(f"chat template source must be a string, got {type(source).__name__}")
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name or "chat template"
+        self.limits = limits or RenderLimits()
         try:
-            self._template = compile_template(source)
+            self._template = compile_template(source, self.limits.max_chars)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ChatTemplateError(
                 f"{self.name}: syntax error at line {e.lineno}: {e.message}"
@@ -82,11 +88,14 @@ class ChatTemplate:
         return f"ChatTemplate(name={self.name!r}, bos_token={self.bos_token!r}, eos_token={self.eos_token!r})"
 
     @classmethod
-    def resolve(cls, spec: str, bos_token: str | None = None, eos_token: str | None = None) -> ChatTemplate:
+    def resolve(cls, spec: str, bos_token: str | None = None, eos_token: str | None = None, *,
+                allow_files: bool = True, limits: RenderLimits | None = None) -> ChatTemplate:
         """A template from a built-in name, a path to a template file, or the template source itself.
 
         For a built-in, a bos/eos token not given is filled in with the one its
-        model family uses.
+        model family uses. With ``allow_files=False`` (a template that came with a
+        request) ``spec`` is never looked up on the filesystem: anything that is
+        not a built-in name must be Jinja text.
         """
         if not isinstance(spec, str) or not spec:
             raise ChatTemplateError("chat template spec must be a non-empty string")
@@ -96,17 +105,22 @@ class ChatTemplate:
             return cls(cls.BUILTINS[key],
                        bos_token if bos_token is not None else default_bos,
                        eos_token if eos_token is not None else default_eos,
-                       name=f"built-in chat template {key!r}")
+                       name=f"built-in chat template {key!r}", limits=limits)
         if "{{" in spec or "{%" in spec or "{#" in spec:
-            return cls(spec, bos_token, eos_token)
+            return cls(spec, bos_token, eos_token, limits=limits)
+        builtins = ", ".join(cls.BUILTINS)
+        if not allow_files:
+            raise ChatTemplateError(
+                f"chat template {spec[:80]!r} is neither a built-in name ({builtins}) nor Jinja template "
+                f"text; a file path is not accepted here"
+            )
         path = Path(os.path.expanduser(spec))
         if path.is_file():
             try:
                 source = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise ChatTemplateError(f"cannot read chat template file {str(path)!r}: {e}") from None
-            return cls(source, bos_token, eos_token, name=f"chat template {str(path)!r}")
-        builtins = ", ".join(cls.BUILTINS)
+            return cls(source, bos_token, eos_token, name=f"chat template {str(path)!r}", limits=limits)
         if path.suffix.lower() in (".jinja", ".jinja2", ".j2", ".txt") or os.sep in spec:
             raise ChatTemplateError(
                 f"chat template file {spec!r} not found (built-in templates: {builtins})"
@@ -159,13 +173,17 @@ class ChatTemplate:
             final_text = self._tag_final_message(chat)
 
         try:
-            rendered = self._template.render(
-                messages=chat,
-                tools=tools,
-                documents=documents,
-                add_generation_prompt=bool(add_generation_prompt),
-                **variables,
-            )
+            with RenderWatch(self.limits):
+                rendered = self._template.render(
+                    messages=chat,
+                    tools=tools,
+                    documents=documents,
+                    add_generation_prompt=bool(add_generation_prompt),
+                    **variables,
+                )
+        except ChatTemplateLimitError as e:
+            raise ChatTemplateLimitError(f"{self.name} stopped{self._at(e)}: {e}", limit=e.limit, value=e.value,
+                                         maximum=e.maximum) from None
         except TemplateRaised as e:
             raise ChatTemplateError(str(e)) from None
         except jinja2.exceptions.SecurityError as e:

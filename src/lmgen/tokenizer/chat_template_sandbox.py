@@ -1,6 +1,6 @@
 """The Jinja sandbox chat templates compile and run in, built as transformers' ``_compile_jinja_template``
 builds it (same settings, filters and globals), plus guards that make escape attempts and memory
-bombs fail loudly instead of rendering.
+bombs fail loudly instead of rendering (the size checks; the time and memory watch is RenderWatch).
 """
 
 from __future__ import annotations
@@ -8,20 +8,26 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import jinja2
 import jinja2.exceptions
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
+from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["TemplateRaised", "compile_template"]
+from lmgen.tokenizer.chat_template_limits import (
+    RenderLimits,
+    check_binop,
+    check_call,
+    check_printable,
+    check_result,
+    checked_join,
+)
 
-# Guards against templates that try to exhaust memory ("x" * 10**12, 9 ** 10**9).
-_MAX_REPEAT_LEN = 10_000_000
-_MAX_POW_EXPONENT = 10_000
+__all__ = ["TemplateRaised", "compile_template"]
 
 
 class TemplateRaised(jinja2.exceptions.TemplateError):
@@ -90,15 +96,51 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+class _CheckedConcat(CodeGenerator):
+    """Compiles ``a ~ b`` to the environment's size-checked join instead of Jinja's plain ``str_join``."""
+
+    @optimizeconst
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Frame) -> None:
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+def _guard_filter(name: str, func: Callable[..., Any], limit: int) -> Callable[..., Any]:
+    """``func`` (a Jinja filter) checked before it runs (could its result be too big?) and after."""
+    skip = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0  # context / eval_ctx / env first
+
+    @functools.wraps(func)  # keeps jinja_pass_arg, so Jinja passes the same arguments
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > skip:
+            value, rest = check_call(name, args[skip], args[skip + 1:], kwargs, limit, is_filter=True)
+            args = (*args[:skip], value, *rest)
+        return check_result(func(*args, **kwargs), limit)
+
+    return guarded
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, except that unsafe access fails at once.
+    """transformers' sandbox, except that unsafe access fails at once and nothing grows past ``max_chars``.
 
     Jinja's sandbox answers ``''.__class__`` with an Undefined that renders as
     an empty string and only fails when used further; here the access itself
-    raises, so an escape attempt is always reported.
+    raises, so an escape attempt is always reported. Every operator, filter,
+    method call, ``~`` join, block capture and the output itself are checked
+    against ``max_chars`` (see chat_template_limits).
     """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _CheckedConcat
+
+    def __init__(self, max_chars: int, **options: Any):
+        # `{{ value }}` prints str(value) inline; finalize sees the value first (a container's text can be huge)
+        super().__init__(finalize=functools.partial(check_printable, limit=max_chars), **options)
+        self.max_chars = max_chars
+        # Generated code joins every output buffer (blocks, macros, the whole template) with this.
+        self.concat = functools.partial(checked_join, limit=max_chars)
 
     def unsafe_undefined(self, obj: Any, attribute: Any) -> Any:
         raise jinja2.exceptions.SecurityError(
@@ -106,44 +148,35 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         )
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
-                        and len(seq) * n > _MAX_REPEAT_LEN:
-                    raise jinja2.exceptions.SecurityError(
-                        f"repetition would build a sequence of {len(seq) * n} items "
-                        f"(limit {_MAX_REPEAT_LEN})"
-                    )
-        elif operator == "**":
-            if isinstance(left, (int, float)) and isinstance(right, int) \
-                    and abs(right) > _MAX_POW_EXPONENT and abs(left) > 1:
-                raise jinja2.exceptions.SecurityError(
-                    f"exponent {right} is too large (limit {_MAX_POW_EXPONENT})"
-                )
-        return super().call_binop(context, operator, left, right)
+        check_binop(operator, left, right, self.max_chars)
+        return check_result(super().call_binop(context, operator, left, right), self.max_chars)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
+        target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+        _, args = check_call(getattr(target, "__name__", ""), getattr(target, "__self__", None), args, kwargs,
+                             __self.max_chars, is_filter=False)
+        return check_result(super().call(__context, __obj, *args, **kwargs), __self.max_chars)
 
 
-_ENV: _StrictSandbox | None = None
-
-
-def _environment() -> _StrictSandbox:
-    global _ENV
-    if _ENV is None:
-        env = _StrictSandbox(
-            trim_blocks=True,
-            lstrip_blocks=True,
-            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
-        env.globals["dict"] = _TemplateDict()
-        env.globals["namespace"] = _TemplateNamespace
-        _ENV = env
-    return _ENV
+@functools.lru_cache(maxsize=4)
+def _environment(max_chars: int) -> _StrictSandbox:
+    env = _StrictSandbox(
+        max_chars,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.filters = {name: _guard_filter(name, f, max_chars) for name, f in env.filters.items()}
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env
 
 
 @functools.lru_cache(maxsize=64)
-def compile_template(source: str) -> jinja2.Template:
-    # Compiling a large template takes milliseconds; callers often build a ChatTemplate per request.
-    return _environment().from_string(source)
+def compile_template(source: str, max_chars: int = RenderLimits.max_chars) -> jinja2.Template:
+    """``source`` compiled in the sandbox whose values may not pass ``max_chars`` characters or items.
+    Compiling a large template takes milliseconds; callers often build a ChatTemplate per request."""
+    return _environment(max_chars).from_string(source)
