@@ -20,7 +20,8 @@ import pytest
 from lmgen.engine.engine import EngineSnapshot, EngineStats
 from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.sampling.params import SamplingParams
-from lmgen.server.async_engine import AsyncEngine, EngineClosedError, QueueFullError
+from lmgen.errors import EngineClosedError, QueueFullError
+from lmgen.server.async_engine import AsyncEngine
 from lmgen.server.metrics import parse_metrics
 
 MODEL = "smol"

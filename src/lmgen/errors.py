@@ -1,8 +1,11 @@
-"""Errors shared across stages."""
+"""Every lmgen exception, with structured fields (what, value, param) so that the CLI and the server map
+them without parsing messages. Loader, server-queue and model-format errors live here too."""
 
 from __future__ import annotations
 
-from lmgen.tokenizer.chat_template_error import ChatTemplateError
+
+class ChatTemplateError(ValueError):
+    """A chat template could not be compiled or rendered, or its input was malformed."""
 
 
 class ContextOverflowError(ValueError):
@@ -10,8 +13,9 @@ class ContextOverflowError(ValueError):
     the attributes carry the numbers."""
 
     def __init__(self, message: str, *, needed: int | None = None, context_length: int | None = None,
-                 prompt_tokens: int | None = None, max_tokens: int | None = None):
+                 prompt_tokens: int | None = None, max_tokens: int | None = None, param: str | None = None):
         super().__init__(message)
+        self.param = param  # the request field at fault ("prompt", "messages"), when a request is
         self.needed = needed
         self.context_length = context_length
         self.prompt_tokens = prompt_tokens
@@ -37,3 +41,15 @@ class ChatTemplateLimitError(ChatTemplateError):
         self.limit = limit
         self.value = value
         self.maximum = maximum
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit (`max_queue`); the server answers 503."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down (or its thread died) and takes no new requests."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed; the requests it was running were failed with this error."""

@@ -42,6 +42,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+from lmgen.errors import InvalidRequestError
+
 __all__ = ["SamplingParams", "PRESETS", "MAX_LOGPROBS"]
 
 #: Largest number of top log-probabilities a request may ask for (as OpenAI).
@@ -72,7 +74,7 @@ _BEAM_IGNORES = {"temperature": (0.0, 1.0), "top_k": (0, -1), "top_p": (1.0,), "
 
 
 def _fail(name: str, requirement: str, value: Any) -> None:
-    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    raise InvalidRequestError(f"{name} must be {requirement}, got {value!r}", param=name, value=value)
 
 
 def _is_int(value: Any) -> bool:
@@ -200,7 +202,8 @@ class SamplingParams:
             for name, off in _BEAM_IGNORES.items():
                 value = getattr(self, name)
                 if value not in off:
-                    raise ValueError(f"{name} must be left at its default with beam search (beam_width > 1), got {value!r}")
+                    raise InvalidRequestError(f"{name} must be left at its default with beam search (beam_width > 1), "
+                                              f"got {value!r}", param=name, value=value)
 
         self._float("length_penalty")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
@@ -272,7 +275,6 @@ class SamplingParams:
     def from_preset(cls, name: str, **overrides: Any) -> "SamplingParams":
         """Parameters of a named preset (see ``PRESETS``), with ``overrides``."""
         if name not in PRESETS:
-            raise ValueError(
-                f"unknown sampling preset {name!r}; available presets: {', '.join(sorted(PRESETS))}"
-            )
+            raise InvalidRequestError(f"unknown sampling preset {name!r}; available presets: {', '.join(sorted(PRESETS))}",
+                                      param="preset", value=name)
         return cls(**{**PRESETS[name], **overrides})

@@ -11,7 +11,7 @@ parsed), 503 when the waiting queue is full or the server is shutting down. A re
 an already-started stream.
 
 This module holds the routes and `lmgen serve`; the pieces they use live in errors.py (error shaping),
-service.py (`_Server`: checks, admission, logprobs, prompts), outputs.py (accumulated outputs) and
+service.py (`ServerContext`: checks, admission, logprobs, prompts), outputs.py (accumulated outputs) and
 streaming.py (SSE) and body_limit.py (the 413). Chat templates render and prompts tokenize in worker
 threads (service.py), never on the event loop, so /health answers while a slow one runs.
 """
@@ -27,14 +27,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from lmgen.server import protocol as P
+from lmgen.server.protocol import requests as Q
+from lmgen.server.protocol import responses as R
+from lmgen.server.protocol.api_error import APIError
+from lmgen.server.protocol.sampling import check_token_ids, resolve_max_tokens, sampling_params
 from lmgen.server.async_engine import AsyncEngine
 from lmgen.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
-from lmgen.server.errors import _parse, install_error_handlers
+from lmgen.server.errors import parse_body, install_error_handlers
 from lmgen.server.metrics import CONTENT_TYPE, ServerMetrics
 from lmgen.server.outputs import visible_logprobs
-from lmgen.server.service import _completion_prompts, _Server
-from lmgen.server.streaming import _chat_stream, _ClientGone, _completion_stream, _SSEResponse, _unless_disconnected
+from lmgen.server.service import completion_prompts, ServerContext
+from lmgen.server.streaming import chat_stream, ClientGone, completion_stream, SSEResponse, unless_disconnected
 
 logger = logging.getLogger("lmgen.server")
 
@@ -53,7 +56,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [llm.model_name])
     metrics = ServerMetrics()
     engine = AsyncEngine(llm, max_queue=max_queue, max_num_seqs=max_num_seqs, metrics=metrics, max_n=max_n)
-    srv = _Server(llm, engine, names, api_key, trust_request_chat_template)
+    srv = ServerContext(llm, engine, names, api_key, trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,56 +86,56 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
     @app.get("/v1/models")
     async def models(request: Request):
         srv.auth(request)
-        cards = [P.ModelCard(id=n, created=srv.created, root=llm.model_name, max_model_len=srv.context_length) for n in names]
-        return P.ModelList(data=cards).model_dump()
+        cards = [R.ModelCard(id=n, created=srv.created, root=llm.model_name, max_model_len=srv.context_length) for n in names]
+        return R.ModelList(data=cards).model_dump()
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
         srv.auth(request)
-        req = await _parse(request, P.TokenizeRequest)
+        req = await parse_body(request, Q.TokenizeRequest)
         srv.check_model(req.model, required=False)
         if (req.prompt is None) == (req.messages is None):
-            raise P.APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
+            raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
         if req.prompt is not None:
             ids = await srv.offload(srv.tok.encode, req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
         else:
             ids = await srv.render_messages(req.messages, req.add_generation_prompt, fit_context=False)
-        return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=srv.context_length).model_dump()
+        return R.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=srv.context_length).model_dump()
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         srv.auth(request)
-        req = await _parse(request, P.DetokenizeRequest)
+        req = await parse_body(request, Q.DetokenizeRequest)
         srv.check_model(req.model, required=False)
-        P.check_token_ids(req.tokens, srv.vocab_size, "tokens")
-        return P.DetokenizeResponse(prompt=await srv.offload(srv.tok.decode, req.tokens)).model_dump()
+        check_token_ids(req.tokens, srv.vocab_size, "tokens")
+        return R.DetokenizeResponse(prompt=await srv.offload(srv.tok.decode, req.tokens)).model_dump()
 
     # ---- completions ----------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
         srv.auth(request)
-        req: P.CompletionRequest = await _parse(request, P.CompletionRequest)
+        req: Q.CompletionRequest = await parse_body(request, Q.CompletionRequest)
         srv.check_model(req.model)
         if req.suffix:
-            raise P.APIError(400, "suffix is not supported", param="suffix")
+            raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
-            raise P.APIError(400, f"best_of is not supported (other than best_of == n), got {req.best_of}", param="best_of")
-        prompts = await _completion_prompts(srv, req)
+            raise APIError(400, f"best_of is not supported (other than best_of == n), got {req.best_of}", param="best_of")
+        prompts = await completion_prompts(srv, req)
         k = req.logprobs
         jobs = []
         for _, ids in prompts:
-            max_tokens = P.resolve_max_tokens(req.max_tokens, len(ids), srv.context_length)
-            jobs.append((ids, P.sampling_params(req, max_tokens, k, srv.vocab_size,
+            max_tokens = resolve_max_tokens(req.max_tokens, len(ids), srv.context_length)
+            jobs.append((ids, sampling_params(req, max_tokens, k, srv.vocab_size,
                                                 prompt_logprobs=k if (req.echo and k is not None) else None)))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await srv.admit(jobs, rid)
         if req.stream:
-            return _SSEResponse(_completion_stream(srv, req, rid, created, prompts, streams),
+            return SSEResponse(completion_stream(srv, req, rid, created, prompts, streams),
                                 lambda: [s.abort() for s in streams])
         try:
-            results = await _unless_disconnected(request, srv.collect(streams))
-        except _ClientGone:
+            results = await unless_disconnected(request, srv.collect(streams))
+        except ClientGone:
             return Response(status_code=499)
         choices, completion_tokens = [], 0
         for pi, ((text, ids), result) in enumerate(zip(prompts, results)):
@@ -152,39 +155,39 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
                         logprobs, _ = srv.completion_logprobs(pairs, k, 0)
                 if req.echo:
                     body = text + body
-                choices.append(P.CompletionChoice(index=pi * req.n + j, text=body, logprobs=logprobs,
+                choices.append(R.CompletionChoice(index=pi * req.n + j, text=body, logprobs=logprobs,
                                                   finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         usage = srv.usage([len(ids) for _, ids in prompts], [r.num_cached_tokens for r in results], completion_tokens)
-        return P.CompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
+        return R.CompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
 
     # ---- chat completions -----------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         srv.auth(request)
-        req: P.ChatCompletionRequest = await _parse(request, P.ChatCompletionRequest)
+        req: Q.ChatCompletionRequest = await parse_body(request, Q.ChatCompletionRequest)
         srv.check_model(req.model)
         if req.response_format is not None and req.response_format.type != "text":
-            raise P.APIError(400, f"response_format {req.response_format.type!r} is not supported (only 'text')",
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported (only 'text')",
                              param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
-            raise P.APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         extra = dict(req.chat_template_kwargs or {})
         if req.tools:
             extra["tools"] = req.tools
         ids = await srv.render_messages(req.messages, req.add_generation_prompt, req.chat_template, extra)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = P.resolve_max_tokens(requested, len(ids), srv.context_length, param, what="messages")
+        max_tokens = resolve_max_tokens(requested, len(ids), srv.context_length, param, what="messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        sp = P.sampling_params(req, max_tokens, k, srv.vocab_size)
+        sp = sampling_params(req, max_tokens, k, srv.vocab_size)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await srv.admit([(ids, sp)], rid)
         if req.stream:
-            return _SSEResponse(_chat_stream(srv, req, rid, created, len(ids), streams[0]), streams[0].abort)
+            return SSEResponse(chat_stream(srv, req, rid, created, len(ids), streams[0]), streams[0].abort)
         try:
-            result = (await _unless_disconnected(request, srv.collect(streams)))[0]
-        except _ClientGone:
+            result = (await unless_disconnected(request, srv.collect(streams)))[0]
+        except ClientGone:
             return Response(status_code=499)
         choices = []
         for j, seq in enumerate(result.outputs):
@@ -192,10 +195,10 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
             if k is not None:
                 pairs = visible_logprobs(seq.token_ids, seq.logprobs, seq.finish_reason, seq.stop_reason)
                 logprobs = srv.chat_logprobs(pairs, k)
-            choices.append(P.ChatChoice(index=j, message=P.AssistantMessage(content=seq.text), logprobs=logprobs,
+            choices.append(R.ChatChoice(index=j, message=R.AssistantMessage(content=seq.text), logprobs=logprobs,
                                         finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs))
-        return P.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
+        return R.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
 
     return app
 

@@ -22,10 +22,10 @@ from typing import AsyncIterator
 
 from lmgen.engine.output_processor import OutputProcessor
 from lmgen.engine.outputs import StepOutput
-from lmgen.errors import InvalidRequestError
+from lmgen.errors import EngineClosedError, EngineStepError, InvalidRequestError, QueueFullError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.metrics import ServerMetrics
-from lmgen.server.request_stream import ACCEPTED, DONE, EngineClosedError, EngineStepError, QueueFullError, RequestStream
+from lmgen.server.request_stream import ACCEPTED, DONE, RequestStream
 
 logger = logging.getLogger("lmgen.server")
 

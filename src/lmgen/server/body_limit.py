@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable
 
-from lmgen.server import protocol as P
+from lmgen.server.protocol.api_error import APIError
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # a long conversation is well under 1 MB; a few MB leaves room
 
@@ -56,7 +56,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, what: str) -> None:
-        err = P.APIError(413, f"the request body {what}; the limit is {self.max_bytes} bytes "
+        err = APIError(413, f"the request body {what}; the limit is {self.max_bytes} bytes "
                               f"(lmgen serve --max-request-bytes)", param=None, code="request_too_large")
         payload = json.dumps(err.body()).encode()
         await send({"type": "http.response.start", "status": 413,

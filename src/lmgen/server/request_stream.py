@@ -10,18 +10,6 @@ from typing import Callable
 from lmgen.engine.outputs import RequestOutput, StepOutput
 
 
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit (`max_queue`); the server answers 503."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is shutting down (or its thread died) and takes no new requests."""
-
-
-class EngineStepError(RuntimeError):
-    """An engine step failed; the requests it was running were failed with this error."""
-
-
 ACCEPTED = object()  # first item on a stream: the engine took the request
 DONE = object()  # last item: every one of the request's n sequences finished (after its RequestOutput)
 

@@ -1,4 +1,4 @@
-"""Per-app request helpers shared by the routes (the `_Server`): auth and model checks, all-or-nothing
+"""Per-app request helpers shared by the routes (the `ServerContext`): auth and model checks, all-or-nothing
 admission to the engine, collecting outputs, usage, logprobs formatting, prompt / chat-message rendering."""
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from fastapi import Request
 
 from lmgen.errors import ChatTemplateLimitError
 from lmgen.sampling.params import SamplingParams
-from lmgen.server import protocol as P
+from lmgen.server.protocol import requests as Q
+from lmgen.server.protocol import responses as R
+from lmgen.server.protocol.api_error import APIError
+from lmgen.server.protocol.sampling import check_token_ids
 from lmgen.server.async_engine import AsyncEngine, RequestStream
 from lmgen.engine.outputs import RequestOutput
 from lmgen.server.outputs import TokenText
@@ -23,7 +26,7 @@ from lmgen.tokenizer.chat_template import ChatTemplate
 PROMPT_THREADS = 4  # renders and tokenizations in flight at once, off the event loop
 
 
-class _Server:
+class ServerContext:
     def __init__(self, llm, engine: AsyncEngine, model_names: list[str], api_key: str | None,
                  trust_request_chat_template: bool = False):
         self.llm, self.engine = llm, engine
@@ -49,7 +52,7 @@ class _Server:
     def check_prompt_chars(self, text: str, what: str, param: str) -> None:
         """400 for a text that certainly does not fit the context window, before anything tokenizes it."""
         if len(text) > self.max_prompt_chars:
-            raise P.APIError(
+            raise APIError(
                 400, f"This model's maximum context length is {self.context_length} tokens. However, your {what} "
                      f"has {len(text)} characters, more than {self.context_length} tokens can hold "
                      f"({self.max_prompt_chars}). Please shorten the {what}.", param=param,
@@ -62,14 +65,14 @@ class _Server:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise P.APIError(401, "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'.",
+            raise APIError(401, "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'.",
                              type="invalid_request_error", code="invalid_api_key")
 
     def check_model(self, name: str | None, required: bool = True) -> None:
         if name is None and not required:
             return
         if name not in self.model_names:
-            raise P.APIError(404, f"The model `{name}` does not exist. Available: {', '.join(self.model_names)}.",
+            raise APIError(404, f"The model `{name}` does not exist. Available: {', '.join(self.model_names)}.",
                              param="model", code="model_not_found")
 
     # ---- admission ------------------------------------------------------------------------------
@@ -100,16 +103,16 @@ class _Server:
                 s.abort()
 
     @staticmethod
-    def usage(prompt_lens: list[int], cached: list[int], completion_tokens: int) -> P.Usage:
+    def usage(prompt_lens: list[int], cached: list[int], completion_tokens: int) -> R.Usage:
         prompt = sum(prompt_lens)
-        return P.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
-                       prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(cached)))
+        return R.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
+                       prompt_tokens_details=R.PromptTokensDetails(cached_tokens=sum(cached)))
 
     # ---- logprobs -------------------------------------------------------------------------------
-    def completion_logprobs(self, pairs: list[tuple[int, dict | None]], k: int, offset: int) -> tuple[P.CompletionLogprobs, int]:
+    def completion_logprobs(self, pairs: list[tuple[int, dict | None]], k: int, offset: int) -> tuple[R.CompletionLogprobs, int]:
         """OpenAI legacy logprobs for (token, entry) pairs; entries hold top-k plus the chosen token.
         `top_logprobs` lists the k best and the chosen one (as vLLM). Returns the next text offset."""
-        lp = P.CompletionLogprobs()
+        lp = R.CompletionLogprobs()
         for tid, entry in pairs:
             text = self.token_text.text(tid)
             lp.tokens.append(text)
@@ -129,25 +132,25 @@ class _Server:
             lp.top_logprobs.append(top)
         return lp, offset
 
-    def chat_logprobs(self, pairs: list[tuple[int, dict]], k: int) -> P.ChoiceLogprobs:
+    def chat_logprobs(self, pairs: list[tuple[int, dict]], k: int) -> R.ChoiceLogprobs:
         content = []
         for tid, entry in pairs:
             ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-            content.append(P.TokenLogprob(
+            content.append(R.TokenLogprob(
                 token=self.token_text.text(tid), logprob=entry[tid], bytes=self.token_text.bytes(tid),
-                top_logprobs=[P.TopLogprob(token=self.token_text.text(t), logprob=v, bytes=self.token_text.bytes(t))
+                top_logprobs=[R.TopLogprob(token=self.token_text.text(t), logprob=v, bytes=self.token_text.bytes(t))
                               for t, v in ranked]))
-        return P.ChoiceLogprobs(content=content)
+        return R.ChoiceLogprobs(content=content)
 
     # ---- chat prompt ----------------------------------------------------------------------------
-    async def render_messages(self, messages: list[P.ChatMessage], add_generation_prompt: bool,
+    async def render_messages(self, messages: list[Q.ChatMessage], add_generation_prompt: bool,
                               chat_template: str | None = None, extra: dict | None = None,
                               fit_context: bool = True) -> list[int]:
         """Prompt ids of a conversation, rendered and tokenized in the prompt threads. A request's own
         `chat_template` is template text (or a built-in / the model's named template), never a file, and
         only taken when the server trusts request templates."""
         if chat_template is not None and not self.trust_request_chat_template:
-            raise P.APIError(400, "chat_template is not accepted in requests by this server (start it with "
+            raise APIError(400, "chat_template is not accepted in requests by this server (start it with "
                                   "--trust-request-chat-template to allow it)", param="chat_template")
         msgs = []
         for i, m in enumerate(messages):
@@ -156,7 +159,7 @@ class _Server:
                 texts = []
                 for part in content:
                     if part.type != "text" or part.text is None:
-                        raise P.APIError(400, f"messages[{i}].content: only text parts are supported, got type {part.type!r}",
+                        raise APIError(400, f"messages[{i}].content: only text parts are supported, got type {part.type!r}",
                                          param="messages")
                     texts.append(part.text)
                 content = "\n".join(texts)
@@ -168,17 +171,17 @@ class _Server:
                     d[key] = value
             msgs.append(d)
         if not msgs:
-            raise P.APIError(400, "messages must not be empty", param="messages")
+            raise APIError(400, "messages must not be empty", param="messages")
         try:
             text = await self.offload(self._render, msgs, add_generation_prompt, chat_template, extra or {})
-        except P.APIError:
+        except APIError:
             raise
         except ChatTemplateLimitError as e:
-            raise P.APIError(400, f"the chat template went over a limit: {e}",
+            raise APIError(400, f"the chat template went over a limit: {e}",
                              param="chat_template" if chat_template is not None else "messages",
                              code="chat_template_limit") from None
         except Exception as e:  # the template raised (bad roles, raise_exception(), ...)
-            raise P.APIError(400, f"could not apply the chat template: {e}",
+            raise APIError(400, f"could not apply the chat template: {e}",
                              param="chat_template" if chat_template is not None else "messages") from None
         if fit_context:
             self.check_prompt_chars(text, "messages", "messages")
@@ -197,14 +200,14 @@ class _Server:
         return template.render(msgs, add_generation_prompt=add_generation_prompt, **extra)
 
 
-async def _completion_prompts(srv: _Server, req: P.CompletionRequest) -> list[tuple[str, list[int]]]:
+async def completion_prompts(srv: ServerContext, req: Q.CompletionRequest) -> list[tuple[str, list[int]]]:
     """(prompt text, prompt ids) for each prompt of a completions request; tokenized in the prompt threads
     after a cheap length check."""
     prompt = req.prompt
     if isinstance(prompt, str):
         items: list = [prompt]
     elif not prompt:
-        raise P.APIError(400, "prompt must not be empty", param="prompt")
+        raise APIError(400, "prompt must not be empty", param="prompt")
     elif isinstance(prompt[0], int):
         items = [prompt]
     else:
@@ -213,22 +216,22 @@ async def _completion_prompts(srv: _Server, req: P.CompletionRequest) -> list[tu
         if isinstance(p, str):
             srv.check_prompt_chars(p, "prompt", "prompt")
         elif len(p) > srv.context_length:
-            raise P.APIError(400, f"This model's maximum context length is {srv.context_length} tokens. However, "
+            raise APIError(400, f"This model's maximum context length is {srv.context_length} tokens. However, "
                                   f"your prompt has {len(p)} tokens. Please shorten the prompt.", param="prompt",
                              code="context_length_exceeded")
     return await srv.offload(_tokenize_prompts, srv, items, req.add_special_tokens)
 
 
-def _tokenize_prompts(srv: _Server, items: list, add_special_tokens: bool) -> list[tuple[str, list[int]]]:
+def _tokenize_prompts(srv: ServerContext, items: list, add_special_tokens: bool) -> list[tuple[str, list[int]]]:
     out = []
     for p in items:
         if isinstance(p, str):
             ids = srv.tok.encode(p, add_special_tokens=add_special_tokens)
             text = p
         else:
-            P.check_token_ids(p, srv.vocab_size, "prompt")
+            check_token_ids(p, srv.vocab_size, "prompt")
             ids, text = list(p), srv.tok.decode(p)
         if not ids:
-            raise P.APIError(400, "the prompt is empty: give at least one token", param="prompt")
+            raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
         out.append((text, ids))
     return out

@@ -12,16 +12,17 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from lmgen.engine.outputs import StepOutput
-from lmgen.server import protocol as P
+from lmgen.server.protocol import requests as Q
+from lmgen.server.protocol import responses as R
 from lmgen.server.async_engine import RequestStream
-from lmgen.server.errors import _api_error
+from lmgen.server.errors import api_error
 from lmgen.server.outputs import step_logprob_pairs
 
 if TYPE_CHECKING:
-    from lmgen.server.service import _Server
+    from lmgen.server.service import ServerContext
 
 
-class _SSEResponse(StreamingResponse):
+class SSEResponse(StreamingResponse):
     """A StreamingResponse that runs `on_close` however it ends (done, client gone, cancelled), so a
     stream whose body never started still aborts its requests."""
 
@@ -45,11 +46,11 @@ def _sse(obj: BaseModel | dict) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     pass
 
 
-async def _unless_disconnected(request: Request, awaitable):
+async def unless_disconnected(request: Request, awaitable):
     """Awaits `awaitable`, but cancels it (aborting its requests) if the client hangs up first."""
     task = asyncio.ensure_future(awaitable)
 
@@ -74,7 +75,7 @@ async def _unless_disconnected(request: Request, awaitable):
         await task
     except BaseException:
         pass
-    raise _ClientGone()
+    raise ClientGone()
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -113,14 +114,14 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepO
             s.abort()
 
 
-async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, created: int,
+async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: str, created: int,
                              prompts: list[tuple[str, list[int]]], streams: list[RequestStream]) -> AsyncIterator[str]:
     n, k = req.n, req.logprobs
     offsets: dict[int, int] = {}
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
     def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> str:
-        return _sse(P.CompletionChunk(id=rid, created=created, model=req.model, choices=[P.CompletionChoice(
+        return _sse(R.CompletionChunk(id=rid, created=created, model=req.model, choices=[R.CompletionChoice(
             index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
 
     try:
@@ -142,28 +143,28 @@ async def _completion_stream(srv: _Server, req: P.CompletionRequest, rid: str, c
         if req.stream_options and req.stream_options.include_usage:
             cached = [next((s.num_cached_tokens for i, s in last.items() if i // n == pi), 0) for pi in range(len(prompts))]
             usage = srv.usage([len(ids) for _, ids in prompts], cached, sum(s.num_output_tokens for s in last.values()))
-            yield _sse(P.CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+            yield _sse(R.CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
         yield _DONE
     except Exception as e:  # the engine failed this request after the stream had started
-        yield _sse(_api_error(e).body())
+        yield _sse(api_error(e).body())
         yield _DONE
     finally:
         for s in streams:
             s.abort()
 
 
-async def _chat_stream(srv: _Server, req: P.ChatCompletionRequest, rid: str, created: int, prompt_len: int,
+async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str, created: int, prompt_len: int,
                        stream: RequestStream) -> AsyncIterator[str]:
     k = (req.top_logprobs or 0) if req.logprobs else None
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
-    def chunk(index: int, delta: P.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
-        return _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[P.ChatChunkChoice(
+    def chunk(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
+        return _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[R.ChatChunkChoice(
             index=index, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
 
     try:
         for j in range(req.n):
-            yield chunk(j, P.DeltaMessage(role="assistant", content=""))
+            yield chunk(j, R.DeltaMessage(role="assistant", content=""))
         async for so in stream:
             last[so.index] = so
             logprobs = None
@@ -172,14 +173,14 @@ async def _chat_stream(srv: _Server, req: P.ChatCompletionRequest, rid: str, cre
                 logprobs = srv.chat_logprobs(pairs, k)
             if not (so.delta_text or logprobs or so.finished):
                 continue
-            yield chunk(so.index, P.DeltaMessage(content=so.delta_text or None), logprobs, so.finish_reason, so.stop_reason)
+            yield chunk(so.index, R.DeltaMessage(content=so.delta_text or None), logprobs, so.finish_reason, so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
             cached = next(iter(last.values())).num_cached_tokens if last else 0
             usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()))
-            yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+            yield _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
         yield _DONE
     except Exception as e:
-        yield _sse(_api_error(e).body())
+        yield _sse(api_error(e).body())
         yield _DONE
     finally:
         stream.abort()

@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from lmgen.tokenizer.chat_template_error import ChatTemplateError
+from lmgen.errors import ChatTemplateError
 
 __all__ = ["to_plain", "validate_messages", "prepare_messages"]
 

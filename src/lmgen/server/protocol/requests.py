@@ -17,15 +17,15 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1000
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _SamplingFields(_Strict):
+class SamplingFields(StrictModel):
     """Sampling fields shared by both endpoints (OpenAI's, then vLLM's extras)."""
 
     model: str
@@ -66,7 +66,7 @@ class _SamplingFields(_Strict):
         return stop
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
@@ -89,11 +89,11 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: str
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
@@ -107,7 +107,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
@@ -115,6 +115,6 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     model: Optional[str] = None
     tokens: list[int]
