@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from lmgen.config import ModelConfig
 from lmgen.loader.errors import ModelLoadError
+
+if TYPE_CHECKING:  # not at run time: lmgen.config imports lmgen.errors, which imports lmgen.loader.errors
+    from lmgen.config import ModelConfig
 
 
 @dataclass
