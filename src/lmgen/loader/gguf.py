@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import torch
 
-from lmgen.config import ModelConfig
+from lmgen.config import ModelConfig, UnsupportedModelError
 from lmgen.errors import ModelFormatError
 from lmgen.loader import LoadedModel, load_tokenizer
 from lmgen.loader.errors import ModelLoadError
@@ -133,6 +133,8 @@ def _config(layout: GGUFLayout, path: Path) -> ModelConfig:
         config = ModelConfig.from_gguf_metadata(layout.metadata, vocab_size=n_vocab)
     except ModelFormatError as e:
         raise ModelFormatError(f"{path}: {e}", key=e.key, value=e.value, offset=e.offset) from None
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
     layers = {int(m.group(1)) for m in map(_BLOCK_RE.match, (t.name for t in layout.tensors)) if m}
     if len(layers) != config.num_layers or (layers and max(layers) != config.num_layers - 1):
         arch = layout.metadata["general.architecture"]
