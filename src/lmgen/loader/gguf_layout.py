@@ -26,8 +26,9 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 256  # ggml's GGML_MAX_NAME is 64; a little slack for other writers
 MAX_KEY_BYTES = 65535  # the GGUF spec's limit on a metadata key
 MAX_NESTING = 3  # arrays of arrays of ...: none of lmgen's models use any
-# gguf-py keeps one Python object per array item (two per string), ~0.7 KiB each: these bound the memory of a
-# crafted file. The largest real vocabularies have ~260k tokens (and as many scores / types / merges).
+# LeanReader keeps one Python object per string of an array (~0.2 KiB): these bound the memory and time of a crafted
+# file (2M strings: ~0.5 GiB, ~2 s). The largest real vocabularies have ~260k tokens (and as many scores / types /
+# merges: Llama 3 has 128k tokens and 280k merges).
 MAX_ARRAY_ITEMS = 1 << 21
 MAX_TOTAL_ITEMS = 1 << 22
 
