@@ -161,6 +161,10 @@ CASES = [
     Case("rms epsilon NaN", u32("llama.attention.layer_norm_rms_epsilon", 0x7FC00000), expect="layer_norm_rms_epsilon"),
     Case("freq_base -1", f32("llama.rope.freq_base", -1.0), expect="llama.rope.freq_base must be"),
     Case("vocab_size 7", u32("llama.vocab_size", 7), expect="llama.vocab_size (7)"),
+    Case("head_count typed float32", u32(lambda o: o.value_type("llama.attention.head_count"), 6),
+         expect="llama.attention.head_count must be an integer", key="llama.attention.head_count"),
+    Case("eos_token_id typed float32", u32(lambda o: o.value_type("tokenizer.ggml.eos_token_id"), 6),
+         expect="tokenizer.ggml.eos_token_id must be an integer token id"),
     # the tensor table
     Case("tensor with 0 dims", u32("blk.0.attn_q.weight", 0, "n_dims"), expect="has 0 dimensions"),
     Case("tensor with 5 dims", u32("blk.0.attn_q.weight", 5, "n_dims"), expect="has 5 dimensions"),

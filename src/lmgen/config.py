@@ -228,7 +228,18 @@ class ModelConfig:
             raise ModelFormatError(f"{where}{gguf_arch}.vocab_size ({declared}) differs from the {vocab_size} tokens of "
                                    f"tokenizer.ggml.tokens", key=f"{gguf_arch}.vocab_size", value=declared)
         n_vocab = vocab_size or declared or len(meta.get("tokenizer.ggml.tokens", []))
-        eos = meta.get("tokenizer.ggml.eos_token_id")
+
+        def token_id(name: str) -> int | None:
+            """A special token id; one outside the vocabulary is dropped (the tokenizer warns about it)."""
+            value = meta.get(f"tokenizer.ggml.{name}")
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelFormatError(f"{where}tokenizer.ggml.{name} must be an integer token id, got {value!r}",
+                                       key=f"tokenizer.ggml.{name}", value=value)
+            return value if 0 <= value < n_vocab else None
+
+        eos = token_id("eos_token_id")
         return cls(
             architecture=GGUF_ARCHITECTURES[gguf_arch],
             vocab_size=n_vocab,
@@ -246,6 +257,6 @@ class ModelConfig:
             attention_bias=gguf_arch == "qwen2",
             # written for Mistral-style files only; 0: none
             sliding_window=size("attention.sliding_window") if key("attention.sliding_window", 0) else None,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (int(eos),),
+            bos_token_id=token_id("bos_token_id"),
+            eos_token_ids=() if eos is None else (eos,),
         )
