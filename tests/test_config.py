@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmgen.config import ModelConfig, UnsupportedModelError
+from lmgen.config import ModelConfig
+from lmgen.errors import UnsupportedModelError
 from lmgen.model.rope import RotaryEmbedding, inv_frequencies
 from lmgen.model.transformer import AttentionMetadata, Transformer
 
@@ -116,3 +117,66 @@ def test_sliding_window_is_read_for_mistral_only():
     assert ModelConfig.from_hf_config({**qwen2, "use_sliding_window": False}).sliding_window is None
     with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
         ModelConfig.from_hf_config({**qwen2, "use_sliding_window": True})
+
+
+TINY_HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("change, key, value, needle", [
+    ({"num_attention_heads": 0}, "num_attention_heads", 0, "num_attention_heads must be an integer >= 1, got 0"),
+    ({"num_attention_heads": -4}, "num_attention_heads", -4, "got -4"),
+    ({"hidden_size": -64}, "hidden_size", -64, "hidden_size must be an integer >= 1, got -64"),
+    ({"hidden_size": 66}, "hidden_size", 66, "hidden_size (66) is not a multiple of num_attention_heads (4)"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads", 0, "num_key_value_heads must be"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads", 3, "not a multiple of num_key_value_heads (3)"),
+    ({"intermediate_size": "128"}, "intermediate_size", "128", "intermediate_size must be an integer >= 1, got '128'"),
+    ({"vocab_size": True}, "vocab_size", True, "vocab_size must be"),
+    ({"num_hidden_layers": 1.5}, "num_hidden_layers", 1.5, "num_hidden_layers must be"),
+    ({"head_dim": 0}, "head_dim", 0, "head_dim must be"),
+    ({"head_dim": 15}, "head_dim", 15, "head_dim must be even"),
+    ({"max_position_embeddings": 1 << 40}, "max_position_embeddings", 1 << 40, "max_position_embeddings must be an integer in"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps", 0, "rms_norm_eps must be a finite positive number"),
+    ({"rope_theta": float("inf")}, "rope_theta", float("inf"), "rope_theta must be a finite positive number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}}, "rope scaling factor", -2.0, "factor must be"),
+    ({"num_hidden_layers": None}, "num_hidden_layers", None, "num_hidden_layers must be"),
+])
+def test_bad_hf_config_values_are_named(change, key, value, needle):
+    """A config.json value that cannot describe a model: a ModelFormatError with the field and the value, before
+    anything divides by it or is sized by it."""
+    from lmgen.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError) as info:
+        ModelConfig.from_hf_config({**TINY_HF, **change})
+    assert needle in str(info.value)
+    assert info.value.key == key and info.value.value == value
+
+
+def test_missing_hf_field_is_named():
+    from lmgen.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError, match="missing the required field 'hidden_size'") as info:
+        ModelConfig.from_hf_config({k: v for k, v in TINY_HF.items() if k != "hidden_size"})
+    assert info.value.key == "hidden_size"
+
+
+def test_hf_folder_with_zero_heads_fails_at_load_and_in_the_cli(tmp_path):
+    """Through the HF loader and the CLI: config.json is checked before any weight is looked for."""
+    import json
+    import subprocess
+    import sys
+
+    from lmgen import LLM, ModelLoadError
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_HF, "num_attention_heads": 0}))
+    with pytest.raises(ModelLoadError, match="config.json: num_attention_heads must be an integer >= 1, got 0"):
+        LLM(str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "lmgen.cli", "generate", "hi", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lmgen: error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert str(tmp_path) in errors[0] and "num_attention_heads" in errors[0] and "got 0" in errors[0]
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="config.json holds a JSON list, not an object"):
+        LLM(str(tmp_path))

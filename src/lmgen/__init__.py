@@ -7,15 +7,14 @@
 
 from lmgen.chat.conversation import Conversation
 from lmgen.chat.retrieval import Retriever
-from lmgen.config import ModelConfig, UnsupportedModelError
+from lmgen.config import ModelConfig
 from lmgen.engine.engine import Engine
 from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.engine.request import RequestStatus
-from lmgen.errors import ContextOverflowError, InvalidRequestError
+from lmgen.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, ModelLoadError, UnsupportedModelError
 from lmgen.llm import LLM
-from lmgen.loader.errors import ModelLoadError
 from lmgen.sampling.params import SamplingParams
-from lmgen.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from lmgen.tokenizer.chat_template import ChatTemplate
 from lmgen.tokenizer.tokenizer import Tokenizer
 
 __all__ = [

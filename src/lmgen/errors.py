@@ -3,6 +3,13 @@ them without parsing messages. Loader, server-queue and model-format errors live
 
 from __future__ import annotations
 
+class ModelLoadError(ValueError):
+    """A model file or folder is missing, truncated, corrupt, or does not match its own config."""
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture (or one of its options) is not one lmgen implements."""
+
 
 class ChatTemplateError(ValueError):
     """A chat template could not be compiled or rendered, or its input was malformed."""
@@ -53,3 +60,16 @@ class EngineClosedError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """An engine step failed; the requests it was running were failed with this error."""
+
+
+class ModelFormatError(ModelLoadError):
+    """A model file holds a value that cannot be right (a count or length past the end of the file, a zero head
+    count, a dimension that disagrees with another): refused when read, before anything is sized or looped by it.
+    `key` names the value (a GGUF metadata key, a `GGUF.*` header field, a tensor name, or a config.json field),
+    `value` is what the file holds, `offset` the byte of the file it was read at (None: not from a byte offset)."""
+
+    def __init__(self, message: str, *, key: str, value: object, offset: int | None = None):
+        super().__init__(message)
+        self.key = key
+        self.value = value
+        self.offset = offset

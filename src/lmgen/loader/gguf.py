@@ -2,8 +2,9 @@
 
 Quantized tensors come back as `PackedTensor`s that read their blocks from the file when the model builder asks
 for them; whether they stay packed or are dequantized is the builder's choice (lmgen.model.linear.build_linear).
-Resident memory while loading is kept near the packed model's own size: the header is parsed by `_LeanReader`
-and a tensor's bytes exist in the process only while that tensor is being packed.
+Resident memory while loading is kept near the packed model's own size: the header is parsed by `LeanReader`
+and a tensor's bytes exist in the process only while that tensor is being packed. Every count, length, offset and
+dimension of the file is checked (`gguf_layout.read_layout`, then `_config`) before gguf-py reads it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 
 from lmgen.config import ModelConfig
-from lmgen.loader import LoadedModel, load_tokenizer
-from lmgen.loader.errors import ModelLoadError
+from lmgen.errors import ModelFormatError, ModelLoadError, UnsupportedModelError
+from lmgen.loader.loaded import LoadedModel, load_tokenizer
+from lmgen.loader.gguf_layout import GGUFLayout, read_layout
+from lmgen.loader.gguf_reader import LeanReader
 from lmgen.model.linear import PackedTensor
 
 # llama.cpp tensor names -> transformers names (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
@@ -39,13 +42,18 @@ _BLOCK_NAMES = {
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16}
+# Block-quantized types gguf-py can dequantize (lmgen's kernels pack some of them); the integer and F64 types
+# are never weights of these models.
+_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS",
+                "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0")
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
 def read_metadata(reader) -> dict:
     """Scalar and string key/values of the file; the big tokenizer arrays are left to the tokenizer builder."""
     meta = {}
     for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model", "tokenizer.ggml.pre") and len(f.data) > 1:
+        if key.startswith("tokenizer.ggml.") and f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
             continue
         try:
             meta[key] = f.contents()
@@ -68,23 +76,6 @@ def _unpermute_order(rows: int, n_head: int) -> torch.Tensor:
     -> transformers' rotate_half layout): gguf[i] = hf[perm[i]], so hf = gguf[argsort(perm)]."""
     perm = torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
     return torch.argsort(perm)
-
-
-class _LeanReader(gguf.GGUFReader):
-    """gguf.GGUFReader, whose `_get` returns plain ndarray views of the memory map.
-
-    The stock `_get` keeps a chain of numpy.memmap views (slice -> view -> [:count] -> byte-order view) for every
-    part of every metadata value, and a GGUF vocabulary has two parts per token and per merge: for SmolLM2's
-    49k tokens and 48k merges that was 157 MiB of Python objects and 2.3 s (measured: 69 MiB and 0.7 s here).
-    Same values, same errors on truncated files (a short slice fails the `.view`)."""
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)  # (file_bytes,) uint8, no memmap subclass
-        order = self.byte_order if override_order is None else override_order
-        dt = np.dtype(dtype).newbyteorder(order)
-        return plain[offset:offset + dt.itemsize * int(count)].view(dt)
 
 
 def _file_reader(path: Path, offset: int, nbytes: int, shape: tuple[int, int]):
@@ -114,16 +105,52 @@ def _tensor(t, path: Path) -> torch.Tensor | PackedTensor:
     return PackedTensor(t.tensor_type, _file_reader(path, int(t.data_offset), int(t.n_bytes), byte_shape), shape)
 
 
-def load_gguf(path: Path) -> LoadedModel:
-    """Opens a GGUF file and maps it to the engine's view of a model. Corrupt or truncated -> ModelLoadError."""
+def _config(layout: GGUFLayout, path: Path) -> ModelConfig:
+    """The model config from the checked metadata, and the checks that tie it to the tensor table and vocabulary:
+    all before gguf-py parses the file or anything is sized by these numbers."""
+    n_vocab = layout.array_counts.get("tokenizer.ggml.tokens")
+    for key in _TOKENIZER_ARRAYS:
+        if n_vocab is not None and layout.array_counts.get(key, n_vocab) != n_vocab:
+            raise ModelFormatError(f"{path}: {key} has {layout.array_counts[key]} entries for {n_vocab} tokens", key=key,
+                                   value=layout.array_counts[key])
     try:
-        reader = _LeanReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError... on bad bytes
+        config = ModelConfig.from_gguf_metadata(layout.metadata, vocab_size=n_vocab)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{path}: {e}", key=e.key, value=e.value, offset=e.offset) from None
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+    layers = {int(m.group(1)) for m in map(_BLOCK_RE.match, (t.name for t in layout.tensors)) if m}
+    if len(layers) != config.num_layers or (layers and max(layers) != config.num_layers - 1):
+        arch = layout.metadata["general.architecture"]
+        found = f"blk.0 .. blk.{max(layers)}" if layers == set(range(len(layers))) and layers else f"{len(layers)} blocks"
+        raise ModelFormatError(f"{path}: {arch}.block_count = {config.num_layers} but the tensors are for {found}",
+                               key=f"{arch}.block_count", value=config.num_layers)
+    rows = {"attn_q": config.q_size, "attn_k": config.kv_size}
+    for t in layout.tensors:
+        m = _BLOCK_RE.match(t.name)
+        if m and m.group(2) in rows and t.dims[-1] != rows[m.group(2)]:  # dims fastest-first: the last is the rows
+            raise ModelFormatError(f"{path}: tensor {t.name!r} has {t.dims[-1]} rows; the metadata's head count and "
+                                   f"size make {rows[m.group(2)]}", key=t.name, value=list(t.dims), offset=t.offset)
+        if t.name == "rope_freqs.weight" and (t.dims != (config.head_dim // 2,) or t.ggml_type.name != "F32"):
+            raise ModelFormatError(f"{path}: rope_freqs.weight must be F32 of {config.head_dim // 2} values, got "
+                                   f"{t.ggml_type.name} {list(t.dims)}", key=t.name, value=list(t.dims), offset=t.offset)
+        kind = t.ggml_type.name
+        if _hf_name(t.name) and kind not in _FLOAT_TYPES and kind != "BF16" and kind not in _BLOCK_TYPES:
+            raise ModelFormatError(f"{path}: tensor {t.name!r} has type {kind}, which is not a weight type lmgen "
+                                   f"reads", key=t.name, value=kind, offset=t.offset)
+    return config
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """Opens a GGUF file and maps it to the engine's view of a model. Corrupt or truncated -> ModelLoadError
+    (a ModelFormatError naming the bad value where the file's own header or metadata is wrong)."""
+    layout = read_layout(path)
+    config = _config(layout, Path(path))
+    try:
+        reader = LeanReader(str(path))
+    except Exception as e:  # a backstop: read_layout has checked what gguf-py reads
         raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
     meta = read_metadata(reader)
-    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = len(tokens_field.data) if tokens_field is not None else None
-    config = ModelConfig.from_gguf_metadata(meta, vocab_size=n_vocab)
     gguf_arch = meta["general.architecture"]
     weights: dict = {}
     for t in reader.tensors:

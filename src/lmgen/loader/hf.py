@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from lmgen.config import ModelConfig
-from lmgen.loader import LoadedModel, load_tokenizer
-from lmgen.loader.errors import ModelLoadError
+from lmgen.errors import ModelFormatError
+from lmgen.loader.loaded import LoadedModel, load_tokenizer
+from lmgen.errors import ModelLoadError
 
 
 def _read_json(path: Path, required: bool = True) -> dict | None:
@@ -16,9 +17,13 @@ def _read_json(path: Path, required: bool = True) -> dict | None:
             raise ModelLoadError(f"{path.parent} has no {path.name}; a Hugging Face model folder needs it")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} holds a JSON {type(data).__name__}, not an object", key=path.name,
+                               value=type(data).__name__)
+    return data
 
 
 def _safetensor_files(folder: Path) -> list[Path]:
@@ -60,7 +65,10 @@ def load_hf_folder(folder: Path) -> LoadedModel:
 
     cfg = _read_json(folder / "config.json")
     gen = _read_json(folder / "generation_config.json", required=False)
-    config = ModelConfig.from_hf_config(cfg, gen)
+    try:
+        config = ModelConfig.from_hf_config(cfg, gen)
+    except ModelFormatError as e:  # say which folder
+        raise ModelFormatError(f"{folder}: {e}", key=e.key, value=e.value, offset=e.offset) from None
     weights: dict = {}
     total = 0
     for file in _safetensor_files(folder):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
-from lmgen.loader.errors import ModelLoadError
+from lmgen.errors import ModelLoadError
 from lmgen.model.embedding import DenseEmbedding, PackedEmbedding
 from lmgen.model.linear import WeightSource, build_linear, build_packed_linear, to_float
 from lmgen.model.kernels import fused_ops

@@ -5,16 +5,14 @@ maps the vocabulary's special ids and flags onto the `Tokenizer`."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmgen.tokenizer import gguf_vocab
 from lmgen.tokenizer.backends import SentencePieceBackend, TokenizersBackend
 
-if TYPE_CHECKING:
-    from lmgen.tokenizer.tokenizer import Tokenizer
 
 
-def gguf_tokenizer(cls: type[Tokenizer], reader: Any) -> Tokenizer:
+def gguf_tokenizer(cls: type, reader: Any) -> "Tokenizer":  # cls(...): the Tokenizer class is passed in, not imported (no cycle)
     """`cls` over the vocabulary in a GGUF file: a `gguf.GGUFReader`, a path, or the
     `gguf_vocab.GGUFVocab` already read from one."""
     vocab = reader if isinstance(reader, gguf_vocab.GGUFVocab) else gguf_vocab.read_gguf_vocab(reader)

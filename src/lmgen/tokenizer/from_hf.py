@@ -9,15 +9,13 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken
 
 from lmgen.tokenizer.backends import SentencePieceBackend, TokenizersBackend, spm_decoder_strip
 
-if TYPE_CHECKING:
-    from lmgen.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def hf_folder_tokenizer(cls: type[Tokenizer], path: str | os.PathLike) -> Tokenizer:
+def hf_folder_tokenizer(cls: type, path: str | os.PathLike) -> "Tokenizer":  # cls(...): the Tokenizer class is passed in, not imported (no cycle)
     """`cls` over a Hugging Face folder: tokenizer.json (required), tokenizer_config.json,
     special_tokens_map.json, generation_config.json, chat_template.jinja / chat_template.json /
     additional_chat_templates/."""

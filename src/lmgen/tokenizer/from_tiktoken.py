@@ -7,12 +7,9 @@ import base64
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lmgen.tokenizer.backends import TiktokenBackend
 
-if TYPE_CHECKING:
-    from lmgen.tokenizer.tokenizer import Tokenizer
 
 # Llama 3's pre-tokenizer regex (tiktoken `pat_str` of the original release).
 LLAMA3_PATTERN = (
@@ -41,7 +38,7 @@ def llama3_special_tokens(num_base_tokens: int = 128000, num_reserved: int = 256
 
 
 def tiktoken_tokenizer(
-    cls: type[Tokenizer],
+    cls: type,
     path: str | os.PathLike,
     special_tokens: Mapping[str, int] | None,
     pattern: str,
@@ -53,7 +50,7 @@ def tiktoken_tokenizer(
     extra_eos_tokens: Iterable[str],
     chat_template: str | None,
     chat_templates: Mapping[str, str] | None,
-) -> Tokenizer:
+) -> "Tokenizer":  # cls(...): the Tokenizer class is passed in, not imported (no cycle)
     """`cls` over a tiktoken file: one "base64(token bytes) rank" pair per line (the defaults are
     `Tokenizer.from_tiktoken`'s).
 

@@ -81,10 +81,12 @@ def _valid_id(value: Any, n_tokens: int, key: str, source: str) -> int | None:
 
 def read_gguf_vocab(reader: Any) -> GGUFVocab:
     """Read the tokenizer metadata out of a `gguf.GGUFReader` (or a path to a .gguf file)."""
-    if isinstance(reader, (str, os.PathLike)):
-        import gguf
+    if isinstance(reader, (str, os.PathLike)):  # checked first: gguf-py trusts the file's counts and lengths
+        from lmgen.loader.gguf_layout import read_layout
+        from lmgen.loader.gguf_reader import LeanReader
 
-        reader = gguf.GGUFReader(os.fspath(reader))
+        read_layout(reader)
+        reader = LeanReader(os.fspath(reader))
     source = str(getattr(reader, "path", None) or getattr(getattr(reader, "data", None), "filename", None) or "<gguf>")
 
     model = _field(reader, "tokenizer.ggml.model")
