@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lmgen.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from lmgen.tokenizer.chat_template.template import ChatTemplate, ChatTemplateError
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 

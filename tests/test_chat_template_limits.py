@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmgen.errors import ChatTemplateLimitError
-from lmgen.tokenizer.chat_template import ChatTemplate, ChatTemplateError, RenderLimits
+from lmgen.tokenizer.chat_template.template import ChatTemplate, ChatTemplateError, RenderLimits
 
 HI = [{"role": "user", "content": "Hi"}]
 FAST = RenderLimits(time_s=0.5)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmgen.chat.conversation import ContextOverflowError, Conversation
-from lmgen.tokenizer.chat_template import ChatTemplate
+from lmgen.tokenizer.chat_template.template import ChatTemplate
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 from conftest_tokenizer_helpers import sentencepiece_to_gguf, train_sentencepiece
 
-from lmgen.tokenizer import gguf_vocab
+from lmgen.tokenizer.gguf import vocab as gguf_vocab
 from lmgen.tokenizer.tokenizer import LLAMA3_PATTERN, Tokenizer, llama3_special_tokens
 
 CHINESE_PARAGRAPH = (
@@ -469,7 +469,7 @@ def test_gguf_errors(tmp_path):
 
 def test_gguf_unknown_pre_falls_back_to_gpt2(smol_reader, hf_smol_tokenizer, caplog):
     vocab = dataclasses.replace(gguf_vocab.read_gguf_vocab(smol_reader), pre="no-such-pre")
-    with caplog.at_level(logging.WARNING, logger="lmgen.tokenizer.gguf_vocab"):
+    with caplog.at_level(logging.WARNING, logger="lmgen.tokenizer.gguf.vocab"):
         tk = gguf_vocab.build_tokenizer(vocab)
     assert "no-such-pre" in caplog.text
     # GPT-2's regex is what transformers' GGUF loader uses for every byte-level vocabulary

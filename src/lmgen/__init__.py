@@ -14,7 +14,7 @@ from lmgen.engine.request import RequestStatus
 from lmgen.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, ModelLoadError, UnsupportedModelError
 from lmgen.llm import LLM
 from lmgen.sampling.params import SamplingParams
-from lmgen.tokenizer.chat_template import ChatTemplate
+from lmgen.tokenizer.chat_template.template import ChatTemplate
 from lmgen.tokenizer.tokenizer import Tokenizer
 
 __all__ = [

@@ -99,7 +99,7 @@ class LLM:
             raise ValueError(f"context_length must be an integer in [2, {limit}] (the model's window), got {context_length!r}")
         self.context_length = context_length or limit
         if chat_template is not None:
-            from lmgen.tokenizer.chat_template import ChatTemplate
+            from lmgen.tokenizer.chat_template.template import ChatTemplate
 
             ChatTemplate.resolve(chat_template)  # fail now, not at the first chat
         self.chat_template = chat_template

@@ -21,7 +21,7 @@ from lmgen.server.protocol.sampling import check_token_ids
 from lmgen.server.async_engine import AsyncEngine, RequestStream
 from lmgen.engine.outputs import RequestOutput
 from lmgen.server.outputs import TokenText
-from lmgen.tokenizer.chat_template import ChatTemplate
+from lmgen.tokenizer.chat_template.template import ChatTemplate
 
 PROMPT_THREADS = 4  # renders and tokenizations in flight at once, off the event loop
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import tokenizers
 
-from lmgen.tokenizer import gguf_vocab
+from lmgen.tokenizer.gguf import vocab as gguf_vocab
 
 
 class TokenizersBackend:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lmgen.tokenizer import gguf_vocab
+from lmgen.tokenizer.gguf import vocab as gguf_vocab
 from lmgen.tokenizer.backends import SentencePieceBackend, TokenizersBackend
 
 

@@ -5,7 +5,7 @@ One class, `Tokenizer`, whatever the source:
 * `Tokenizer.from_hf_folder(path)`: a Hugging Face folder (tokenizer.json, tokenizer_config.json,
   generation_config.json, chat_template.jinja ...); built in `lmgen.tokenizer.from_hf`.
 * `Tokenizer.from_gguf(reader)`: the vocabulary stored in a GGUF file's metadata
-  (see `lmgen.tokenizer.gguf_vocab`); built in `lmgen.tokenizer.from_gguf`.
+  (see `lmgen.tokenizer.gguf.vocab`); built in `lmgen.tokenizer.from_gguf`.
 * `Tokenizer.from_tiktoken(path, special_tokens, pattern)`: Llama 3's original `tokenizer.model`
   (one "base64-token rank" pair per line); built in `lmgen.tokenizer.from_tiktoken`.
 
@@ -178,7 +178,7 @@ class Tokenizer:
                 f"this model ({self.name or 'tokenizer'}) has no chat template; pass --chat-template NAME "
                 "(llama3, llama2, chatml, mistral) or a Jinja template file"
             )
-        from lmgen.tokenizer.chat_template import ChatTemplate
+        from lmgen.tokenizer.chat_template.template import ChatTemplate
 
         if chat_template is None:
             template = ChatTemplate(self.chat_template, bos_token=self.bos_token, eos_token=self.eos_token)

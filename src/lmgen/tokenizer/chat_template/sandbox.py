@@ -18,7 +18,7 @@ import jinja2.utils
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lmgen.tokenizer.chat_template_limits import (
+from lmgen.tokenizer.chat_template.limits import (
     RenderLimits,
     check_binop,
     check_call,

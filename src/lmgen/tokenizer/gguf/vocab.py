@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer
 
-from lmgen.tokenizer.gguf_bpe import BYTE_DECODER, BYTE_ENCODER, byte_level_bpe, bytes_to_unicode
-from lmgen.tokenizer.gguf_metadata import (
+from lmgen.tokenizer.gguf.bpe import BYTE_DECODER, BYTE_ENCODER, byte_level_bpe, bytes_to_unicode
+from lmgen.tokenizer.gguf.metadata import (
     SUPPORTED_MODELS,
     TOKEN_BYTE,
     TOKEN_CONTROL,
@@ -40,8 +40,8 @@ from lmgen.tokenizer.gguf_metadata import (
     GGUFVocab,
     read_gguf_vocab,
 )
-from lmgen.tokenizer.gguf_pretokenizers import PRE_TOKENIZERS, PreTokenizerSpec
-from lmgen.tokenizer.gguf_sentencepiece import sentencepiece_bpe, sentencepiece_merges
+from lmgen.tokenizer.gguf.pretokenizers import PRE_TOKENIZERS, PreTokenizerSpec
+from lmgen.tokenizer.gguf.sentencepiece import sentencepiece_bpe, sentencepiece_merges
 
 __all__ = [
     "BYTE_DECODER",

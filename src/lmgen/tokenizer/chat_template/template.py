@@ -30,11 +30,11 @@ from typing import Any
 import jinja2.exceptions
 
 from lmgen.errors import ChatTemplateLimitError
-from lmgen.tokenizer.chat_template_builtins import BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES
+from lmgen.tokenizer.chat_template.builtins import BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES
 from lmgen.errors import ChatTemplateError
-from lmgen.tokenizer.chat_template_inputs import prepare_messages, to_plain, validate_messages
-from lmgen.tokenizer.chat_template_limits import RenderLimits, RenderWatch
-from lmgen.tokenizer.chat_template_sandbox import TemplateRaised, compile_template
+from lmgen.tokenizer.chat_template.inputs import prepare_messages, to_plain, validate_messages
+from lmgen.tokenizer.chat_template.limits import RenderLimits, RenderWatch
+from lmgen.tokenizer.chat_template.sandbox import TemplateRaised, compile_template
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "ChatTemplateLimitError", "RenderLimits"]
 

@@ -8,11 +8,11 @@ import logging
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from lmgen.tokenizer.gguf_metadata import TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, GGUFVocab
-from lmgen.tokenizer.gguf_pretokenizers import GPT2_SPEC, PRE_TOKENIZERS
+from lmgen.tokenizer.gguf.metadata import TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, GGUFVocab
+from lmgen.tokenizer.gguf.pretokenizers import GPT2_SPEC, PRE_TOKENIZERS
 
 # Records keep the logger name they had before this module was split out of `gguf_vocab`.
-logger = logging.getLogger("lmgen.tokenizer.gguf_vocab")
+logger = logging.getLogger("lmgen.tokenizer.gguf.vocab")
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -8,10 +8,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmgen.tokenizer.gguf_pretokenizers import PRE_TOKENIZERS
+from lmgen.tokenizer.gguf.pretokenizers import PRE_TOKENIZERS
 
 # Records keep the logger name they had before this module was split out of `gguf_vocab`.
-logger = logging.getLogger("lmgen.tokenizer.gguf_vocab")
+logger = logging.getLogger("lmgen.tokenizer.gguf.vocab")
 
 # llama.cpp's token types (gguf.TokenType)
 TOKEN_NORMAL = 1

@@ -8,10 +8,10 @@ import logging
 from tokenizers import Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 
-from lmgen.tokenizer.gguf_metadata import TOKEN_NORMAL, TOKEN_USER_DEFINED, GGUFVocab
+from lmgen.tokenizer.gguf.metadata import TOKEN_NORMAL, TOKEN_USER_DEFINED, GGUFVocab
 
 # Records keep the logger name they had before this module was split out of `gguf_vocab`.
-logger = logging.getLogger("lmgen.tokenizer.gguf_vocab")
+logger = logging.getLogger("lmgen.tokenizer.gguf.vocab")
 
 
 def sentencepiece_merges(vocab: GGUFVocab, token_to_id: dict[str, int]) -> list[tuple[str, str]]:
