@@ -187,8 +187,8 @@ def load_extension():
             module, error = _find_module()
             _state.update(module=module, error=error)
             if error is not None:
-                logger.warning("lmgen: C++ kernels unavailable (%s): packed GGUF weights are dequantized to float "
-                               "and decoding is several times slower", error)
+                logger.warning("lmgen: C++ kernels unavailable (%s): packed GGUF weights are dequantized to "
+                               "float32 (5x the memory) and decoding is 10-100x slower", error)
         return _state["module"]
 
 
