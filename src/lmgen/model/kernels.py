@@ -148,12 +148,12 @@ def _record_problem(module_file: str) -> str | None:
     try:
         record = json.loads(Path(module_file).with_name("kernels_ext.json").read_text())
     except (OSError, ValueError):
-        return "its build record kernels_ext.json is missing or unreadable"
+        return "has no readable build record (kernels_ext.json)"
     if record.get("torch") != torch.__version__:
-        return f"built for torch {record.get('torch')}, running torch {torch.__version__}"
+        return f"was built for torch {record.get('torch')}, this is torch {torch.__version__}"
     digest = sources_digest()
     if digest is not None and record.get("sources_sha256") != digest:
-        return f"built from other sources than {CSRC_DIR} (edited since the build)"
+        return "was built from other sources than lmgen/csrc (edited since the build)"
     return None
 
 
@@ -166,14 +166,14 @@ def _find_module() -> tuple[object | None, str | None]:
         return None, problem
     spec = importlib.util.find_spec(MODULE_NAME)
     if spec is None or spec.origin is None:
-        return None, f"{MODULE_NAME} is not built; {REBUILD_HINT}"
+        return None, f"{MODULE_NAME} is not built"
     problem = _record_problem(spec.origin)
     if problem is not None:
-        return None, f"{spec.origin}: {problem}; {REBUILD_HINT}"
+        return None, f"{MODULE_NAME} {problem}"
     try:
         module = importlib.import_module(MODULE_NAME)
     except ImportError as exc:  # e.g. an undefined symbol after torch changed
-        return None, f"{spec.origin} does not load ({exc}); {REBUILD_HINT}"
+        return None, f"{MODULE_NAME} does not load: {str(exc)[:200]}"
     module.set_tuning(*_tuning._args())
     return module, None
 
@@ -188,7 +188,7 @@ def load_extension():
             _state.update(module=module, error=error)
             if error is not None:
                 logger.warning("lmgen: C++ kernels unavailable (%s): packed GGUF weights are dequantized to "
-                               "float32 (5x the memory) and decoding is 10-100x slower", error)
+                               "float32 (5x the memory) and decoding is 10-100x slower; `lmgen doctor` explains", error)
         return _state["module"]
 
 
