@@ -15,7 +15,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.  setuptools and ninja
 # build the kernels against this torch: --no-build-isolation below, so pip does not fetch torch a second time.
-.venv/bin/python -m pip install -q "torch==2.13.0" "setuptools>=68" ninja
+.venv/bin/python -m pip install -q "torch==2.13.0" numpy "setuptools>=68" ninja
 echo "lmgen: installing, and compiling the C++ kernels (g++ -O3 -mavx2 -mfma -mf16c -fopenmp; about a minute, once)"
 if [ -n "$extras" ]; then
   .venv/bin/python -m pip install -q --no-build-isolation -e ".[$extras]"
