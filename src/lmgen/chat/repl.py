@@ -208,7 +208,7 @@ class ChatREPL:
         print(file=self.out, flush=True)
         self.conv.add_assistant(reply)
         if self.stats:
-            from lmgen.cli import print_stats
+            from lmgen.cli_report import print_stats
 
             print_stats(self.llm, len(prompt), before, time.perf_counter() - t0, file=self.err)
 
