@@ -9,6 +9,7 @@ and a tensor's bytes exist in the process only while that tensor is being packed
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import gguf
@@ -85,6 +86,40 @@ class _LeanReader(gguf.GGUFReader):
         order = self.byte_order if override_order is None else override_order
         dt = np.dtype(dtype).newbyteorder(order)
         return plain[offset:offset + dt.itemsize * int(count)].view(dt)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """Arrays (the vocabulary's tokens, merges, scores, types) in one pass over the bytes instead of one
+        recursive call per element, with the same parts (length and bytes views per string, a one-element view per
+        scalar); other values, and files in the other byte order, take gguf's own path.  SmolLM2's 49k tokens and
+        48k merges: 0.8 -> 0.3 s of CPU for the whole header (measured on the 2-vCPU machine under load)."""
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, count, offs = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+        types = [gguf.GGUFValueType.ARRAY] + ([itype] if count else [])  # as gguf-py: no item type when empty
+        if itype == gguf.GGUFValueType.STRING:
+            self._get(0, np.uint8, 0)  # makes self._plain, the file as a plain uint8 array
+            plain = self._plain
+            end, unpack_length = len(plain), struct.Struct("=Q").unpack_from  # "=": the file's order is ours here
+            len_type = np.dtype(np.uint64).newbyteorder(self.byte_order)
+            parts: list = [raw_itype, alen]
+            for _ in range(count):  # each string: uint64 length, then the bytes; bounded by the file's size
+                if offs + 8 > end:
+                    raise ValueError(f"string array runs past the end of the file at offset {offs}")
+                (n,) = unpack_length(plain, offs)
+                if offs + 8 + n > end:
+                    raise ValueError(f"string of {n} bytes runs past the end of the file at offset {offs}")
+                parts += (plain[offs:offs + 8].view(len_type), plain[offs + 8:offs + 8 + n])
+                offs += 8 + n
+            return offs - orig_offs, parts, list(range(3, 3 + 2 * count, 2)), types
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is None:  # arrays of arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, nptype, count)
+        if len(values) != count:
+            raise ValueError(f"array of {count} values runs past the end of the file at offset {offs}")
+        return 12 + int(values.nbytes), [raw_itype, alen, *values.reshape(count, 1)], list(range(2, 2 + count)), types
 
 
 def _file_reader(path: Path, offset: int, nbytes: int, shape: tuple[int, int]):
