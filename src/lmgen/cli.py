@@ -14,8 +14,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with the CLI's error habit: one `lmgen: error:` line and exit 1, instead of usage + exit 2."""
 
     def error(self, message: str):
-        hint = f" (see {self.prog} --help)" if self.prog != "lmgen" else " (see lmgen --help)"
-        self.exit(1, f"lmgen: error: {message}{hint}\n")
+        self.exit(1, f"lmgen: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
