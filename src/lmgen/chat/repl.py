@@ -2,12 +2,16 @@
 
 The model has no memory: each turn re-renders the whole (fitted) history through the chat template; the
 engine's prefix cache finds the earlier turns' K/V, so only the new tokens are prefilled (see /tokens, --stats).
+At a terminal the input line has readline editing (arrow keys, Ctrl-A/E, ...) and a history kept across sessions
+in $XDG_STATE_HOME/lmgen/chat_history (~/.local/state/...; LMGEN_HISTORY_FILE names another file, "" none).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
 import sys
 import time
 from typing import TextIO
@@ -43,8 +47,17 @@ class ChatREPL:
     # ---- input ----------------------------------------------------------------------------------
     def run(self, stdin: TextIO) -> int:
         interactive = stdin.isatty()
+        history = None
         if interactive:
+            history = enable_line_editing()
             print(f"lmgen chat with {self.llm.model_name} (context {self.llm.context_length} tokens). /help for commands.", file=self.err)
+        try:
+            return self._loop(stdin, interactive)
+        finally:
+            if history is not None:
+                save_history(history)
+
+    def _loop(self, stdin: TextIO, interactive: bool) -> int:
         while True:
             text = self._read(stdin, interactive)
             if text is None:
@@ -110,6 +123,10 @@ class ChatREPL:
                 print("[conversation reset]", file=self.out)
             elif name == "/set":
                 field, _, value = arg.partition(" ")
+                names = sorted(f.name for f in dataclasses.fields(self.params))
+                if field.replace("-", "_") not in names:
+                    print(f"[error: unknown parameter {field!r}; /set takes one of: {', '.join(names)}]", file=self.out)
+                    return None
                 try:
                     parsed = json.loads(value)
                 except json.JSONDecodeError:
@@ -122,7 +139,14 @@ class ChatREPL:
                 for m in self.conv.to_messages():
                     print(f"{m['role']}: {m['content']}", file=self.out)
             elif name == "/save":
-                self.conv.save(arg)
+                if not arg:
+                    print("[error: /save needs a file name]", file=self.out)
+                    return None
+                try:
+                    self.conv.save(arg)
+                except OSError as e:  # the message would name the temporary file the save writes first
+                    print(f"[error: cannot save to {arg}: {e.strerror or type(e).__name__}]", file=self.out)
+                    return None
                 print(f"[saved {len(self.conv.messages)} messages to {arg}]", file=self.out)
             elif name == "/load":
                 self.conv = Conversation.load(arg)
@@ -184,6 +208,42 @@ class ChatREPL:
         print(file=self.out, flush=True)
         self.conv.add_assistant(reply)
         if self.stats:
-            from lmgen.cli import print_stats
+            from lmgen.cli_report import print_stats
 
             print_stats(self.llm, len(prompt), before, time.perf_counter() - t0, file=self.err)
+
+
+def history_file() -> str | None:
+    """Where the chat history lives (None: keep none)."""
+    path = os.environ.get("LMGEN_HISTORY_FILE")
+    if path is not None:
+        return path or None
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "lmgen", "chat_history")
+
+
+def enable_line_editing() -> str | None:
+    """Turns on readline for input() (where Python has it) and loads the history; returns the history file."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - Python built without readline: plain input() still works
+        return None
+    path = history_file()
+    readline.set_history_length(1000)
+    if path is not None:
+        try:
+            readline.read_history_file(path)
+        except OSError:  # first session, or unreadable: start empty
+            pass
+    return path
+
+
+def save_history(path: str) -> None:
+    """Writes the session's input lines (with the earlier ones, at most 1000) to the history file."""
+    import readline
+
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        readline.write_history_file(path)
+    except OSError as e:
+        print(f"[could not save the chat history to {path}: {e.strerror}]", file=sys.stderr)

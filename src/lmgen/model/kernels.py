@@ -1,22 +1,27 @@
-"""The compiled C++ extension (src/lmgen/csrc): built at first use, loaded once per process, and its tuning.
+"""The compiled C++ extension (src/lmgen/csrc, built at install time as `lmgen.kernels_ext`): loaded once per
+process, and its tuning.
 
-Build: torch.utils.cpp_extension (g++ -O3 -mavx2 -mfma -mf16c -fopenmp, ninja), cached under
-$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<py>_cpu/lmgen_quant_kernels_<source hash>; the first build
-takes about a minute.  Without a compiler or on a CPU without AVX2 `load_extension()` returns None and callers
-fall back to PyTorch (dequantized float layers, plain ops).  LMGEN_QUANT_KERNELS=0 disables the extension,
-LMGEN_QUANT_VERBOSE=1 shows the build.  The extension's thread pool and thresholds are process-wide, like
+Build: setup.py, when lmgen is installed (`pip install --no-build-isolation -e .`, scripts/setup.sh) or in place
+(`python setup.py build_ext --inplace`), with g++ -O3 -mavx2 -mfma -mf16c -fopenmp; the AVX-512 VNNI kernels are
+chosen at run time.  At run time this module only imports the built module: nothing is compiled, no lock, no
+cache directory.  It refuses a module built from other sources than the csrc beside it or for another torch (the
+build's record, kernels_ext.json).  Without the module, on a CPU without AVX2/FMA/F16C, or with
+LMGEN_QUANT_KERNELS=0 `load_extension()` returns None, one line says so, and callers fall back to PyTorch
+(dequantized float layers, plain ops).  The extension's thread pool and thresholds are process-wide, like
 PyTorch's own thread settings; `KernelTuning` names them, `configure` changes them (defaults from LMGEN_QUANT_*).
+`lmgen doctor` reports all of this.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
+import json
 import logging
 import os
 import platform
-import shutil
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +74,12 @@ class KernelTuning:
                 self.parallel_min_units, self.threads, self.spin_us, _ISA_CODES[self.isa])
 
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc" / "quant_kernels.cpp"
-_CSRC_FILES = (_CSRC, _CSRC.with_suffix(".h"), _CSRC.parent / "share_pool.h", _CSRC.parent / "fused_ops.h")
+MODULE_NAME = "lmgen.kernels_ext"
+CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+REBUILD_HINT = "rebuild: pip install --no-build-isolation -e . (or python setup.py build_ext --inplace) in the lmgen checkout"
 _lock = threading.Lock()
 _tuning = KernelTuning.from_env()
-_module = None
-_error: str | None = None
+_state: dict = {}  # "module" and "error" once load_extension ran (guarded by _lock)
 
 
 def tuning() -> KernelTuning:
@@ -88,80 +93,113 @@ def configure(**changes) -> KernelTuning:
     global _tuning
     before = _tuning
     _tuning = dataclasses.replace(_tuning, **{k: (v if k == "isa" else int(v)) for k, v in changes.items()})
-    if _module is not None:
-        _module.set_tuning(*_tuning._args())
+    if _state.get("module") is not None:
+        _state["module"].set_tuning(*_tuning._args())
     return before
 
 
 def extension_error() -> str | None:
     """Why the extension is unavailable (None while it is available or not yet tried)."""
-    return _error
+    return _state.get("error")
 
 
-def _cpu_ok() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover
-        return False
-    if cap not in ("AVX2", "AVX512"):
-        return False
-    try:  # AVX2 capability in torch implies FMA; F16C is checked separately where we can
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "f16c" in line.split()
-    except OSError:  # pragma: no cover
+                    return set(line.partition(":")[2].split())
+    except OSError:  # pragma: no cover - not Linux
         pass
-    return True
+    return set()
+
+
+def _cpu_problem() -> str | None:
+    """Why this CPU cannot run the kernels, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"CPU is {platform.machine()}, the kernels are x86-64 AVX2 code"
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        cap = "unknown"
+    if cap not in ("AVX2", "AVX512"):
+        return f"CPU lacks AVX2/FMA (torch reports {cap})"
+    flags = cpu_flags()
+    if flags and "f16c" not in flags:  # AVX2 capability in torch implies FMA; F16C is checked here
+        return "CPU lacks F16C"
+    return None
+
+
+def sources_digest(csrc: Path = CSRC_DIR) -> str | None:
+    """sha256 over the names and bytes of every .cpp/.h in csrc, as setup.py records it; None without sources."""
+    try:
+        files = sorted(p for p in csrc.iterdir() if p.suffix in (".cpp", ".h"))
+    except OSError:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest() if files else None
+
+
+def _record_problem(module_file: str) -> str | None:
+    """Why the built module at `module_file` does not match these sources or this torch (its kernels_ext.json)."""
+    try:
+        record = json.loads(Path(module_file).with_name("kernels_ext.json").read_text())
+    except (OSError, ValueError):
+        return "has no readable build record (kernels_ext.json)"
+    if record.get("torch") != torch.__version__:
+        return f"was built for torch {record.get('torch')}, this is torch {torch.__version__}"
+    digest = sources_digest()
+    if digest is not None and record.get("sources_sha256") != digest:
+        return "was built from other sources than lmgen/csrc (edited since the build)"
+    return None
+
+
+def _find_module() -> tuple[object | None, str | None]:
+    """(module, None) or (None, why not); imports the built module without loading a mismatched one."""
+    if os.environ.get("LMGEN_QUANT_KERNELS", "1") == "0":
+        return None, "disabled by LMGEN_QUANT_KERNELS=0"
+    problem = _cpu_problem()
+    if problem is not None:
+        return None, problem
+    spec = importlib.util.find_spec(MODULE_NAME)
+    if spec is None or spec.origin is None:
+        return None, f"{MODULE_NAME} is not built"
+    problem = _record_problem(spec.origin)
+    if problem is not None:
+        return None, f"{MODULE_NAME} {problem}"
+    try:
+        module = importlib.import_module(MODULE_NAME)
+    except ImportError as exc:  # e.g. an undefined symbol after torch changed
+        return None, f"{MODULE_NAME} does not load: {str(exc)[:200]}"
+    module.set_tuning(*_tuning._args())
+    return module, None
 
 
 def load_extension():
-    """The compiled module, building it on first use; None if unavailable (reason in `extension_error()`)."""
-    global _module, _error
-    if _module is not None or _error is not None:
-        return _module
+    """The compiled module, or None if unavailable (reason in `extension_error()`, said once on stderr)."""
+    if "module" in _state:
+        return _state["module"]
     with _lock:
-        if _module is not None or _error is not None:
-            return _module
-        if os.environ.get("LMGEN_QUANT_KERNELS", "1") == "0":
-            _error = "disabled by LMGEN_QUANT_KERNELS=0"
-        elif not _cpu_ok():
-            _error = "CPU lacks x86-64 AVX2/FMA/F16C"
-        else:
-            try:
-                from torch.utils import cpp_extension
+        if "module" not in _state:
+            module, error = _find_module()
+            _state.update(module=module, error=error)
+            if error is not None:
+                logger.warning("lmgen: C++ kernels unavailable (%s): packed GGUF weights are dequantized to "
+                               "float32 (5x the memory) and decoding is 10-100x slower; `lmgen doctor` explains", error)
+        return _state["module"]
 
-                # torch finds `ninja` on PATH; the `ninja` wheel puts it beside this interpreter (.venv/bin),
-                # which is not on PATH when .venv/bin/python is run without activating the venv.
-                bindir = os.path.dirname(sys.executable)
-                if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
-                    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
-                # One build per source version (hash in the name): processes running different checkouts
-                # never rebuild over each other or load a stale module; torch's cache keys on the .cpp only.
-                cflags, ldflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], ["-fopenmp"]
-                digest = hashlib.sha1(b"".join(f.read_bytes() for f in _CSRC_FILES)
-                                      + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
-                module = cpp_extension.load(
-                    name=f"lmgen_quant_kernels_{digest}",
-                    sources=[str(_CSRC)],
-                    extra_cflags=cflags,
-                    extra_ldflags=ldflags,
-                    verbose=os.environ.get("LMGEN_QUANT_VERBOSE", "0") == "1",
-                )
-                module.set_tuning(*_tuning._args())
-                _module = module
-            except Exception as exc:  # no compiler, no ninja, build error
-                _error = f"building {_CSRC.name} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
-        if _error is not None:
-            logger.warning("lmgen quant kernels unavailable (%s); packed GGUF weights will be dequantized", _error)
-        return _module
+def module_file() -> str | None:
+    """Where the loaded extension came from (None while it is not loaded)."""
+    module = load_extension()
+    return getattr(module, "__file__", None) if module is not None else None
 
 
 def kernels_available() -> bool:
-    """True when the compiled packed-weight kernels can be used (builds them on first call)."""
+    """True when the compiled packed-weight kernels can be used (loads them on first call)."""
     return load_extension() is not None
 
 

@@ -204,16 +204,13 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
 
 
 # ---- the `lmgen serve` entry point -------------------------------------------------------------------
-def serve(args) -> int:
-    """Loads the model (like `lmgen generate`), then serves it with uvicorn on args.host:args.port
+def serve(args, llm) -> int:
+    """Serves `llm` (loaded by the CLI, like `lmgen generate`) with uvicorn on args.host:args.port
     (loopback by default). SIGTERM / Ctrl-C: uvicorn stops accepting connections and lets open
     requests finish (bounded by the shutdown timeout), then the engine thread stops."""
     import uvicorn
 
-    from lmgen.cli import load_llm
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    llm = load_llm(args)
     name = getattr(args, "served_model_name", None) or llm.model_name
     api_key = getattr(args, "api_key", None) or os.environ.get("LMGEN_API_KEY") or None
     timeout = float(getattr(args, "shutdown_timeout", None) or os.environ.get("LMGEN_SHUTDOWN_TIMEOUT") or DEFAULT_SHUTDOWN_TIMEOUT)
