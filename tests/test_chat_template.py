@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from lmgen.tokenizer.chat_template.template import ChatTemplate, ChatTemplateError
+from lmgen.tokenizer.chat_template.template import ChatTemplate
+
+from lmgen.errors import ChatTemplateError
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from lmgen.errors import ChatTemplateLimitError
-from lmgen.tokenizer.chat_template.template import ChatTemplate, ChatTemplateError, RenderLimits
+from lmgen.tokenizer.chat_template.template import ChatTemplate
+from lmgen.errors import ChatTemplateError
+from lmgen.tokenizer.chat_template.limits import RenderLimits
 
 HI = [{"role": "user", "content": "Hi"}]
 FAST = RenderLimits(time_s=0.5)

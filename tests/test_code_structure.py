@@ -79,3 +79,30 @@ def test_no_private_names_imported_across_modules():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def defined_names(path: Path) -> set[str]:
+    """Names a module defines itself (functions, classes, assignments), not the ones it imports."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_names_are_imported_from_their_home():
+    """No re-export shims: `from lmgen.a.b import X` finds X defined in lmgen.a.b itself (the top-level `lmgen`
+    package, the public API, is the one exception)."""
+    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+    bad = []
+    for path in list(SRC.rglob("*.py")) + list((SRC.parent.parent / "tests").glob("*.py")):
+        for target, names in imports(path):
+            if target == "lmgen" or target not in modules:
+                continue
+            home = defined_names(modules[target])
+            bad += [f"{path.name} imports {n} from {target}" for n in names
+                    if n not in home and f"{target}.{n}" not in modules]
+    assert not bad, "\n".join(bad)

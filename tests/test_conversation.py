@@ -16,7 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmgen.chat.conversation import ContextOverflowError, Conversation
+from lmgen.chat.conversation import Conversation
+
+from lmgen.errors import ContextOverflowError
 from lmgen.tokenizer.chat_template.template import ChatTemplate
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"

@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 scipy_stats = pytest.importorskip("scipy.stats")
 
 from lmgen.sampling.params import SamplingParams  # noqa: E402
-from lmgen.sampling.sampler import Sampler, SamplingMetadata  # noqa: E402
+from lmgen.sampling.metadata import SamplingMetadata  # noqa: E402
+from lmgen.sampling.sampler import Sampler  # noqa: E402
 
 from conftest import tiny_hf_llama  # noqa: E402
 

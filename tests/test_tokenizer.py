@@ -11,7 +11,8 @@ import pytest
 from conftest_tokenizer_helpers import sentencepiece_to_gguf, train_sentencepiece
 
 from lmgen.tokenizer.gguf import vocab as gguf_vocab
-from lmgen.tokenizer.tokenizer import LLAMA3_PATTERN, Tokenizer, llama3_special_tokens
+from lmgen.tokenizer.tokenizer import Tokenizer
+from lmgen.tokenizer.from_tiktoken import LLAMA3_PATTERN, llama3_special_tokens
 
 CHINESE_PARAGRAPH = (
     "大语言模型是一种基于深度学习的人工智能模型，它通过在海量文本上进行训练来学习语言的规律。"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmgen.errors import ContextOverflowError
 
-__all__ = ["ContextOverflowError", "Conversation"]
+__all__ = ["Conversation"]
 
 _TURN_ROLES = ("user", "assistant")
 

@@ -16,7 +16,9 @@ import sys
 import time
 from typing import TextIO
 
-from lmgen.chat.conversation import ContextOverflowError, Conversation
+from lmgen.chat.conversation import Conversation
+
+from lmgen.errors import ContextOverflowError
 
 HELP = """commands:
   /help               this help

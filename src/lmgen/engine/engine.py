@@ -20,7 +20,8 @@ from lmgen.errors import ContextOverflowError
 from lmgen.model.transformer import Transformer
 from lmgen.sampling.beam import BeamSearch, candidates_needed
 from lmgen.sampling.params import SamplingParams
-from lmgen.sampling.sampler import Sampler, SamplingMetadata
+from lmgen.sampling.sampler import Sampler
+from lmgen.sampling.metadata import SamplingMetadata
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .logits import (
 from .logprobs import chosen_logprobs, raw_logprobs, top_logprobs
 from .metadata import RowInputs, SamplingMetadata
 
-__all__ = ["SamplingMetadata", "SamplerOutput", "Sampler", "RowInputs"]
+__all__ = ["SamplerOutput", "Sampler"]
 
 
 @dataclass

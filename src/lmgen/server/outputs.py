@@ -18,7 +18,7 @@ class TokenText:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        from lmgen.tokenizer.gguf.vocab import BYTE_DECODER
+        from lmgen.tokenizer.gguf.bpe import BYTE_DECODER
 
         self._byte_decoder = BYTE_DECODER
         self.text = functools.lru_cache(maxsize=1 << 16)(self._text)

@@ -18,7 +18,8 @@ from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
 from lmgen.server.protocol.api_error import APIError
 from lmgen.server.protocol.sampling import check_token_ids
-from lmgen.server.async_engine import AsyncEngine, RequestStream
+from lmgen.server.async_engine import AsyncEngine
+from lmgen.server.request_stream import RequestStream
 from lmgen.engine.outputs import RequestOutput
 from lmgen.server.outputs import TokenText
 from lmgen.tokenizer.chat_template.template import ChatTemplate

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from lmgen.engine.outputs import StepOutput
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
-from lmgen.server.async_engine import RequestStream
+from lmgen.server.request_stream import RequestStream
 from lmgen.server.errors import api_error
 from lmgen.server.outputs import step_logprob_pairs
 

@@ -29,7 +29,7 @@ from lmgen.tokenizer.from_hf import hf_folder_tokenizer
 from lmgen.tokenizer.from_tiktoken import LLAMA3_PATTERN, llama3_special_tokens, tiktoken_tokenizer
 from lmgen.tokenizer.special_tokens import eos_token_ids
 
-__all__ = ["LLAMA3_PATTERN", "Tokenizer", "llama3_special_tokens"]
+__all__ = ["Tokenizer"]
 
 
 class Tokenizer:

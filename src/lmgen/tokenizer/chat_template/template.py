@@ -36,7 +36,7 @@ from lmgen.tokenizer.chat_template.inputs import prepare_messages, to_plain, val
 from lmgen.tokenizer.chat_template.limits import RenderLimits, RenderWatch
 from lmgen.tokenizer.chat_template.sandbox import TemplateRaised, compile_template
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "ChatTemplateLimitError", "RenderLimits"]
+__all__ = ["ChatTemplate"]
 
 
 def _template_line(exc: BaseException) -> int | None:
