@@ -7,16 +7,21 @@ Tokens of all scheduled sequences are flattened into one (tokens, hidden) batch;
 says where each token's K/V goes in the cache and which cached positions each query may see, so prefill
 chunks and single decode tokens run through the very same code.
 
-Decode steps (one token per sequence) in float32 on CPU take a fused path instead (`_forward_decode_fused`):
-the compiled ops of csrc/fused_ops.h do RMSNorm, residual add, SwiGLU and RoPE + K/V write + attention in
-8 calls per layer instead of ~50 PyTorch ops, whose dispatch overhead, not the arithmetic, bounded the decode
-speed of small models (SmolLM2-135M Q4_1, 2 threads: 69 -> 142-155 tok/s).  Other devices and dtypes, prefill
-and mixed steps use the generic path; tests/test_fused_ops.py checks that both paths agree.
+In float32 on CPU every step takes a fused path instead (`_forward_fused`): the compiled ops of csrc/ do
+RMSNorm, residual add, SwiGLU and RoPE + K/V write + attention in 8 calls per layer instead of ~50 PyTorch ops,
+whose dispatch overhead, not the arithmetic, bounded the decode speed of small models (SmolLM2-135M Q4_1,
+2 threads: 69 -> 142-155 tok/s).  Each of those ops, and the matmuls, sums every row in a fixed order, so a
+request's logits are bit-identical whatever else shares its step, whether the step mixes prefill chunks and
+decode tokens, and whatever chunks its prompt was prefilled in (batch invariance, the default).  With
+batch_invariant=False only pure decode steps take the fused path; prefill and mixed steps use the generic path
+(PyTorch SDPA, MKL matmuls for float weights).  Other devices and dtypes always use the generic path;
+tests/test_fused_ops.py checks that both paths agree and tests/test_batch_invariance.py the invariance.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Callable, Mapping
 
 import torch
@@ -28,6 +33,8 @@ from lmgen.model.embedding import DenseEmbedding, PackedEmbedding
 from lmgen.model.linear import WeightSource, build_linear, build_packed_linear, to_float
 from lmgen.model.kernels import fused_ops
 from lmgen.model.rope import RotaryEmbedding, apply_rotary
+
+logger = logging.getLogger("lmgen.model")
 
 
 @dataclass
@@ -42,11 +49,16 @@ class AttentionMetadata:
     kv_index: torch.Tensor  # (batch, max_kv) int64: flat cache slots of each sequence's context (padded with 0)
     mask: torch.Tensor | None  # (batch, 1, max_q, max_kv) bool: True where a query may attend; None = all
     # (batch,) int64: context length of each sequence, set only when every sequence has exactly one query token
-    # (a pure decode step); enables the fused CPU decode path (`Transformer._forward_decode_fused`)
+    # (a pure decode step); with batch_invariant=False only such steps take the fused path (`_forward_fused`)
     decode_kv_lens: torch.Tensor | None = None
     # True when the batch is one sequence whose queries are its whole context (a prefill from position 0): the
     # mask is then exactly causal, `mask` is None, and SDPA's is_causal kernel skips the masked half
     causal: bool = False
+    # (tokens,) int64 each, for the fused path's paged_attention (csrc/attention.h): the sequence (row of
+    # kv_index) of each token, and the span [start, start + len) of that row the token sees
+    token_seq: torch.Tensor | None = None
+    token_kv_start: torch.Tensor | None = None
+    token_kv_len: torch.Tensor | None = None
 
 
 class RMSNorm(torch.nn.Module):
@@ -140,9 +152,11 @@ class Transformer(torch.nn.Module):
         quantization: str = "none",
         progress: Callable[[], None] | None = None,
         compile: bool = False,
+        batch_invariant: bool = True,
     ):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        self.batch_invariant = bool(batch_invariant)
         tick = progress or (lambda: None)
 
         def take(name: str) -> WeightSource:
@@ -160,20 +174,25 @@ class Transformer(torch.nn.Module):
             for n, s, out in zip(names, sources, outs):
                 _check_shape(n + ".weight", s, (out, in_features))
             biases = [take(n + ".bias") for n in names] if bias else None
-            return build_linear(sources, biases, dtype, self.device, quantization)
+            return build_linear(sources, biases, dtype, self.device, quantization, self.batch_invariant)
 
         embed_source = take("model.embed_tokens.weight")
         _check_shape("model.embed_tokens.weight", embed_source, (config.vocab_size, config.hidden_size))
-        packed_table = build_packed_linear([embed_source], None, self.device, quantization)
+        packed_table = build_packed_linear([embed_source], None, self.device, quantization, self.batch_invariant)
         if packed_table is not None:  # GGUF blocks (or int8/int4): stays packed, rows dequantized on lookup
             self.embed_tokens: torch.nn.Module = PackedEmbedding(packed_table, dtype)
         else:
-            self.embed_tokens = DenseEmbedding(to_float(embed_source, dtype).to(self.device))  # (vocab, hidden)
+            self.embed_tokens = DenseEmbedding(to_float(embed_source, dtype).to(self.device),  # (vocab, hidden)
+                                               self.batch_invariant)
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
         # is bound by per-op overhead.
         # compile=True hands the layers to torch.compile instead, which cannot trace into these ops.
         self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 and not compile else None
+        if self.batch_invariant and self._fused is None:
+            logger.warning("batch invariance needs float32 on the CPU with the compiled kernels and no compile=True; "
+                           "here (%s, %s) a request's results may depend on the other requests in its step",
+                           self.device, dtype)
         self.rotary = RotaryEmbedding(config, self.device, dtype)
         self.layers = torch.nn.ModuleList()
         h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
@@ -192,8 +211,9 @@ class Transformer(torch.nn.Module):
             self.lm_head: torch.nn.Module = self.embed_tokens.as_linear()  # one (vocab, hidden) matrix for both
         else:
             _check_shape("lm_head.weight", take("lm_head.weight"), (config.vocab_size, h))
-            self.lm_head = build_linear([weights["lm_head.weight"]], None, dtype, self.device, quantization)
-        self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_decode_plan`
+            self.lm_head = build_linear([weights["lm_head.weight"]], None, dtype, self.device, quantization,
+                                        self.batch_invariant)
+        self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_layer_plan`
         # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
         # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
         # quantized layers stay opaque calls between compiled pieces.
@@ -203,8 +223,9 @@ class Transformer(torch.nn.Module):
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids)  # (tokens, hidden)
         cos, sin = self.rotary(positions)  # (tokens, head_dim) each
-        if self._fused is not None and meta.decode_kv_lens is not None and x.device.type == "cpu":
-            return self._forward_decode_fused(x, cos, sin, kv_caches, meta)
+        if self._fused is not None and x.device.type == "cpu" and meta.token_seq is not None \
+                and (self.batch_invariant or meta.decode_kv_lens is not None):
+            return self._forward_fused(x, cos, sin, kv_caches, meta)
         cos, sin = cos[:, None, :], sin[:, None, :]  # (tokens, 1, head_dim): broadcast over heads
         return (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
 
@@ -214,30 +235,30 @@ class Transformer(torch.nn.Module):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
 
-    def _forward_decode_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """The decode step (one token per sequence) with the compiled fused ops: per layer 8 calls (qkv, RoPE +
-        cache write + attention, o_proj, residual add + norm, gate_up, SwiGLU, down, residual add + next norm)
-        instead of ~50 PyTorch ops.  Same arithmetic as `forward`'s generic path (float32, CPU).
-        x (batch, hidden) -> final-normed hidden states (batch, hidden)."""
+    def _forward_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """A step with the compiled fused ops: per layer 8 calls (qkv, RoPE + cache write + attention, o_proj,
+        residual add + norm, gate_up, SwiGLU, down, residual add + next norm) instead of ~50 PyTorch ops; every
+        row in a fixed order (float32, CPU).  x (tokens, hidden) -> final-normed hidden states (tokens, hidden)."""
         ops, eps = self._fused, self.config.rms_norm_eps
-        # cos, sin: (batch, head_dim) rows of the RoPE tables, contiguous
-        kv_index, kv_lens, slots = meta.kv_index.contiguous(), meta.decode_kv_lens, meta.slot_mapping.contiguous()
+        # cos, sin: (tokens, head_dim) rows of the RoPE tables, contiguous
+        kv_index, slots = meta.kv_index.contiguous(), meta.slot_mapping.contiguous()
+        seq, kv_start, kv_len = meta.token_seq, meta.token_kv_start, meta.token_kv_len
         if self._plan is None:
-            self._plan = self._decode_plan()
+            self._plan = self._layer_plan()
         first_norm, plan = self._plan
-        normed = ops.rms_norm(x, first_norm, eps)  # (batch, hidden)
+        normed = ops.rms_norm(x, first_norm, eps)  # (tokens, hidden)
         for (qkv_proj, o_proj, gate_up_proj, down_proj, post_norm, next_norm, heads, kv_heads, scale, inter), \
                 (k_cache, v_cache) in zip(plan, kv_caches):
-            qkv = qkv_proj(normed)  # (batch, (heads + 2 kv_heads) * head_dim)
-            out = ops.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, kv_lens,
-                                       heads, kv_heads, scale)  # (batch, heads * head_dim)
+            qkv = qkv_proj(normed)  # (tokens, (heads + 2 kv_heads) * head_dim)
+            out = ops.paged_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, seq, kv_start, kv_len,
+                                      heads, kv_heads, scale)  # (tokens, heads * head_dim)
             x, normed = ops.add_rms_norm(x, o_proj(out), post_norm, eps)
-            act = ops.silu_mul(gate_up_proj(normed), inter)  # (batch, intermediate)
+            act = ops.silu_mul(gate_up_proj(normed), inter)  # (tokens, intermediate)
             x, normed = ops.add_rms_norm(x, down_proj(act), next_norm, eps)  # next layer's input norm / final norm
         return normed
 
-    def _decode_plan(self) -> tuple[torch.Tensor, list[tuple]]:
-        """What `_forward_decode_fused` needs of each layer, looked up once: the linear layers' forward callables
+    def _layer_plan(self) -> tuple[torch.Tensor, list[tuple]]:
+        """What `_forward_fused` needs of each layer, looked up once: the linear layers' forward callables
         (bypassing nn.Module.__call__, so no hooks) and the norm weights.  The attribute lookups and module
         dispatch cost ~0.5 ms per token over 30 layers.  Reset by `_apply` (.to() may replace tensors)."""
         def fn(m: torch.nn.Module):
