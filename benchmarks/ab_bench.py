@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--engines", default="lmgen:auto", help="cpu_bench engines")
     ap.add_argument("--repeats", type=int, default=3, help="cpu_bench repeats per round")
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--cpu-args", default="", help="more cpu_bench flags, e.g. '--prompt-tokens 256 --new-tokens 64'")
+    ap.add_argument("--no-serve", action="store_true", help="cpu_bench only")
     args = ap.parse_args()
     variants = {"before": (args.before.resolve(), []), "after": (HERE, []),
                 "after --no-batch-invariant": (HERE, ["--no-batch-invariant"])}
@@ -62,8 +64,9 @@ def main() -> None:
     machine = ""
     for r in range(args.rounds):
         for name, (root, extra) in variants.items():
-            cpu = run(root, "cpu_bench.py", ["--engines", args.engines, "--repeats", str(args.repeats), *extra])
-            serve = run(root, "serve_bench.py", ["--concurrency", args.concurrency, *extra])
+            cpu = run(root, "cpu_bench.py", ["--engines", args.engines, "--repeats", str(args.repeats),
+                                             *args.cpu_args.split(), *extra])
+            serve = "" if args.no_serve else run(root, "serve_bench.py", ["--concurrency", args.concurrency, *extra])
             machine = machine or next((l for l in cpu.splitlines() if l.startswith("machine:")), "")
             for k, v in {**parse_cpu(cpu), **parse_serve(serve)}.items():
                 figures[name].setdefault(k, []).append(v)
