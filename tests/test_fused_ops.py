@@ -89,6 +89,15 @@ def test_dense_linear_matches_torch_and_is_row_invariant():
             assert torch.equal(ops.dense_linear(x[m:m + 1], w, None, 0), ops.dense_linear(x, w, None, 0)[m:m + 1])
 
 
+def plain_pytorch(model, plain: bool = True) -> None:
+    """Switches a loaded model between the fused path and the plain PyTorch path (generic layer loop, PyTorch
+    RoPE + index_copy_ + SDPA attention backend)."""
+    model._fused = None if plain else fused_ops()
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.backend = attn.torch_backend if plain else model._attention_backend
+
+
 @pytest.mark.parametrize("kind", list(TINY_CONFIGS))
 def test_batched_decode_fused_equals_generic(kind, tiny_model_dirs):
     llm = LLM(str(tiny_model_dirs[kind]), dtype="float32", enable_prefix_caching=False)
@@ -96,7 +105,7 @@ def test_batched_decode_fused_equals_generic(kind, tiny_model_dirs):
     prompts = [[5 + i for i in range(n)] for n in (3, 11, 20)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
     fused = llm.generate(prompts, params)
-    llm.model._fused = None
+    plain_pytorch(llm.model)
     generic = llm.generate(prompts, params)
     for a, b in zip(fused, generic):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -115,7 +124,7 @@ def test_decode_prepare_equals_general_prepare(tiny_model_dirs):
     results = []
     for general, fused in ((False, True), (True, True), (False, False), (True, False)):
         runner.prepare = runner._prepare_general if general else type(runner).prepare.__get__(runner)
-        llm.model._fused = fused_ops() if fused else None
+        plain_pytorch(llm.model, plain=not fused)
         results.append(llm.generate(prompts, params))
     for other in results[1:]:
         for a, b in zip(results[0], other):
