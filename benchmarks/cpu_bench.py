@@ -3,6 +3,7 @@ transformers (gguf_file=, fp32) and llama.cpp (llama-cpp-python, `pip install -e
 source) — prefill of a 512-token prompt, decode of 128 tokens, 2 threads, median of 5, peak RSS.
 
     .venv/bin/python benchmarks/cpu_bench.py [--repeats 5] [--threads 2] [--engines lmgen:none,lmgen:auto,...]
+                                             [--no-batch-invariant]
 
 Each engine runs in its own subprocess (one after the other, same machine state) so that its peak RSS is
 its own; "+model" is the peak minus the RSS after importing the engine's runtime (torch etc.), i.e. what the
@@ -34,10 +35,10 @@ def _prompts(n_prompt: int) -> tuple[list[int], list[int]]:
     return prompt, prompt[:16]
 
 
-def run_lmgen(mode: str, prompt, short, new_tokens: int, repeats: int) -> dict:
+def run_lmgen(mode: str, prompt, short, new_tokens: int, repeats: int, batch_invariant: bool = True) -> dict:
     from lmgen import LLM, SamplingParams
 
-    llm = LLM(quantization=mode, enable_prefix_caching=False)
+    llm = LLM(quantization=mode, enable_prefix_caching=False, batch_invariant=batch_invariant)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     many = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     prefill, decode = [], []
@@ -123,7 +124,8 @@ def child(engine: str, args) -> None:
     base = _vm_kib("VmRSS")
     prompt, short = _prompts(args.prompt_tokens)
     if engine.startswith("lmgen:"):
-        res = run_lmgen(engine.split(":", 1)[1], prompt, short, args.new_tokens, args.repeats)
+        res = run_lmgen(engine.split(":", 1)[1], prompt, short, args.new_tokens, args.repeats,
+                        not args.no_batch_invariant)
     elif engine == "transformers":
         res = run_transformers(prompt, short, args.new_tokens, args.repeats)
     elif engine == "llama.cpp":
@@ -155,6 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_args(ap)
     ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--no-batch-invariant", action="store_true",
+                    help="lmgen engines with LLM(batch_invariant=False) (the faster non-invariant mode)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -166,11 +170,13 @@ def main() -> None:
     bw = bandwidth_gbs()
     gguf_mib = embedded_gguf().stat().st_size / 2**20
     print(f"memory read bandwidth: {bw:.1f} GB/s | model file {gguf_mib:.1f} MiB | prompt {args.prompt_tokens} tokens, "
-          f"decode {args.new_tokens} tokens, {args.threads} threads, median of {args.repeats}")
+          f"decode {args.new_tokens} tokens, {args.threads} threads, median of {args.repeats}, "
+          f"lmgen batch_invariant={not args.no_batch_invariant}")
     results = {}
     for engine in args.engines.split(","):
         cmd = [sys.executable, __file__, "--child", engine, "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        cmd += ["--no-batch-invariant"] if args.no_batch_invariant else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:

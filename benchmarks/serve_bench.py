@@ -102,7 +102,8 @@ def machine_line(llm) -> str:
 
     return (f"machine: {platform.platform()} | CPU: {cpu_model()} | logical cores: {os.cpu_count()} | "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads | python {platform.python_version()}\n"
-            f"model: {llm.model_name} on {llm.device}, {str(llm.dtype).replace('torch.', '')}")
+            f"model: {llm.model_name} on {llm.device}, {str(llm.dtype).replace('torch.', '')}, "
+            f"batch_invariant={getattr(llm.model, 'batch_invariant', None)}")
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestTiming:
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per client (from a fixed set of 8)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--no-batch-invariant", action="store_true", help="LLM(batch_invariant=False): the faster mode "
+                    "whose results may depend on the other requests in a step")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmgen.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+              batch_invariant=not args.no_batch_invariant)
     print(machine_line(llm))
     print(f"loaded in {time.perf_counter() - t0:.1f}s; workload per client: {len(prompts)} prompts x {args.max_tokens} "
           f"tokens (greedy, ignore_eos, streamed); max_num_seqs {args.max_num_seqs}", flush=True)

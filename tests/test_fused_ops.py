@@ -1,7 +1,7 @@
-"""The fused CPU decode ops (csrc/fused_ops.h) against the plain PyTorch path they replace.
+"""The fused CPU ops (csrc/fused_ops.h, attention.h, dense_gemm.h) against the plain PyTorch path they replace.
 
-The fused path runs only for pure decode steps (one token per sequence) in float32 on CPU; here batches of
-several sequences with different context lengths go through both paths and must give the same logits.
+In float32 on CPU every step takes the fused path (with batch_invariant=False only pure decode steps); here
+batches of several sequences with different context lengths go through both paths and must give the same logits.
 """
 
 from __future__ import annotations
@@ -33,37 +33,69 @@ def test_rms_norm_silu_mul_match_torch():
     torch.testing.assert_close(ops.silu_mul(gu, 40), F.silu(gu[:, :40]) * gu[:, 40:], atol=1e-6, rtol=1e-5)
 
 
-def test_decode_attention_matches_sdpa():
+@pytest.mark.parametrize("window", [None, 4])
+def test_paged_attention_matches_sdpa(window):
+    """One call with a decode token (context 17) and a prefill chunk (positions 3..7): RoPE, the K/V write and
+    causal (optionally windowed) attention per token agree with PyTorch's SDPA."""
     gen = torch.Generator().manual_seed(1)
     heads, kv_heads, D, slots = 6, 2, 16, 64
-    lens = [5, 1, 17]
-    B = len(lens)
-    qkv = torch.randn(B, (heads + 2 * kv_heads) * D, generator=gen)
-    ang = torch.randn(B, D // 2, generator=gen)
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (B, D)
+    seqs = [(16, 1), (3, 5)]  # (first new position, new tokens) per sequence
+    T = sum(n for _, n in seqs)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=gen)
+    ang = torch.randn(T, D // 2, generator=gen)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (T, D)
     k_cache, v_cache = torch.randn(slots, kv_heads, D, generator=gen), torch.randn(slots, kv_heads, D, generator=gen)
     perm = torch.randperm(slots, generator=gen)
-    kv_index = torch.zeros(B, max(lens), dtype=torch.long)
-    start = 0
-    for b, n in enumerate(lens):
-        kv_index[b, :n] = perm[start:start + n]
-        start += n
-    slot_mapping = torch.tensor([kv_index[b, n - 1] for b, n in enumerate(lens)])
+    max_kv = max(s + n for s, n in seqs)
+    kv_index = torch.zeros(len(seqs), max_kv, dtype=torch.long)
+    slot_mapping, token_seq, kv_start, kv_len, used = [], [], [], [], 0
+    for b, (s, n) in enumerate(seqs):
+        kv_index[b, : s + n] = perm[used:used + s + n]
+        used += s + n
+        for p in range(s, s + n):
+            seen = p + 1 if window is None else min(p + 1, window)
+            slot_mapping.append(int(kv_index[b, p]))
+            token_seq.append(b)
+            kv_start.append(p + 1 - seen)
+            kv_len.append(seen)
+    slot_mapping = torch.tensor(slot_mapping)
     kc, vc = k_cache.clone(), v_cache.clone()
-    out = ops.decode_attention(qkv, cos, sin, kc, vc, slot_mapping, kv_index, torch.tensor(lens), heads, kv_heads, D**-0.5)
+    out = ops.paged_attention(qkv, cos, sin, kc, vc, slot_mapping, kv_index, torch.tensor(token_seq),
+                              torch.tensor(kv_start), torch.tensor(kv_len), heads, kv_heads, D**-0.5)
 
     q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], -1)
-    q = apply_rotary(q.view(B, heads, D), cos[:, None], sin[:, None])
-    k = apply_rotary(k.view(B, kv_heads, D), cos[:, None], sin[:, None])
+    q = apply_rotary(q.view(T, heads, D), cos[:, None], sin[:, None])
+    k = apply_rotary(k.view(T, kv_heads, D), cos[:, None], sin[:, None])
     k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v.view(B, kv_heads, D))
+    v_cache.index_copy_(0, slot_mapping, v.view(T, kv_heads, D))
     torch.testing.assert_close(kc, k_cache)
     torch.testing.assert_close(vc, v_cache)
-    for b, n in enumerate(lens):
-        kp = k_cache[kv_index[b, :n]].transpose(0, 1)[None]  # (1, kv_heads, n, D)
-        vp = v_cache[kv_index[b, :n]].transpose(0, 1)[None]
-        ref = F.scaled_dot_product_attention(q[b, :, None][None], kp, vp, enable_gqa=True)  # (1, heads, 1, D)
-        torch.testing.assert_close(out[b], ref.reshape(-1), atol=1e-5, rtol=1e-5)
+    for t in range(T):
+        rows = kv_index[token_seq[t], kv_start[t]:kv_start[t] + kv_len[t]]
+        kp = k_cache[rows].transpose(0, 1)[None]  # (1, kv_heads, seen, D)
+        vp = v_cache[rows].transpose(0, 1)[None]
+        ref = F.scaled_dot_product_attention(q[t, :, None][None], kp, vp, enable_gqa=True)  # (1, heads, 1, D)
+        torch.testing.assert_close(out[t], ref.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_linear_matches_torch_and_is_row_invariant():
+    gen = torch.Generator().manual_seed(2)
+    for n, k in ((37, 45), (96, 64)):  # K not a multiple of 8, and one that is
+        w, b, x = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen), torch.randn(33, k, generator=gen)
+        y = ops.dense_linear(x, w, b, 0)
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        for m in (1, 2, 5, 8, 32):
+            assert torch.equal(ops.dense_linear(x[:m], w, b, 0), y[:m])
+            assert torch.equal(ops.dense_linear(x[m:m + 1], w, None, 0), ops.dense_linear(x, w, None, 0)[m:m + 1])
+
+
+def plain_pytorch(model, plain: bool = True) -> None:
+    """Switches a loaded model between the fused path and the plain PyTorch path (generic layer loop, PyTorch
+    RoPE + index_copy_ + SDPA attention backend)."""
+    model._fused = None if plain else fused_ops()
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.backend = attn.torch_backend if plain else model._attention_backend
 
 
 @pytest.mark.parametrize("kind", list(TINY_CONFIGS))
@@ -73,7 +105,7 @@ def test_batched_decode_fused_equals_generic(kind, tiny_model_dirs):
     prompts = [[5 + i for i in range(n)] for n in (3, 11, 20)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
     fused = llm.generate(prompts, params)
-    llm.model._fused = None
+    plain_pytorch(llm.model)
     generic = llm.generate(prompts, params)
     for a, b in zip(fused, generic):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -92,7 +124,7 @@ def test_decode_prepare_equals_general_prepare(tiny_model_dirs):
     results = []
     for general, fused in ((False, True), (True, True), (False, False), (True, False)):
         runner.prepare = runner._prepare_general if general else type(runner).prepare.__get__(runner)
-        llm.model._fused = fused_ops() if fused else None
+        plain_pytorch(llm.model, plain=not fused)
         results.append(llm.generate(prompts, params))
     for other in results[1:]:
         for a, b in zip(results[0], other):

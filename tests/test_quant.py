@@ -61,7 +61,7 @@ def integer_path(layer, batch):
     if not isinstance(layer, quant.QuantizedLinear) or layer.qtype not in R8_TYPES:
         return False
     r8_min = kernels.tuning().r8_dequant_min_batch
-    return r8_min <= 0 or batch < r8_min
+    return layer.batch_invariant or r8_min <= 0 or batch < r8_min
 
 
 ISAS = ["auto", "avx2"]
@@ -152,6 +152,24 @@ def test_kquants_match_reference(qtype, batch):
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(3))
     for path in (0, INT_PATH, DEQ_PATH):
         check_close(layer._impl.forward_path(x, path, 0), x, w, integer_path=False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", R8_TYPES + KQ_TYPES, ids=lambda t: t.name)
+def test_rows_are_batch_invariant(qtype, isa):
+    """A row's output is bit-identical alone and inside batches of any size (register tiles of 6 rows x 2 groups,
+    4/3/2-row group kernels, and for K-quants batches past dequant_min_batch), at any position in the batch."""
+    rows, cols = 40, 512
+    layer = quant.packed_linear_from_gguf(qtype, random_blocks(qtype, rows, cols, seed=7), (rows, cols),
+                                          bias=torch.randn(rows, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(40, cols, generator=torch.Generator().manual_seed(8))
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    for m in (2, 3, 5, 6, 7, 12, 17, 40):
+        for start in (0, 40 - m):
+            assert torch.equal(layer(x[start:start + m]), alone[start:start + m]), (m, start)
+    fast = quant.packed_linear_from_gguf(qtype, random_blocks(qtype, rows, cols, seed=7), (rows, cols),
+                                         batch_invariant=False)
+    assert not fast.batch_invariant and fast(x).shape == (40, rows)
 
 
 @needs_kernels

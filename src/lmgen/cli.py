@@ -32,6 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the default fused kernels on CPU: see benchmarks/RESULTS.md)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
+    g.add_argument("--no-batch-invariant", action="store_true",
+                   help="allow results to depend on what shares a step (faster float prefill; see README)")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -108,7 +110,7 @@ def load_llm(args: argparse.Namespace):
     try:
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
-                   compile=args.compile, progress=progress)
+                   compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress)
     finally:
         bar.close()
 

@@ -70,6 +70,7 @@ class LLM:
         threads: int | None = None,
         compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        batch_invariant: bool = True,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
@@ -92,7 +93,9 @@ class LLM:
             if progress:
                 progress(done[0], loaded.config.num_layers)
 
-        self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick, compile)
+        # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
+        self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick, compile,
+                                 batch_invariant)
         loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         limit = loaded.config.max_position_embeddings
         if context_length is not None and not (isinstance(context_length, int) and 2 <= context_length <= limit):

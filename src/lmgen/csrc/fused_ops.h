@@ -8,10 +8,9 @@
 //   rms_norm(x, w, eps)                      x (M, H) -> x / sqrt(mean(x^2) + eps) * w
 //   add_rms_norm(x, d, w, eps)               (x + d, rms_norm(x + d, w, eps)): residual add and the next norm
 //   silu_mul(gate_up, I)                     gate_up (M, 2I) -> silu(gate) * up (M, I)
-//   decode_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, kv_lens, heads, kv_heads, scale)
-//       one query token per sequence: RoPE on q and k, K/V written to the paged cache at `slots`, then
-//       grouped-query attention of each sequence's query over its first kv_lens[b] cached slots kv_index[b, :].
-// All accumulate in float32 in the same order of operations as the PyTorch path up to summation order.
+// (RoPE + K/V write + attention: attention.h.)  All accumulate in float32 in the same order of operations as the
+// PyTorch path up to summation order, and each row's order is fixed: a row's result never depends on the
+// other rows of the call (batch invariance).
 
 #pragma once
 
@@ -31,17 +30,25 @@ inline void check_f32_cpu(const torch::Tensor& t, const char* name) {
                     " must be a contiguous CPU float32 tensor");
 }
 
-// sum_i a[i] b[i] with 8-lane FMA accumulators (a strict-order scalar loop does not vectorize)
+#if defined(__AVX2__) && defined(__FMA__)
+// the fixed tree that adds the 8 lanes of an accumulator (dot, dot4 in attention.h, dense_gemm.h)
+inline float hsum8_fixed(__m256 acc) {
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+#endif
+
+// sum_i a[i] b[i] with 8-lane FMA accumulators (a strict-order scalar loop does not vectorize); the order
+// depends on n only
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float r = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  r = _mm_cvtss_f32(s4);
+  r = hsum8_fixed(acc);
 #endif
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
@@ -144,77 +151,6 @@ inline void rope_head(const float* x, const float* cos, const float* sin, int64_
     out[i] = x[i] * cos[i] - x[i + h] * sin[i];
     out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
   }
-}
-
-// qkv (B, (heads + 2 kv_heads) D), cos/sin (B, D), k_cache/v_cache (slots, kv_heads, D), slots (B,) int64,
-// kv_index (B, max_kv) int64, kv_lens (B,) int64 -> out (B, heads D).  Writes K/V of each token at slots[b].
-inline torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                                      torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
-                                      const torch::Tensor& kv_index, const torch::Tensor& kv_lens, int64_t heads,
-                                      int64_t kv_heads, double scale) {
-  check_f32_cpu(qkv, "qkv");
-  check_f32_cpu(cos, "cos");
-  check_f32_cpu(sin, "sin");
-  check_f32_cpu(k_cache, "k_cache");
-  check_f32_cpu(v_cache, "v_cache");
-  const int64_t B = qkv.size(0), D = k_cache.size(2), S = k_cache.size(0);
-  TORCH_CHECK_VALUE(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * D, "qkv must be (B, (H + 2 KVH) D)");
-  TORCH_CHECK_VALUE(k_cache.size(1) == kv_heads && v_cache.sizes() == k_cache.sizes(), "bad cache shape");
-  TORCH_CHECK_VALUE(cos.numel() == B * D && sin.numel() == B * D, "cos/sin must be (B, D)");
-  TORCH_CHECK_VALUE(heads % kv_heads == 0 && D % 2 == 0, "heads must be a multiple of kv_heads, D even");
-  for (const auto* t : {&slots, &kv_index, &kv_lens})
-    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->is_contiguous(),
-                      "index tensors must be contiguous CPU int64");
-  TORCH_CHECK_VALUE(slots.numel() == B && kv_lens.numel() == B && kv_index.dim() == 2 && kv_index.size(0) == B,
-                    "slots (B,), kv_index (B, max_kv), kv_lens (B,)");
-  const int64_t max_kv = kv_index.size(1), group = heads / kv_heads;
-  auto out = torch::empty({B, heads * D}, qkv.options());
-  const float *qp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *op = out.data_ptr<float>();
-  const int64_t *slot = slots.data_ptr<int64_t>(), *kvi = kv_index.data_ptr<int64_t>(), *lens = kv_lens.data_ptr<int64_t>();
-  const int64_t row = (heads + 2 * kv_heads) * D;
-  std::vector<float> q(heads * D), scores(max_kv);
-  const float sc = static_cast<float>(scale);
-  for (int64_t b = 0; b < B; ++b) {
-    const float *x = qp + b * row, *c = cp + b * D, *s = sp + b * D;
-    const int64_t sl = slot[b], n = lens[b];
-    TORCH_CHECK_VALUE(sl >= 0 && sl < S && n >= 1 && n <= max_kv, "slot / kv_len out of range");
-    for (int64_t h = 0; h < heads; ++h) rope_head(x + h * D, c, s, D, q.data() + h * D);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      rope_head(x + (heads + g) * D, c, s, D, kc + (sl * kv_heads + g) * D);
-      std::copy(x + (heads + kv_heads + g) * D, x + (heads + kv_heads + g + 1) * D, vc + (sl * kv_heads + g) * D);
-    }
-    const int64_t* idx = kvi + b * max_kv;
-    for (int64_t t = 0; t < n; ++t) TORCH_CHECK_VALUE(idx[t] >= 0 && idx[t] < S, "kv_index out of range");
-    for (int64_t h = 0; h < heads; ++h) {  // (a loop over K/V heads serving their query heads together measured slower)
-      const int64_t g = h / group;
-      const float* qh = q.data() + h * D;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) {
-        scores[t] = dot(qh, kc + (idx[t] * kv_heads + g) * D, D) * sc;
-        mx = std::max(mx, scores[t]);
-      }
-      float sum = 0.f;
-      int64_t t0 = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-      for (; t0 + 8 <= n; t0 += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + t0), _mm256_set1_ps(mx)));
-        _mm256_storeu_ps(scores.data() + t0, e);
-      }
-      for (int64_t t = 0; t < t0; ++t) sum += scores[t];
-#endif
-      for (int64_t t = t0; t < n; ++t) sum += (scores[t] = std::exp(scores[t] - mx));
-      float* __restrict o = op + b * heads * D + h * D;
-      std::fill(o, o + D, 0.f);
-      const float inv = 1.f / sum;
-      for (int64_t t = 0; t < n; ++t) {
-        const float p = scores[t] * inv;
-        const float* __restrict v = vc + (idx[t] * kv_heads + g) * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
-      }
-    }
-  }
-  return out;
 }
 
 }  // namespace lmgen_fused

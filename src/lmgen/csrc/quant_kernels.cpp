@@ -22,8 +22,11 @@
 // floats in registers/L1 and dotted with the float activation (no activation quantization on that path).
 //
 // Batches (prefill) of r8 types use the same integer kernels with register tiles over rows of activations
-// (and, with VNNI, pairs of groups); measured faster than dequantize + MKL sgemm at every batch size.  K-quant
-// batches of g_dequant_min_batch rows or more dequantize a tile of weight rows to fp32 and call at::mm.
+// (and, with VNNI, pairs of groups); measured faster than dequantize + MKL sgemm at every batch size.  Every
+// output element is summed in the same order in a tile as alone, so a row's result does not depend on the
+// batch (batch invariance).  K-quant batches of g_dequant_min_batch rows or more dequantize a tile of weight
+// rows to fp32 and call at::mm, unless the layer is batch-invariant (MKL's order depends on the batch size):
+// then every batch takes the row-by-row kernel.
 // Work is split over output rows with the share pool (share_pool.h), not OpenMP.
 
 #include <torch/extension.h>
@@ -36,6 +39,8 @@
 #include <optional>
 #include <vector>
 
+#include "attention.h"
+#include "dense_gemm.h"
 #include "fused_ops.h"
 #include "quant_kernels.h"
 #include "share_pool.h"
@@ -276,9 +281,11 @@ struct PackedLinear {
   torch::Tensor w;
   int64_t qtype, N, K;
   c10::optional<torch::Tensor> bias;
+  bool batch_invariant;  // never the dequantize + at::mm path, whose summation order depends on the batch size
 
-  PackedLinear(torch::Tensor w_, int64_t qtype_, int64_t N_, int64_t K_, c10::optional<torch::Tensor> bias_)
-      : w(std::move(w_)), qtype(qtype_), N(N_), K(K_), bias(std::move(bias_)) {
+  PackedLinear(torch::Tensor w_, int64_t qtype_, int64_t N_, int64_t K_, c10::optional<torch::Tensor> bias_,
+               bool batch_invariant_)
+      : w(std::move(w_)), qtype(qtype_), N(N_), K(K_), bias(std::move(bias_)), batch_invariant(batch_invariant_) {
     check_qtype_shape(qtype, N, K);
     check_w(w, packed_bytes(qtype, N, K));
     if (bias.has_value()) {
@@ -288,7 +295,10 @@ struct PackedLinear {
     }
   }
 
-  int64_t min_batch() const { return is_r8(qtype) ? g_r8_dequant_min_batch : g_dequant_min_batch; }
+  int64_t min_batch() const {
+    if (batch_invariant) return INT64_MAX;
+    return is_r8(qtype) ? g_r8_dequant_min_batch : g_dequant_min_batch;
+  }
 
   torch::Tensor forward(const torch::Tensor& x) const {
     const torch::Tensor x2 = as_rows(x, K);
@@ -379,6 +389,26 @@ torch::Tensor raw_gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t
   return y;
 }
 
+// dense_gemm.h's fixed-order matmul; long calls (prefill) let other Python threads run
+torch::Tensor dense_linear_nogil(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                                 int64_t threads) {
+  std::optional<pybind11::gil_scoped_release> nogil;
+  if (x.numel() * w.size(0) >= kReleaseGilMacs) nogil.emplace();
+  return lmgen_dense::dense_linear(x, w, bias, threads);
+}
+
+// attention.h's paged attention; long calls (prefill) let other Python threads run
+torch::Tensor paged_attention_nogil(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                    torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                                    const torch::Tensor& kv_index, const torch::Tensor& token_seq,
+                                    const torch::Tensor& token_kv_start, const torch::Tensor& token_kv_len, int64_t heads,
+                                    int64_t kv_heads, double scale) {
+  std::optional<pybind11::gil_scoped_release> nogil;
+  if (qkv.size(0) * kv_index.size(1) * qkv.size(1) >= kReleaseGilMacs) nogil.emplace();
+  return lmgen_attn::paged_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, token_seq, token_kv_start,
+                                     token_kv_len, heads, kv_heads, scale);
+}
+
 void set_tuning(int64_t dequant_min_batch, int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_units,
                 int64_t parallel_min_units, int64_t threads, int64_t spin_us, int64_t isa) {
   g_parallel_min_units = std::max<int64_t>(0, parallel_min_units);
@@ -401,8 +431,8 @@ std::string kernel_isa() { return use_vnni() ? "avx512vnni" : "avx2"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<PackedLinear>(m, "PackedLinear")
-      .def(pybind11::init<torch::Tensor, int64_t, int64_t, int64_t, c10::optional<torch::Tensor>>(), "packed weight (flat "
-           "uint8), qtype (GGML id), out_features, in_features, bias or None")
+      .def(pybind11::init<torch::Tensor, int64_t, int64_t, int64_t, c10::optional<torch::Tensor>, bool>(),
+           "packed weight (flat uint8), qtype (GGML id), out_features, in_features, bias or None, batch_invariant")
       .def("__call__", &PackedLinear::forward, "x (..., in) -> (..., out)")
       .def("forward_path", &PackedLinear::forward_path, "x, path (0 tuned, 1 integer kernels, 2 dequant+mm), min_units")
       .def("dequantize", &PackedLinear::dequantize, "the weight as fp32 (out, in)")
@@ -419,7 +449,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &lmgen_fused::rms_norm, "x (M, H), weight (H,), eps -> RMSNorm(x) (M, H)");
   m.def("add_rms_norm", &lmgen_fused::add_rms_norm, "x, delta (M, H), weight, eps -> (x + delta, RMSNorm(x + delta))");
   m.def("silu_mul", &lmgen_fused::silu_mul, "gate_up (M, 2I), I -> silu(gate) * up (M, I)");
-  m.def("decode_attention", &lmgen_fused::decode_attention,
-        "qkv (B, (H+2KVH)D), cos, sin (B, D), k_cache, v_cache (slots, KVH, D), slots (B,), kv_index (B, max_kv), "
-        "kv_lens (B,), heads, kv_heads, scale -> (B, H D); one query per sequence, writes K/V at slots");
+  m.def("paged_attention", &paged_attention_nogil,
+        "qkv (T, (H+2KVH)D), cos, sin (T, D), k_cache, v_cache (slots, KVH, D), slots (T,), kv_index (B, max_kv), "
+        "token_seq, token_kv_start, token_kv_len (T,), heads, kv_heads, scale -> (T, H D); writes K/V at slots, "
+        "then each token attends over kv_index[token_seq, start:start+len] (attention.h)");
+  m.def("dense_linear", &dense_linear_nogil,
+        "x (..., K) float32, weight (N, K) float32, bias (N,) or None, threads (0: torch's) -> x W^T + b in a "
+        "fixed summation order (dense_gemm.h)");
 }

@@ -264,6 +264,32 @@ LMGEN_VNNI void r8_group_vnni(int64_t qtype, const uint8_t* wg, int64_t nb, cons
 // Each activation broadcast feeds NG groups and each unpacked weight register feeds MR rows; with AVX-512VL's
 // 32 vector registers NG = 2, MR = 6 keeps all accumulators in registers (~1.5x the MR-only kernel).
 // out[g * MR + r] lane i = output (activation row r, weight row 8 (g0 + g) + i).
+//
+// Batch invariance: every output element is summed in exactly the order of the single-row kernels above
+// (r8_q4_group_vnni / r8_q8_group_vnni): the scale term d_w d_x sum(q_w q_x) in one FMA chain over the blocks,
+// the min / offset term m_w s_x in a second chain, the two added at the end; the integer sums are exact.  So a
+// row's result does not depend on whether it went through a tile, a group kernel of MR rows, or alone.  The
+// min chain runs as a second pass over the blocks (its scales are in L1 by then): keeping 12 more
+// accumulators live in the first pass would spill registers.
+template <int NG, int MR>
+LMGEN_VNNI inline void gemm_min_pass(const uint8_t* wg0, int64_t gbytes, int64_t nb, int64_t bb, bool has_min,
+                                     float offset, const ActQ8* act, __m256* out) {
+  __m256 accm[NG][MR];
+  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < MR; ++r) accm[g][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int g = 0; g < NG; ++g) {
+      const uint8_t* blk = wg0 + g * gbytes + b * bb;
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+      const __m256 mw = has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                                : _mm256_mul_ps(dw, _mm256_set1_ps(offset));
+      for (int r = 0; r < MR; ++r) accm[g][r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), accm[g][r]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < MR; ++r) out[g * MR + r] = _mm256_add_ps(out[g * MR + r], accm[g][r]);
+}
+
 template <int NG, int MR, bool HAS_MIN>
 LMGEN_VNNI inline void gemm_q4_vnni(const uint8_t* wg0, int64_t gbytes, int64_t nb, const ActQ8* act, __m256* out) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -293,18 +319,14 @@ LMGEN_VNNI inline void gemm_q4_vnni(const uint8_t* wg0, int64_t gbytes, int64_t 
       }
     }
     for (int g = 0; g < NG; ++g) {
-      const uint8_t* blk = blk0 + g * gbytes;
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-      const __m256 mw = HAS_MIN ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-      for (int r = 0; r < MR; ++r) {
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk0 + g * gbytes)));
+      for (int r = 0; r < MR; ++r)
         acc[g][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), _mm256_cvtepi32_ps(s[g][r]), acc[g][r]);
-        acc[g][r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), acc[g][r]);
-      }
     }
   }
   for (int g = 0; g < NG; ++g)
     for (int r = 0; r < MR; ++r) out[g * MR + r] = acc[g][r];
+  gemm_min_pass<NG, MR>(wg0, gbytes, nb, bb, HAS_MIN, -8.0f, act, out);
 }
 
 template <int NG, int MR>
@@ -329,15 +351,13 @@ LMGEN_VNNI inline void gemm_q8_vnni(const uint8_t* wg0, int64_t gbytes, int64_t 
     }
     for (int g = 0; g < NG; ++g) {
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk0 + g * gbytes)));
-      const __m256 mw = _mm256_mul_ps(dw, _mm256_set1_ps(-128.0f));
-      for (int r = 0; r < MR; ++r) {
+      for (int r = 0; r < MR; ++r)
         acc[g][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), _mm256_cvtepi32_ps(s[g][r]), acc[g][r]);
-        acc[g][r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), acc[g][r]);
-      }
     }
   }
   for (int g = 0; g < NG; ++g)
     for (int r = 0; r < MR; ++r) out[g * MR + r] = acc[g][r];
+  gemm_min_pass<NG, MR>(wg0, gbytes, nb, 272, false, -128.0f, act, out);
 }
 
 constexpr int GEMM_NG = 2, GEMM_MR = 6;

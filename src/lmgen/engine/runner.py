@@ -9,7 +9,8 @@ import torch
 from lmgen.engine.kv_cache import KVCache
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import SchedulerOutput
-from lmgen.model.transformer import AttentionMetadata, Transformer
+from lmgen.model.attention import AttentionMetadata
+from lmgen.model.transformer import Transformer
 
 
 @dataclass
@@ -43,7 +44,9 @@ class ModelRunner:
     def _prepare_general(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Any mix of prefill chunks and decode tokens."""
         ids, positions, slot_mapping, kv_rows, q_lens, kv_lens = [], [], [], [], [], []
-        for req, n in sched.scheduled:
+        window = self.model.config.sliding_window
+        token_seq, token_kv_start, token_kv_len = [], [], []  # per token: its sequence, the span of it that it sees
+        for b, (req, n) in enumerate(sched.scheduled):
             start = req.num_computed_tokens
             tokens = req.all_token_ids
             ids.extend(tokens[start:start + n])
@@ -53,9 +56,12 @@ class ModelRunner:
             kv_rows.append(kv_slots)
             q_lens.append(n)
             kv_lens.append(start + n)
+            for p in range(start, start + n):  # position p sees positions [p + 1 - seen, p]
+                seen = p + 1 if window is None else min(p + 1, window)
+                token_seq.append(b)
+                token_kv_start.append(p + 1 - seen)
+                token_kv_len.append(seen)
         batch, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
-        self.model.rotary.reserve(max_kv)  # positions < max_kv
-        window = self.model.config.sliding_window
         windowed = window is not None and max_kv > window  # some query cannot see its whole context
         q_len_t, kv_len_t = torch.tensor(q_lens), torch.tensor(kv_lens)
         q_start = torch.cumsum(q_len_t, 0) - q_len_t  # (batch,) first token row of each sequence
@@ -90,6 +96,10 @@ class ModelRunner:
             mask=None if mask is None else mask.to(dev),
             decode_kv_lens=kv_len_t.to(dev) if max_q == 1 and not windowed else None,
             causal=causal,
+            token_seq=torch.tensor(token_seq, device=dev),
+            token_kv_start=torch.tensor(token_kv_start, device=dev),
+            token_kv_len=torch.tensor(token_kv_len, device=dev),
+            max_position=max_kv - 1,
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
 
@@ -107,7 +117,6 @@ class ModelRunner:
             slots.append(req.block_table[pos // bs] * bs + pos % bs)
             tables.append(req.block_table[: pos // bs + 1])
         batch, max_blocks = len(ids), max(len(t) for t in tables)
-        self.model.rotary.reserve(max(positions) + 1)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
         window = self.model.config.sliding_window
         context_t = torch.tensor(positions) + 1  # (batch,) tokens of each sequence so far
@@ -142,6 +151,10 @@ class ModelRunner:
             kv_index=kv_index.to(dev),
             mask=None if mask is None else mask.to(dev),
             decode_kv_lens=kv_len_t.to(dev),
+            token_seq=torch.arange(batch, device=dev),  # one token per sequence, seeing its whole kv_index row
+            token_kv_start=torch.zeros(batch, dtype=torch.long, device=dev),
+            token_kv_len=kv_len_t.to(dev),
+            max_position=max(positions),
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), meta
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmgen.model.linear import dense_forward, fixed_order_linear
+
 
 class DenseEmbedding(torch.nn.Module):
-    """A float (vocab, hidden) table; `as_linear` is the tied output layer over the same tensor."""
+    """A float (vocab, hidden) table; `as_linear` is the tied output layer over the same tensor (batch_invariant:
+    in a fixed summation order on a float32 CPU model, see lmgen.model.linear.DenseLinear)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, batch_invariant: bool = False):
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)  # (vocab, hidden)
+        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)  # (vocab, hidden)
+        self.fixed_order = fixed_order_linear(batch_invariant, weight.device, weight.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)  # (tokens, hidden)
@@ -54,4 +58,5 @@ class _TiedLinear(torch.nn.Module):
         self._embedding = [embedding]  # a list: the table is registered once, under the embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._embedding[0].weight)
+        table = self._embedding[0]
+        return dense_forward(x, table.weight, None, table.fixed_order)

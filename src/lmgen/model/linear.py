@@ -55,16 +55,37 @@ def to_float(source: WeightSource, dtype: torch.dtype) -> torch.Tensor:
     return source.to(dtype)
 
 
-class DenseLinear(torch.nn.Module):
-    """y = x W^T + b with a float weight (out_features, in_features)."""
+def fixed_order_linear(batch_invariant: bool, device: torch.device, dtype: torch.dtype):
+    """The compiled fixed-order float32 matmul (csrc/dense_gemm.h: a row's result is the same in any batch, which
+    MKL's sgemm does not guarantee) where `batch_invariant` asks for it on a float32 CPU model, else None."""
+    if not batch_invariant or device.type != "cpu" or dtype != torch.float32:
+        return None
+    from lmgen.model.kernels import load_extension
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    ext = load_extension()
+    return None if ext is None else ext.dense_linear
+
+
+def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fixed_order) -> torch.Tensor:
+    """x W^T (+ b): through `fixed_order` (see `fixed_order_linear`) for float32 CPU tensors, else F.linear."""
+    if fixed_order is not None and x.dtype == torch.float32 and x.device.type == "cpu" \
+            and weight.dtype == torch.float32 and weight.is_contiguous():
+        return fixed_order(x, weight, bias, 0)
+    return F.linear(x, weight, bias)
+
+
+class DenseLinear(torch.nn.Module):
+    """y = x W^T + b with a float weight (out_features, in_features); batch_invariant (on a float32 CPU model):
+    computed in a fixed summation order, so a row's result does not depend on the other rows of the batch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_invariant: bool = False):
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)  # (out, in)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)  # (out,)
+        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)  # (out, in)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.contiguous(), requires_grad=False)  # (out,)
+        self._fixed_order = fixed_order_linear(batch_invariant, weight.device, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return dense_forward(x, self.weight, self.bias, self._fixed_order)
 
 
 def build_linear(
@@ -73,11 +94,13 @@ def build_linear(
     dtype: torch.dtype,
     device: torch.device,
     quantization: str = "none",
+    batch_invariant: bool = False,
 ) -> torch.nn.Module:
     """One linear layer from one or more weights stacked along the output dimension (fused projections).
 
     quantization: "none" dequantizes everything to `dtype`; "auto" keeps GGUF blocks packed where the packed
     kernels support their type; "int8"/"int4" also quantize float weights at load (see lmgen.model.quant).
+    batch_invariant: on the CPU, every row's result is independent of the batch (fixed summation orders).
     """
     bias = None
     if biases is not None and any(b is not None for b in biases):
@@ -85,15 +108,16 @@ def build_linear(
         bias = torch.cat(
             [to_float(b, dtype) if b is not None else torch.zeros(n, dtype=dtype) for b, n in zip(biases, outs)]
         ).to(device)
-    module = build_packed_linear(sources, bias, device, quantization)
+    module = build_packed_linear(sources, bias, device, quantization, batch_invariant)
     if module is not None:
         return module
     weight = torch.cat([to_float(s, dtype) for s in sources], dim=0) if len(sources) > 1 else to_float(sources[0], dtype)
-    return DenseLinear(weight.to(device), bias)
+    return DenseLinear(weight.to(device), bias, batch_invariant)
 
 
 def build_packed_linear(
-    sources: Sequence[WeightSource], bias: torch.Tensor | None, device: torch.device, mode: str
+    sources: Sequence[WeightSource], bias: torch.Tensor | None, device: torch.device, mode: str,
+    batch_invariant: bool = False,
 ) -> torch.nn.Module | None:
     """`build_linear`'s packed layer (lmgen.model.quant.QuantizedLinear), or None where `mode` and the weights'
     types call for a float layer: mode "none", a non-CPU device, a type the kernels lack, float weights in "auto"."""
@@ -108,10 +132,10 @@ def build_packed_linear(
         if packed[0].qtype in quant.supported_packed_qtypes():
             data = np.concatenate([p.data for p in packed], axis=0) if len(packed) > 1 else packed[0].data  # (rows, bytes)
             shape = (sum(p.shape[0] for p in packed), packed[0].shape[1])
-            module = quant.packed_linear_from_gguf(packed[0].qtype, data, shape, bias)
+            module = quant.packed_linear_from_gguf(packed[0].qtype, data, shape, bias, batch_invariant)
             if module is not None:
                 return module
     if mode in ("int8", "int4"):
         weight = torch.cat([to_float(s, torch.float32) for s in sources], dim=0)
-        return quant.quantize_linear(weight, mode, bias=bias)
+        return quant.quantize_linear(weight, mode, bias=bias, batch_invariant=batch_invariant)
     return None

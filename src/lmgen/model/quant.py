@@ -11,12 +11,15 @@ Q4_0 / Q4_1 / Q8_0 (every batch size): like llama.cpp, each activation row is qu
 Load time re-packs the blocks of 8 consecutive rows so that one 256-bit register holds 4 quants of each of the
 8 rows ("r8" layout, same byte count as the file, see `_pack_r8`): one broadcast of 4 activation bytes feeds
 8 rows, results land in 8 lanes without horizontal sums (2-3x a llama.cpp-style row-at-a-time kernel on the
-file layout when the weight is in cache, see the benchmark's raw-q column).  Batches use register tiles of 2 groups x 6 rows (VNNI).  Measured faster than dequantize +
+file layout when the weight is in cache, see the benchmark's raw-q column).  Batches use register tiles of 2
+groups x 6 rows (VNNI) that sum each output in the single-row kernels' order (batch invariance).  Measured faster than dequantize +
 MKL sgemm at every batch size, so there is no float path for these types (R8_DEQUANT_MIN_BATCH = 0: never).
 
 K-quants (Q4_K, Q5_K, Q6_K) keep the file layout; small batches dequantize each 256-value super-block in L1
 and dot it with the float activation; batches of DEQUANT_MIN_BATCH rows or more dequantize a tile of
-TILE_ROWS weight rows to fp32 and call at::mm (the tile is reused; no float weight stays resident).
+TILE_ROWS weight rows to fp32 and call at::mm (the tile is reused; no float weight stays resident) - except in
+batch-invariant layers (the default), where MKL's batch-size-dependent order is avoided: every batch takes the
+super-block kernel.
 
 Accuracy of the integer kernels: beyond the weight quantization itself, the only error is the rounding of the
 activations, |x - d_x q_x| <= d_x / 2.  Per output
@@ -151,8 +154,10 @@ class QuantizedLinear(torch.nn.Module):
     """
 
     def __init__(self, qtype, packed: torch.Tensor, out_features: int, in_features: int,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, batch_invariant: bool = True):
         super().__init__()
+        # True: each row's result is the same in any batch (K-quants never take the dequantize + at::mm path)
+        self.batch_invariant = bool(batch_invariant)
         if load_extension() is None:
             raise RuntimeError(f"lmgen quant kernels unavailable: {extension_error()}")
         self.qtype = _qtype(qtype)
@@ -167,7 +172,7 @@ class QuantizedLinear(torch.nn.Module):
     def _bind(self):
         # validates qtype / shape / byte count / bias (ValueError) and holds references to the buffers
         self._impl = load_extension().PackedLinear(self.packed, int(self.qtype), self.out_features, self.in_features,
-                                              self.bias)
+                                                   self.bias, self.batch_invariant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._impl(x)
@@ -243,14 +248,15 @@ class TorchPackedLinear(torch.nn.Module):
 # public constructors
 # ------------------------------------------------------------------------------------------------------------
 def packed_linear_from_gguf(qtype, data: np.ndarray, shape: tuple[int, int],
-                            bias: torch.Tensor | None = None) -> torch.nn.Module | None:
+                            bias: torch.Tensor | None = None, batch_invariant: bool = True) -> torch.nn.Module | None:
     """A linear layer that keeps GGUF blocks packed.
 
     qtype: gguf.GGMLQuantizationType (or its int); data: raw blocks (rows, bytes_per_row) of an
     (out_features, in_features) = `shape` weight, several matrices possibly concatenated along rows (fused
     QKV / gate+up: pass the summed out_features).  Returns None for a type not packed here (see
     `supported_packed_qtypes()`); the caller then dequantizes to a float layer.  Raises ValueError for an unknown
-    type or data that does not match `shape`.
+    type or data that does not match `shape`.  batch_invariant (default): a row's result never depends on the
+    other rows of the call; False lets K-quant batches take the faster dequantize + at::mm path.
     """
     qt = _qtype(qtype)
     if qt.name not in _R8_TYPES + _KQ_TYPES:
@@ -263,13 +269,14 @@ def packed_linear_from_gguf(qtype, data: np.ndarray, shape: tuple[int, int],
         packed = _pack_r8(qt, data, rows, cols)
     else:
         packed = np.ascontiguousarray(data).reshape(-1).copy()  # K-quants keep the file layout (owned copy)
-    return QuantizedLinear(qt, torch.from_numpy(packed), rows, cols, bias)
+    return QuantizedLinear(qt, torch.from_numpy(packed), rows, cols, bias, batch_invariant)
 
 
 _MODES = {"int8": "Q8_0", "int4": "Q4_1"}
 
 
-def quantize_linear(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None) -> torch.nn.Module:
+def quantize_linear(weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None,
+                    batch_invariant: bool = True) -> torch.nn.Module:
     """Quantize a float (out_features, in_features) weight at load time and return a packed linear layer.
 
     mode "int8": Q8_0 blocks (32 values, one fp16 scale); per weight |w - w_q| <= max|w_block| (1/254 + 2^-11).
@@ -288,7 +295,7 @@ def quantize_linear(weight: torch.Tensor, mode: str, bias: torch.Tensor | None =
     w = weight.detach().to(torch.float32).cpu().contiguous().numpy()
     data = gguf.quants.quantize(w, qt)  # (rows, bytes_per_row) uint8
     if load_extension() is not None:
-        module = packed_linear_from_gguf(qt, data, (rows, cols), bias)
+        module = packed_linear_from_gguf(qt, data, (rows, cols), bias, batch_invariant)
         if module is not None:
             return module
     return TorchPackedLinear(qt, data, rows, cols, bias)

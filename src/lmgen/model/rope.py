@@ -77,8 +77,9 @@ class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables over positions, computed once; a step only looks its positions up (one index op each instead
     of the ~10 ops that build them), and every layer rotates its q and k with the same rows.
 
-    The tables cover `reserved` positions, grown (doubling) by `reserve`, which the ModelRunner calls with each
-    step's highest position: a window of 128k positions would cost 128 MiB of tables if built up front."""
+    The tables cover `reserved` positions, grown (doubling) by `reserve`, which the Transformer calls with each
+    step's highest position (AttentionMetadata.max_position): a window of 128k positions would cost 128 MiB of
+    tables if built up front."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  initial_positions: int = 4096):

@@ -5,18 +5,23 @@ embedding -> [RMSNorm -> QKV -> RoPE -> attention over the paged KV cache -> out
 
 Tokens of all scheduled sequences are flattened into one (tokens, hidden) batch; `AttentionMetadata`
 says where each token's K/V goes in the cache and which cached positions each query may see, so prefill
-chunks and single decode tokens run through the very same code.
+chunks and single decode tokens run through the very same code.  RoPE, the K/V write and attention live in
+lmgen.model.attention, whose backend (PyTorch, or the fused CPU op) is chosen here at load.
 
-Decode steps (one token per sequence) in float32 on CPU take a fused path instead (`_forward_decode_fused`):
-the compiled ops of csrc/fused_ops.h do RMSNorm, residual add, SwiGLU and RoPE + K/V write + attention in
-8 calls per layer instead of ~50 PyTorch ops, whose dispatch overhead, not the arithmetic, bounded the decode
-speed of small models (SmolLM2-135M Q4_1, 2 threads: 69 -> 142-155 tok/s).  Other devices and dtypes, prefill
-and mixed steps use the generic path; tests/test_fused_ops.py checks that both paths agree.
+In float32 on CPU every step takes a fused path instead (`_forward_fused`): the compiled ops of csrc/ do
+RMSNorm, residual add, SwiGLU and RoPE + K/V write + attention in 8 calls per layer instead of ~50 PyTorch ops,
+whose dispatch overhead, not the arithmetic, bounded the decode speed of small models (SmolLM2-135M Q4_1,
+2 threads: 69 -> 142-155 tok/s).  Each of those ops, and the matmuls, sums every row in a fixed order, so a
+request's logits are bit-identical whatever else shares its step, whether the step mixes prefill chunks and
+decode tokens, and whatever chunks its prompt was prefilled in (batch invariance, the default).  With
+batch_invariant=False only pure decode steps take the fused path; prefill and mixed steps use the generic path
+(PyTorch SDPA, MKL matmuls for float weights).  Other devices and dtypes always use the generic path;
+tests/test_fused_ops.py checks that both paths agree and tests/test_batch_invariance.py the invariance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 from typing import Callable, Mapping
 
 import torch
@@ -24,29 +29,13 @@ import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
 from lmgen.errors import ModelLoadError
+from lmgen.model.attention import Attention, AttentionMetadata, FusedCPUAttentionBackend, TorchAttentionBackend
 from lmgen.model.embedding import DenseEmbedding, PackedEmbedding
 from lmgen.model.linear import WeightSource, build_linear, build_packed_linear, to_float
 from lmgen.model.kernels import fused_ops
-from lmgen.model.rope import RotaryEmbedding, apply_rotary
+from lmgen.model.rope import RotaryEmbedding
 
-
-@dataclass
-class AttentionMetadata:
-    """Index tensors for one forward step, built once by the ModelRunner and shared by every layer."""
-
-    slot_mapping: torch.Tensor  # (tokens,) int64: flat cache slot where each new token's K/V is written
-    # (batch, max_q) int64: row of `tokens` for each sequence's queries (padded with 0); None when the batch
-    # is a single sequence, whose queries are simply all the tokens
-    query_index: torch.Tensor | None
-    output_index: torch.Tensor | None  # (tokens,) int64: row of each token in the flat (batch*max_q) output
-    kv_index: torch.Tensor  # (batch, max_kv) int64: flat cache slots of each sequence's context (padded with 0)
-    mask: torch.Tensor | None  # (batch, 1, max_q, max_kv) bool: True where a query may attend; None = all
-    # (batch,) int64: context length of each sequence, set only when every sequence has exactly one query token
-    # (a pure decode step); enables the fused CPU decode path (`Transformer._forward_decode_fused`)
-    decode_kv_lens: torch.Tensor | None = None
-    # True when the batch is one sequence whose queries are its whole context (a prefill from position 0): the
-    # mask is then exactly causal, `mask` is None, and SDPA's is_causal kernel skips the masked half
-    causal: bool = False
+logger = logging.getLogger("lmgen.model")
 
 
 class RMSNorm(torch.nn.Module):
@@ -67,36 +56,6 @@ class RMSNorm(torch.nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-class Attention(torch.nn.Module):
-    """Grouped-query attention: num_heads query heads share num_kv_heads K/V heads."""
-
-    def __init__(self, config: ModelConfig, qkv: torch.nn.Module, o_proj: torch.nn.Module):
-        super().__init__()
-        self.qkv_proj, self.o_proj = qkv, o_proj
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.scale = config.head_dim**-0.5
-
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        # Write this step's K/V into the paged cache first, so the gather below sees them.
-        k_cache.index_copy_(0, meta.slot_mapping, k)  # k_cache: (num_slots, kv_heads, head_dim)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
-        qp = (q[None] if meta.query_index is None else q[meta.query_index]).transpose(1, 2)  # (batch, heads, max_q, head_dim)
-        kp = k_cache[meta.kv_index].transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
-        vp = v_cache[meta.kv_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, is_causal=meta.causal, scale=self.scale,
-                                             enable_gqa=True)
-        out = out.transpose(1, 2).reshape(-1, self.q_size)  # (batch*max_q, heads*head_dim)
-        if meta.output_index is not None:
-            out = out[meta.output_index]  # (tokens, heads*head_dim): drop the padding rows
-        return self.o_proj(out)
 
 
 class MLP(torch.nn.Module):
@@ -140,9 +99,11 @@ class Transformer(torch.nn.Module):
         quantization: str = "none",
         progress: Callable[[], None] | None = None,
         compile: bool = False,
+        batch_invariant: bool = True,
     ):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        self.batch_invariant = bool(batch_invariant)
         tick = progress or (lambda: None)
 
         def take(name: str) -> WeightSource:
@@ -160,21 +121,29 @@ class Transformer(torch.nn.Module):
             for n, s, out in zip(names, sources, outs):
                 _check_shape(n + ".weight", s, (out, in_features))
             biases = [take(n + ".bias") for n in names] if bias else None
-            return build_linear(sources, biases, dtype, self.device, quantization)
+            return build_linear(sources, biases, dtype, self.device, quantization, self.batch_invariant)
 
         embed_source = take("model.embed_tokens.weight")
         _check_shape("model.embed_tokens.weight", embed_source, (config.vocab_size, config.hidden_size))
-        packed_table = build_packed_linear([embed_source], None, self.device, quantization)
+        packed_table = build_packed_linear([embed_source], None, self.device, quantization, self.batch_invariant)
         if packed_table is not None:  # GGUF blocks (or int8/int4): stays packed, rows dequantized on lookup
             self.embed_tokens: torch.nn.Module = PackedEmbedding(packed_table, dtype)
         else:
-            self.embed_tokens = DenseEmbedding(to_float(embed_source, dtype).to(self.device))  # (vocab, hidden)
+            self.embed_tokens = DenseEmbedding(to_float(embed_source, dtype).to(self.device),  # (vocab, hidden)
+                                               self.batch_invariant)
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
         # is bound by per-op overhead.
         # compile=True hands the layers to torch.compile instead, which cannot trace into these ops.
         self._fused = fused_ops() if self.device.type == "cpu" and dtype == torch.float32 and not compile else None
+        if self.batch_invariant and self._fused is None:
+            logger.warning("batch invariance needs float32 on the CPU with the compiled kernels and no compile=True; "
+                           "here (%s, %s) a request's results may depend on the other requests in its step",
+                           self.device, dtype)
         self.rotary = RotaryEmbedding(config, self.device, dtype)
+        # RoPE + K/V write + attention: chosen once; one (stateless) backend object serves every layer
+        self._attention_backend = (TorchAttentionBackend(config) if self._fused is None
+                                   else FusedCPUAttentionBackend(config, self._fused, all_steps=self.batch_invariant))
         self.layers = torch.nn.ModuleList()
         h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
         for i in range(config.num_layers):
@@ -184,7 +153,7 @@ class Transformer(torch.nn.Module):
             gate_up = linear([p + "mlp.gate_proj", p + "mlp.up_proj"], h, [inter, inter], config.mlp_bias)
             down = linear([p + "mlp.down_proj"], inter, [h], config.mlp_bias)
             self.layers.append(
-                Block(Attention(config, qkv, o), MLP(gate_up, down, inter, self._fused), norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight"))
+                Block(Attention(config, qkv, o, self._attention_backend), MLP(gate_up, down, inter, self._fused), norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight"))
             )
             tick()
         self.norm = norm("model.norm.weight")
@@ -192,8 +161,9 @@ class Transformer(torch.nn.Module):
             self.lm_head: torch.nn.Module = self.embed_tokens.as_linear()  # one (vocab, hidden) matrix for both
         else:
             _check_shape("lm_head.weight", take("lm_head.weight"), (config.vocab_size, h))
-            self.lm_head = build_linear([weights["lm_head.weight"]], None, dtype, self.device, quantization)
-        self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_decode_plan`
+            self.lm_head = build_linear([weights["lm_head.weight"]], None, dtype, self.device, quantization,
+                                        self.batch_invariant)
+        self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_layer_plan`
         # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
         # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
         # quantized layers stay opaque calls between compiled pieces.
@@ -202,10 +172,10 @@ class Transformer(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids)  # (tokens, hidden)
+        self.rotary.reserve(meta.max_position + 1)
         cos, sin = self.rotary(positions)  # (tokens, head_dim) each
-        if self._fused is not None and meta.decode_kv_lens is not None and x.device.type == "cpu":
-            return self._forward_decode_fused(x, cos, sin, kv_caches, meta)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # (tokens, 1, head_dim): broadcast over heads
+        if self._fused is not None and self._attention_backend.supports(meta):
+            return self._forward_fused(x, cos, sin, kv_caches, meta)
         return (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
 
     def _run_layers(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
@@ -214,30 +184,27 @@ class Transformer(torch.nn.Module):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
 
-    def _forward_decode_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """The decode step (one token per sequence) with the compiled fused ops: per layer 8 calls (qkv, RoPE +
-        cache write + attention, o_proj, residual add + norm, gate_up, SwiGLU, down, residual add + next norm)
-        instead of ~50 PyTorch ops.  Same arithmetic as `forward`'s generic path (float32, CPU).
-        x (batch, hidden) -> final-normed hidden states (batch, hidden)."""
+    def _forward_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """A step with the compiled fused ops: per layer 8 calls (qkv, RoPE + cache write + attention, o_proj,
+        residual add + norm, gate_up, SwiGLU, down, residual add + next norm) instead of ~50 PyTorch ops; every
+        row in a fixed order (float32, CPU).  x (tokens, hidden) -> final-normed hidden states (tokens, hidden)."""
         ops, eps = self._fused, self.config.rms_norm_eps
-        # cos, sin: (batch, head_dim) rows of the RoPE tables, contiguous
-        kv_index, kv_lens, slots = meta.kv_index.contiguous(), meta.decode_kv_lens, meta.slot_mapping.contiguous()
+        # cos, sin: (tokens, head_dim) rows of the RoPE tables, contiguous
         if self._plan is None:
-            self._plan = self._decode_plan()
+            self._plan = self._layer_plan()
         first_norm, plan = self._plan
-        normed = ops.rms_norm(x, first_norm, eps)  # (batch, hidden)
-        for (qkv_proj, o_proj, gate_up_proj, down_proj, post_norm, next_norm, heads, kv_heads, scale, inter), \
+        normed = ops.rms_norm(x, first_norm, eps)  # (tokens, hidden)
+        for (qkv_proj, attend, o_proj, gate_up_proj, down_proj, post_norm, next_norm, inter), \
                 (k_cache, v_cache) in zip(plan, kv_caches):
-            qkv = qkv_proj(normed)  # (batch, (heads + 2 kv_heads) * head_dim)
-            out = ops.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, kv_lens,
-                                       heads, kv_heads, scale)  # (batch, heads * head_dim)
+            qkv = qkv_proj(normed)  # (tokens, (heads + 2 kv_heads) * head_dim)
+            out = attend(qkv, cos, sin, k_cache, v_cache, meta)  # (tokens, heads * head_dim); writes K/V
             x, normed = ops.add_rms_norm(x, o_proj(out), post_norm, eps)
-            act = ops.silu_mul(gate_up_proj(normed), inter)  # (batch, intermediate)
+            act = ops.silu_mul(gate_up_proj(normed), inter)  # (tokens, intermediate)
             x, normed = ops.add_rms_norm(x, down_proj(act), next_norm, eps)  # next layer's input norm / final norm
         return normed
 
-    def _decode_plan(self) -> tuple[torch.Tensor, list[tuple]]:
-        """What `_forward_decode_fused` needs of each layer, looked up once: the linear layers' forward callables
+    def _layer_plan(self) -> tuple[torch.Tensor, list[tuple]]:
+        """What `_forward_fused` needs of each layer, looked up once: the linear layers' forward callables
         (bypassing nn.Module.__call__, so no hooks) and the norm weights.  The attribute lookups and module
         dispatch cost ~0.5 ms per token over 30 layers.  Reset by `_apply` (.to() may replace tensors)."""
         def fn(m: torch.nn.Module):
@@ -248,9 +215,8 @@ class Transformer(torch.nn.Module):
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            plan.append((fn(attn.qkv_proj), fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj),
-                         layer.post_attention_layernorm.weight, next_norm.weight, attn.num_heads, attn.num_kv_heads,
-                         attn.scale, mlp.intermediate_size))
+            plan.append((fn(attn.qkv_proj), attn.backend, fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj),
+                         layer.post_attention_layernorm.weight, next_norm.weight, mlp.intermediate_size))
         return self.layers[0].input_layernorm.weight, plan
 
     def _apply(self, fn, *args, **kwargs):

@@ -1,0 +1,117 @@
+"""Attention over the paged KV cache: RoPE, the K/V write and grouped-query attention, in one module.
+
+This is the one place where K and V are written.  `AttentionMetadata` (built once per step by the
+ModelRunner) says where each new token's K/V goes and which cached positions each query sees.  The backend is
+chosen once, when the model is built:
+  TorchAttentionBackend     plain PyTorch (rotate, index_copy_ into the cache, SDPA); any device and dtype
+  FusedCPUAttentionBackend  csrc/attention.h's paged_attention: the same three steps in one compiled call per
+                            layer, each token in a fixed order (batch invariance); float32 on CPU
+With batch_invariant=False the fused backend serves only pure decode steps and PyTorch the rest, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmgen.config import ModelConfig
+from lmgen.model.rope import apply_rotary
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors for one forward step, built once by the ModelRunner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (tokens,) int64: flat cache slot where each new token's K/V is written
+    # (batch, max_q) int64: row of `tokens` for each sequence's queries (padded with 0); None when the batch
+    # is a single sequence, whose queries are simply all the tokens
+    query_index: torch.Tensor | None
+    output_index: torch.Tensor | None  # (tokens,) int64: row of each token in the flat (batch*max_q) output
+    kv_index: torch.Tensor  # (batch, max_kv) int64: flat cache slots of each sequence's context (padded with 0)
+    mask: torch.Tensor | None  # (batch, 1, max_q, max_kv) bool: True where a query may attend; None = all
+    # (batch,) int64: context length of each sequence, set only when every sequence has exactly one query token
+    # (a pure decode step); with batch_invariant=False only such steps take the fused backend
+    decode_kv_lens: torch.Tensor | None = None
+    # True when the batch is one sequence whose queries are its whole context (a prefill from position 0): the
+    # mask is then exactly causal, `mask` is None, and SDPA's is_causal kernel skips the masked half
+    causal: bool = False
+    # (tokens,) int64 each, for the fused backend (csrc/attention.h): the sequence (row of kv_index) of each
+    # token, and the span [start, start + len) of that row the token sees
+    token_seq: torch.Tensor | None = None
+    token_kv_start: torch.Tensor | None = None
+    token_kv_len: torch.Tensor | None = None
+    max_position: int = 0  # the step's highest position (the model's RoPE tables must cover it)
+
+
+class TorchAttentionBackend:
+    """RoPE, K/V write and attention with PyTorch ops (SDPA over the gathered, padded context)."""
+
+    def __init__(self, config: ModelConfig):
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size, self.scale = config.q_size, config.kv_size, config.head_dim**-0.5
+
+    def supports(self, meta: AttentionMetadata) -> bool:
+        return True
+
+    def __call__(self, qkv, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv (tokens, q + 2 kv), cos/sin (tokens, head_dim) -> (tokens, q_size); writes K/V into the caches."""
+        tokens = qkv.shape[0]
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (tokens, 1, head_dim): broadcast over heads
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
+        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        # Write this step's K/V into the paged cache first, so the gather below sees them.
+        k_cache.index_copy_(0, meta.slot_mapping, k)  # k_cache: (num_slots, kv_heads, head_dim)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        qp = (q[None] if meta.query_index is None else q[meta.query_index]).transpose(1, 2)  # (batch, heads, max_q, head_dim)
+        kp = k_cache[meta.kv_index].transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
+        vp = v_cache[meta.kv_index].transpose(1, 2)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, is_causal=meta.causal, scale=self.scale,
+                                             enable_gqa=True)
+        out = out.transpose(1, 2).reshape(-1, self.q_size)  # (batch*max_q, heads*head_dim)
+        if meta.output_index is not None:
+            out = out[meta.output_index]  # (tokens, heads*head_dim): drop the padding rows
+        return out
+
+
+class FusedCPUAttentionBackend:
+    """RoPE, K/V write and attention in one compiled call (csrc/attention.h), float32 on CPU.  all_steps=False
+    (batch_invariant=False): it serves pure decode steps only, the PyTorch backend the others."""
+
+    def __init__(self, config: ModelConfig, ops, all_steps: bool):
+        self.num_heads, self.num_kv_heads, self.scale = config.num_heads, config.num_kv_heads, config.head_dim**-0.5
+        self._paged_attention, self.all_steps = ops.paged_attention, all_steps
+
+    def supports(self, meta: AttentionMetadata) -> bool:
+        return meta.token_seq is not None and (self.all_steps or meta.decode_kv_lens is not None)
+
+    def __call__(self, qkv, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv (tokens, q + 2 kv) float32, cos/sin (tokens, head_dim) -> (tokens, q_size); writes K/V."""
+        return self._paged_attention(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.kv_index,
+                                     meta.token_seq, meta.token_kv_start, meta.token_kv_len, self.num_heads,
+                                     self.num_kv_heads, self.scale)
+
+
+class Attention(torch.nn.Module):
+    """Grouped-query attention (num_heads query heads share num_kv_heads K/V heads): QKV projection, then the
+    backend's RoPE + K/V write + attention, then the output projection."""
+
+    def __init__(self, config: ModelConfig, qkv: torch.nn.Module, o_proj: torch.nn.Module, backend):
+        super().__init__()
+        self.qkv_proj, self.o_proj = qkv, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.backend = backend  # chosen at load (see the module docstring)
+        self.torch_backend = backend if isinstance(backend, TorchAttentionBackend) else TorchAttentionBackend(config)
+
+    def attend(self, qkv, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv (tokens, q + 2 kv) -> attention output (tokens, q_size) before o_proj; writes this step's K/V."""
+        backend = self.backend if self.backend.supports(meta) else self.torch_backend
+        return backend(qkv, cos, sin, k_cache, v_cache, meta)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """x (tokens, hidden), cos/sin (tokens, head_dim) -> (tokens, hidden)."""
+        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin, k_cache, v_cache, meta))
