@@ -281,7 +281,7 @@ def test_greedy_rows_take_argmax_after_penalties(source):
     top2 = torch.topk(logits, 2).indices.tolist()
     params = [
         SamplingParams(temperature=0),
-        SamplingParams(temperature=0.9, beam_width=2),  # beam search rows are greedy too
+        SamplingParams(temperature=1.0, beam_width=2),  # beam search rows are greedy too (at the default temperature)
         SamplingParams(temperature=0, logit_bias={top2[1]: 30.0}),
         SamplingParams(temperature=0, min_tokens=3),  # the argmax is suppressed as a stop id
         SamplingParams(temperature=1.0, top_k=50, seed=9),  # a sampled row in between
