@@ -79,7 +79,8 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("server"), "--max-num-seqs", "16", "--max-n", "40")
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), "--max-num-seqs", "16", "--max-n", "40",
+                        "--allowed-origins", "http://app.example,http://localhost:5173", "--access-log")
     yield srv
     srv.stop()
 
@@ -102,6 +103,31 @@ def _wait_idle(server: ServerProcess, timeout: float = 60.0) -> dict[str, float]
 
 
 # ---- basics ------------------------------------------------------------------------------------------
+def test_server_citizenship_models_cors_fingerprint_access_log(server, client):
+    """GET /v1/models/{id} (404 in OpenAI's shape for another id), CORS for --allowed-origins only, the same
+    system_fingerprint on every response, and --access-log lines."""
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+    pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = httpx.options(server.base + "/v1/chat/completions", headers=pre)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.options(server.base + "/v1/chat/completions", headers={**pre, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    a = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    b = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                                 stream=True))
+    assert a.system_fingerprint.startswith("fp_") and {b.system_fingerprint, *(c.system_fingerprint for c in chunks)} == {a.system_fingerprint}
+    deadline = time.monotonic() + 10
+    while '"GET /v1/models/smol HTTP/1.1" 200' not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert '"GET /v1/models/smol HTTP/1.1" 200' in server.log_text()
+
+
+
 def test_beam_search_through_the_server_equals_transformers(client, hf_smol_model, hf_smol_tokenizer):
     """beam_width / length_penalty as extra fields (vLLM-style): the server's beams are transformers' beams."""
     import torch

@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503")
     s.add_argument("--max-n", type=int, default=128, help="most completions (n) or beams one request may ask for; more get 400")
+    s.add_argument("--allowed-origins", type=lambda v: [o.strip() for o in v.split(",") if o.strip()], default=None,
+                   help="comma-separated browser origins allowed by CORS (default: none)")
+    s.add_argument("--access-log", action="store_true", help="log one line per HTTP request (method, path, status)")
     s.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a `chat_template` (Jinja text, never a path) in chat requests (default: refused)")

@@ -94,6 +94,7 @@ class LLM:
                 progress(done[0], loaded.config.num_layers)
 
         # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
+        self.quantization = quantization
         self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick, compile,
                                  batch_invariant)
         loaded.weights = {}  # the model owns its tensors now; drop the loader's references

@@ -25,6 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from lmgen.server.protocol import requests as Q
@@ -47,11 +48,13 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish on S
 def create_app(llm, served_model_name: str | list[str] | None = None, api_key: str | None = None, max_queue: int = 256,
                max_num_seqs: int | None = None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
                trust_request_chat_template: bool = False,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_n: int = 128) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_n: int = 128,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app serving `llm` (an lmgen.LLM). The engine thread starts with the app's lifespan
     (or at the first request) and stops on shutdown, after in-flight requests had `shutdown_timeout`
     seconds to finish. A request's `chat_template` (Jinja text only) is refused with 400 unless
-    `trust_request_chat_template`; a body over `max_request_bytes` gets 413."""
+    `trust_request_chat_template`; a body over `max_request_bytes` gets 413. `allowed_origins`: the browser origins
+    CORS admits (none by default: a web page elsewhere cannot call the server)."""
     BodyLimit(None, max_request_bytes)  # a bad limit fails here, not at the first request
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [llm.model_name])
     metrics = ServerMetrics()
@@ -71,6 +74,9 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
     app.state.engine = engine
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     # ---- plain routes ---------------------------------------------------------------------------
     @app.get("/health")
@@ -88,6 +94,12 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         srv.auth(request)
         cards = [R.ModelCard(id=n, created=srv.created, root=llm.model_name, max_model_len=srv.context_length) for n in names]
         return R.ModelList(data=cards).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        srv.auth(request)
+        srv.check_model(model_id)
+        return R.ModelCard(id=model_id, created=srv.created, root=llm.model_name, max_model_len=srv.context_length).model_dump()
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -158,7 +170,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
                 choices.append(R.CompletionChoice(index=pi * req.n + j, text=body, logprobs=logprobs,
                                                   finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         usage = srv.usage([len(ids) for _, ids in prompts], [r.num_cached_tokens for r in results], completion_tokens)
-        return R.CompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
+        return R.CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
     # ---- chat completions -----------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -198,7 +210,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
             choices.append(R.ChatChoice(index=j, message=R.AssistantMessage(content=seq.text), logprobs=logprobs,
                                         finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs))
-        return R.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=choices, usage=usage).model_dump(mode="json")
+        return R.ChatCompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
     return app
 
@@ -216,13 +228,13 @@ def serve(args, llm) -> int:
     timeout = float(getattr(args, "shutdown_timeout", None) or os.environ.get("LMGEN_SHUTDOWN_TIMEOUT") or DEFAULT_SHUTDOWN_TIMEOUT)
     app = create_app(llm, name, api_key=api_key, max_queue=getattr(args, "max_queue", 256),
                      max_num_seqs=getattr(args, "max_num_seqs", None), shutdown_timeout=timeout,
-                     max_n=getattr(args, "max_n", 128),
+                     max_n=getattr(args, "max_n", 128), allowed_origins=getattr(args, "allowed_origins", None),
                      trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
                      max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if getattr(args, "max_request_bytes", None) is None
                      else args.max_request_bytes)
     host = getattr(args, "host", None) or "127.0.0.1"
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
-                            lifespan="on")
+                            lifespan="on", access_log=bool(getattr(args, "access_log", False)))
     server = uvicorn.Server(config)
     logger.info("serving %s as %r on http://%s:%d (API key %s)", llm.model_name, name, host, args.port,
                 "required" if api_key else "not required")

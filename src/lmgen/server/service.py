@@ -39,6 +39,7 @@ class ServerContext:
         self.context_length = llm.context_length
         self.token_text = TokenText(llm.tokenizer)
         self.created = int(time.time())
+        self.fingerprint = system_fingerprint(llm)
         # No token covers more characters than the longest vocabulary piece, so a text longer than
         # context_length times that cannot fit the window: it is refused without tokenizing it.
         pieces = llm.tokenizer.convert_ids_to_tokens(range(llm.tokenizer.vocab_size))
@@ -236,3 +237,16 @@ def _tokenize_prompts(srv: ServerContext, items: list, add_special_tokens: bool)
             raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
         out.append((text, ids))
     return out
+
+
+def system_fingerprint(llm) -> str:
+    """OpenAI's `system_fingerprint`: names the backend configuration that can change outputs (lmgen's version,
+    the model file, dtype, quantization, batch invariance), so a client can tell when the same request may answer
+    differently."""
+    import hashlib
+
+    from lmgen.doctor import lmgen_version
+
+    config = "|".join(str(x) for x in (lmgen_version(), llm.model_name, llm.dtype, llm.quantization,
+                                       getattr(llm.model, "batch_invariant", "")))
+    return "fp_" + hashlib.sha256(config.encode()).hexdigest()[:12]

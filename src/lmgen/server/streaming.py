@@ -121,7 +121,7 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
     def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> str:
-        return _sse(R.CompletionChunk(id=rid, created=created, model=req.model, choices=[R.CompletionChoice(
+        return _sse(R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.CompletionChoice(
             index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
 
     try:
@@ -143,7 +143,7 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
         if req.stream_options and req.stream_options.include_usage:
             cached = [next((s.num_cached_tokens for i, s in last.items() if i // n == pi), 0) for pi in range(len(prompts))]
             usage = srv.usage([len(ids) for _, ids in prompts], cached, sum(s.num_output_tokens for s in last.values()))
-            yield _sse(R.CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+            yield _sse(R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
         yield _DONE
     except Exception as e:  # the engine failed this request after the stream had started
         yield _sse(api_error(e).body())
@@ -159,7 +159,7 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
     def chunk(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
-        return _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[R.ChatChunkChoice(
+        return _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.ChatChunkChoice(
             index=index, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
 
     try:
@@ -177,7 +177,7 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
         if req.stream_options and req.stream_options.include_usage:
             cached = next(iter(last.values())).num_cached_tokens if last else 0
             usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()))
-            yield _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+            yield _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
         yield _DONE
     except Exception as e:
         yield _sse(api_error(e).body())
