@@ -153,7 +153,7 @@ def test_server_32_staggered_streams_equal_solo(tmp_path):
     30 ms apart so that prefills land among decodes, through the official openai client: 32/32 equal their
     answers sent alone to the same server."""
     openai = pytest.importorskip("openai")
-    from test_server import KEY, MODEL, ServerProcess
+    from server_process import KEY, MODEL, ServerProcess
 
     words = TEXT.split()
     prompts = [" ".join(words[i % 7: i % 7 + 1 + (i * 37) % len(words)]) for i in range(32)]

@@ -6,12 +6,9 @@ key) for the HTTP cases; AsyncEngine's own failure paths are tested on a fake en
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-import sys
 import time
 from collections import deque
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -24,46 +21,18 @@ from lmgen.errors import EngineClosedError, QueueFullError
 from lmgen.server.async_engine import AsyncEngine
 from lmgen.server.metrics import parse_metrics
 
-MODEL = "smol"
+from server_process import MODEL, ServerProcess  # noqa: E402
+
 KEY = "sekrit"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """`lmgen serve` with --max-num-seqs 1 --max-queue 1 on a free loopback port (bounded startup wait)."""
-    port = _free_port()
-    log_path = Path(tmp_path_factory.mktemp("server")) / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmgen.cli", "serve", "--quantization", "none", "--port", str(port), "--api-key", KEY,
-         "--served-model-name", MODEL, "--max-num-seqs", "1", "--max-queue", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), "--max-num-seqs", "1", "--max-queue", "1", api_key=KEY)
+    yield srv.base
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,8 @@ shape, and after each failing case the server still serves and holds no KV block
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,46 +15,19 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from lmgen.server.metrics import parse_metrics  # noqa: E402
+from server_process import MODEL, ServerProcess  # noqa: E402
 
-MODEL = "smol"
 MAX_BODY = 1_000_000
 HI = [{"role": "user", "content": "Hi"}]
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(2000) %}{% endfor %}{% endfor %}{{ messages[0].content }}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    port = _free_port()
-    log_path = Path(tmp_path_factory.mktemp("server")) / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lmgen.cli", "serve", "--quantization", "none", "--port", str(port),
-             "--served-model-name", MODEL, "--max-num-seqs", "4", "--trust-request-chat-template",
-             "--max-request-bytes", str(MAX_BODY)], stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        try:
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), "--max-num-seqs", "4", "--trust-request-chat-template",
+                        "--max-request-bytes", str(MAX_BODY), api_key=None)
+    yield srv.base
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
