@@ -161,6 +161,29 @@ def test_concurrent_hostile_templates_do_not_stop_normal_requests(base, http):
     assert_serving_and_idle(http)
 
 
+# ---- 4. fan-out --------------------------------------------------------------------------------------------
+def test_huge_n_is_a_400_and_an_unrelated_stream_finishes(base, http):
+    """n = 1,000,000 is refused at admission (400 naming n, --max-n 128 by default) while another request streams;
+    that stream ends normally and no KV block is left held."""
+    streamed: list[str] = []
+
+    def stream():
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.Client(base_url=base, timeout=120) as h, h.stream("POST", "/v1/completions", json=body) as r:
+            streamed.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.2)
+    for n in (1_000_000, 129):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "n": n})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    t.join(timeout=120)
+    assert streamed[-1] == "data: [DONE]" and '"finish_reason":"length"' in streamed[-2], streamed[-3:]
+    assert_serving_and_idle(http)
+
+
 # ---- 5. body size and prompt length -----------------------------------------------------------------------
 def test_huge_body_is_413_before_parsing(base, http):
     big = {"model": MODEL, "prompt": "x" * (20 << 20), "max_tokens": 1}
