@@ -118,13 +118,16 @@ class Engine:
         seq_ids = [_seq_id(request_id, i) for i in range(n)]
         if request_id in self.requests or any(s in self.sequences for s in seq_ids):
             raise ValueError(f"request id {request_id!r} is already running")
+        # siblings wait for the first sequence only when its prompt blocks can reach them through the prefix cache
+        bm = self.block_manager
+        shares = bm.enable_prefix_caching and params.prompt_logprobs is None and (len(ids) - 1) // bm.block_size > 0
         leader = None
         for i, seq_id in enumerate(seq_ids):
             req = Request(seq_id, ids, params, self._generator(params.seed, i), max_total_tokens=self.context_length,
                           index=i, parent_id=request_id, leader=leader)
             self.scheduler.add(req)
             self.sequences[seq_id] = req
-            leader = leader or req
+            leader = leader or (req if shares else None)
         self.requests[request_id] = seq_ids
         self.stats.prompt_tokens += len(ids) * n
         return request_id
@@ -229,7 +232,7 @@ class Engine:
             if req.is_finished:
                 self._finish(req.parent_id, req.request_id, None)
         self.stats.steps += 1
-        self.stats.generation_tokens += len(outputs)
+        self.stats.generation_tokens += sum(len(o.new_token_ids) for o in outputs)  # a finished beam brings all its tokens
         self.stats.prefill_tokens += prefill
         if prefill:
             self.stats.prefill_seconds += dt
