@@ -6,7 +6,7 @@ setuptools and ninja (scripts/setup.sh does exactly that); with build isolation 
 time for the build.  After editing src/lmgen/csrc rebuild in place with `python setup.py build_ext --inplace`
 (or the same pip command).  Beside the module the build writes kernels_ext.json (hash of the sources, torch
 version, flags), so that lmgen refuses a module built from other sources or for another torch
-(lmgen.model.kernels).  On a CPU other than x86-64 nothing is built: the kernels are AVX2 code.
+(lmgen.layers.kernels).  On a CPU other than x86-64 nothing is built: the kernels are AVX2 code.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LDFLAGS = ["-fopenmp"]
 
 
 def sources_digest(csrc: Path) -> str:
-    """sha256 over the names and bytes of every .cpp/.h in csrc (lmgen.model.kernels computes the same)."""
+    """sha256 over the names and bytes of every .cpp/.h in csrc (lmgen.layers.kernels computes the same)."""
     h = hashlib.sha256()
     for f in sorted(p for p in csrc.iterdir() if p.suffix in (".cpp", ".h")):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")

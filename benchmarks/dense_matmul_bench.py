@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from lmgen.model.kernels import load_extension
+    from lmgen.layers.kernels import load_extension
 
     ext = load_extension()
     print(f"machine: {machine()}")

@@ -115,7 +115,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from lmgen.model import kernels, quant
+from lmgen.layers import kernels, quant
 
 SHAPES = [  # (name, in, out, tensor in the GGUF)
     ("q/o 576->576", 576, 576, "blk.0.attn_q.weight"),

@@ -101,7 +101,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from lmgen.model import quant
+    from lmgen.layers import quant
 
     quant.supported_packed_qtypes()  # compile / load the kernels once, before the forks
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

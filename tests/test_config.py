@@ -7,9 +7,9 @@ import torch
 
 from lmgen.config import ModelConfig
 from lmgen.errors import UnsupportedModelError
-from lmgen.model.rope import RotaryEmbedding, inv_frequencies
-from lmgen.model.attention import AttentionMetadata
-from lmgen.model.transformer import Transformer
+from lmgen.layers.rope import RotaryEmbedding, inv_frequencies
+from lmgen.layers.attention import AttentionMetadata
+from lmgen.layers.transformer import Transformer
 
 # meta-llama/Llama-3.1-8B-Instruct config.json (transformers 4.x layout: rope_theta + rope_scaling)
 LLAMA_31_8B = {

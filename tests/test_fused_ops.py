@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import LLM, SamplingParams
-from lmgen.model.kernels import fused_ops
-from lmgen.model.rope import apply_rotary
+from lmgen.layers.kernels import fused_ops
+from lmgen.layers.rope import apply_rotary
 
 from conftest import TINY_CONFIGS
 

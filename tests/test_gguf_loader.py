@@ -11,7 +11,7 @@ import torch
 
 from lmgen.loader.gguf import load_gguf
 from lmgen.loader.gguf_reader import LeanReader
-from lmgen.model.linear import PackedTensor
+from lmgen.layers.linear import PackedTensor
 
 
 def test_lean_reader_reads_what_gguf_py_reads(gguf_path):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import lmgen
-from lmgen.model import kernels
+from lmgen.layers import kernels
 
 COMPILERS = ("c++", "g++", "gcc", "cc", "clang", "clang++", "ninja", "x86_64-linux-gnu-g++", "x86_64-linux-gnu-gcc")
 PACKAGE = Path(lmgen.__file__).parent

@@ -1,4 +1,4 @@
-"""lmgen.model.quant: packed GGUF linear layers against gguf-py's reference dequantizer.
+"""lmgen.layers.quant: packed GGUF linear layers against gguf-py's reference dequantizer.
 
 Error model checked here (see quant.py's docstring):
   * integer kernels (Q4_0 / Q4_1 / Q8_0, every batch by default): activations are rounded to int8 blocks of 32
@@ -24,7 +24,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from lmgen.model import kernels, quant
+from lmgen.layers import kernels, quant
 
 # The kernels are part of lmgen on x86-64: a failed build is a failure, not a skip. Only a run that
 # explicitly turns them off (LMGEN_QUANT_KERNELS=0, to test the fallback) skips the kernel tests.
@@ -448,7 +448,7 @@ def test_kernel_tuning_is_explicit_validated_and_restorable():
         kernels.configure(**dataclasses.asdict(before))
     assert kernels.tuning() == before
     # defaults come from the LMGEN_QUANT_* environment, read at import
-    code = "from lmgen.model import kernels; t = kernels.tuning(); print(t.min_units, t.isa)"
+    code = "from lmgen.layers import kernels; t = kernels.tuning(); print(t.min_units, t.isa)"
     env = {**os.environ, "LMGEN_QUANT_MIN_UNITS": "2048", "LMGEN_QUANT_ISA": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2048", "avx2"]

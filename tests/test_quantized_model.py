@@ -1,6 +1,6 @@
 """The packed-weight path (quantization="auto"/"int8"/"int4") against the dequantized float path.
 
-Packed matmuls round each activation block to 8 bits, as llama.cpp does (lmgen.model.quant), so logits move
+Packed matmuls round each activation block to 8 bits, as llama.cpp does (lmgen.layers.quant), so logits move
 slightly; accuracy is kept when perplexity stays within 1% and greedy tokens only part ways where the float
 model's top-2 choice was closer than that perturbation.
 """
@@ -17,8 +17,8 @@ import torch
 from gguf.quants import dequantize
 
 from lmgen import LLM, SamplingParams
-from lmgen.model.embedding import PackedEmbedding
-from lmgen.model.quant import QuantizedLinear
+from lmgen.layers.embedding import PackedEmbedding
+from lmgen.layers.quant import QuantizedLinear
 
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text(encoding="utf-8")
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "大语言模型是", "def fibonacci(n):"]

@@ -162,7 +162,7 @@ def _copy_stats(llm):
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from lmgen.loader import load_model
-    from lmgen.models import resolve_model
+    from lmgen.loader.resolve import resolve_model
 
     # Only the tokenizer is needed: load_model reads weights lazily (memory-mapped), so this is quick.
     tok = load_model(resolve_model(args.model)).tokenizer

@@ -38,7 +38,7 @@ def report() -> list[str]:
     import torch
 
     import lmgen
-    from lmgen.model import kernels
+    from lmgen.layers import kernels
 
     flags = kernels.cpu_flags()
     module = kernels.load_extension()

@@ -14,8 +14,8 @@ from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
-from lmgen.model.transformer import Transformer
-from lmgen.models import resolve_model
+from lmgen.layers.transformer import Transformer
+from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -78,7 +78,7 @@ class LLM:
             if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
                 raise ValueError(f"threads must be a positive integer, got {threads!r}")
             # PyTorch's intra-op pool is per process: this sets it for every model in the process; the packed
-            # kernels follow it (lmgen.model.quant)
+            # kernels follow it (lmgen.layers.quant)
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -9,8 +9,8 @@ import torch
 from lmgen.engine.kv_cache import KVCache
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import SchedulerOutput
-from lmgen.model.attention import AttentionMetadata
-from lmgen.model.transformer import Transformer
+from lmgen.layers.attention import AttentionMetadata
+from lmgen.layers.transformer import Transformer
 
 
 @dataclass

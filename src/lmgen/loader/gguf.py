@@ -1,7 +1,7 @@
 """GGUF -> ModelConfig, weights (by Hugging Face name), tokenizer and chat template, via the `gguf` package.
 
 Quantized tensors come back as `PackedTensor`s that read their blocks from the file when the model builder asks
-for them; whether they stay packed or are dequantized is the builder's choice (lmgen.model.linear.build_linear).
+for them; whether they stay packed or are dequantized is the builder's choice (lmgen.layers.linear.build_linear).
 Resident memory while loading is kept near the packed model's own size: the header is parsed by `LeanReader`
 and a tensor's bytes exist in the process only while that tensor is being packed. Every count, length, offset and
 dimension of the file is checked (`gguf_layout.read_layout`, then `_config`) before gguf-py reads it.
@@ -21,7 +21,7 @@ from lmgen.errors import ModelFormatError, ModelLoadError, UnsupportedModelError
 from lmgen.loader.loaded import LoadedModel, load_tokenizer
 from lmgen.loader.gguf_layout import GGUFLayout, read_layout
 from lmgen.loader.gguf_reader import LeanReader
-from lmgen.model.linear import PackedTensor
+from lmgen.layers.linear import PackedTensor
 
 # llama.cpp tensor names -> transformers names (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
 _GLOBAL_NAMES = {

@@ -39,7 +39,7 @@ Memory: a layer holds its packed bytes (the file's byte count, rows padded to a 
 packing writes the permuted blocks straight into the new buffer (measured: 96.4 MB packed for the 211 SmolLM2
 matrices, +84-128 MB process USS).
 
-Build, loading and tuning of the C++ extension: lmgen.model.kernels.  Without it (no compiler, a CPU without
+Build, loading and tuning of the C++ extension: lmgen.layers.kernels.  Without it (no compiler, a CPU without
 AVX2) `supported_packed_qtypes()` is empty (callers dequantize to float layers) and `quantize_linear` uses a
 slower pure-PyTorch module.
 """
@@ -49,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmgen.model.kernels import configure, extension_error, kernels_available, load_extension
+from lmgen.layers.kernels import configure, extension_error, kernels_available, load_extension
 
 try:  # gguf is a dependency, but keep this module importable without it
     import gguf
@@ -63,7 +63,7 @@ __all__ = [
     "packed_linear_from_gguf",
     "quantize_linear",
     "supported_packed_qtypes",
-    "kernels_available",  # re-exported from lmgen.model.kernels
+    "kernels_available",  # re-exported from lmgen.layers.kernels
     "configure",
 ]
 

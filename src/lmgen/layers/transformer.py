@@ -6,7 +6,7 @@ embedding -> [RMSNorm -> QKV -> RoPE -> attention over the paged KV cache -> out
 Tokens of all scheduled sequences are flattened into one (tokens, hidden) batch; `AttentionMetadata`
 says where each token's K/V goes in the cache and which cached positions each query may see, so prefill
 chunks and single decode tokens run through the very same code.  RoPE, the K/V write and attention live in
-lmgen.model.attention, whose backend (PyTorch, or the fused CPU op) is chosen here at load.
+lmgen.layers.attention, whose backend (PyTorch, or the fused CPU op) is chosen here at load.
 
 In float32 on CPU every step takes a fused path instead (`_forward_fused`): the compiled ops of csrc/ do
 RMSNorm, residual add, SwiGLU and RoPE + K/V write + attention in 8 calls per layer instead of ~50 PyTorch ops,
@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
 from lmgen.errors import ModelLoadError
-from lmgen.model.attention import Attention, AttentionMetadata, FusedCPUAttentionBackend, TorchAttentionBackend
-from lmgen.model.embedding import DenseEmbedding, PackedEmbedding
-from lmgen.model.linear import WeightSource, build_linear, build_packed_linear, to_float
-from lmgen.model.kernels import fused_ops
-from lmgen.model.rope import RotaryEmbedding
+from lmgen.layers.attention import Attention, AttentionMetadata, FusedCPUAttentionBackend, TorchAttentionBackend
+from lmgen.layers.embedding import DenseEmbedding, PackedEmbedding
+from lmgen.layers.linear import WeightSource, build_linear, build_packed_linear, to_float
+from lmgen.layers.kernels import fused_ops
+from lmgen.layers.rope import RotaryEmbedding
 
-logger = logging.getLogger("lmgen.model")
+logger = logging.getLogger("lmgen.layers")
 
 
 class RMSNorm(torch.nn.Module):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("lmgen.model.quant")  # the name users filtered on before this module existed
+logger = logging.getLogger("lmgen.layers.quant")  # the name users filtered on before this module existed
 
 _ISA_CODES = {"auto": 0, "avx2": 1}
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmgen.model.linear import dense_forward, fixed_order_linear
+from lmgen.layers.linear import dense_forward, fixed_order_linear
 
 
 class DenseEmbedding(torch.nn.Module):
     """A float (vocab, hidden) table; `as_linear` is the tied output layer over the same tensor (batch_invariant:
-    in a fixed summation order on a float32 CPU model, see lmgen.model.linear.DenseLinear)."""
+    in a fixed summation order on a float32 CPU model, see lmgen.layers.linear.DenseLinear)."""
 
     def __init__(self, weight: torch.Tensor, batch_invariant: bool = False):
         super().__init__()
@@ -31,7 +31,7 @@ class DenseEmbedding(torch.nn.Module):
 
 
 class PackedEmbedding(torch.nn.Module):
-    """Rows of a packed quantized (vocab, hidden) matrix (lmgen.model.quant.QuantizedLinear), dequantized to
+    """Rows of a packed quantized (vocab, hidden) matrix (lmgen.layers.quant.QuantizedLinear), dequantized to
     float32 on lookup and cast to the model's dtype; `as_linear` is that same packed matrix as the output layer."""
 
     def __init__(self, table: torch.nn.Module, dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""Linear layers: dense float weights, or GGUF blocks kept packed (see lmgen.model.quant).
+"""Linear layers: dense float weights, or GGUF blocks kept packed (see lmgen.layers.quant).
 
 A weight arrives from a loader as a `WeightSource`: a float tensor (safetensors, F32/F16 GGUF tensors) or a
 `PackedTensor` (quantized GGUF blocks, read from the file when needed). `build_linear` turns one or several
@@ -60,7 +60,7 @@ def fixed_order_linear(batch_invariant: bool, device: torch.device, dtype: torch
     MKL's sgemm does not guarantee) where `batch_invariant` asks for it on a float32 CPU model, else None."""
     if not batch_invariant or device.type != "cpu" or dtype != torch.float32:
         return None
-    from lmgen.model.kernels import load_extension
+    from lmgen.layers.kernels import load_extension
 
     ext = load_extension()
     return None if ext is None else ext.dense_linear
@@ -99,7 +99,7 @@ def build_linear(
     """One linear layer from one or more weights stacked along the output dimension (fused projections).
 
     quantization: "none" dequantizes everything to `dtype`; "auto" keeps GGUF blocks packed where the packed
-    kernels support their type; "int8"/"int4" also quantize float weights at load (see lmgen.model.quant).
+    kernels support their type; "int8"/"int4" also quantize float weights at load (see lmgen.layers.quant).
     batch_invariant: on the CPU, every row's result is independent of the batch (fixed summation orders).
     """
     bias = None
@@ -119,12 +119,12 @@ def build_packed_linear(
     sources: Sequence[WeightSource], bias: torch.Tensor | None, device: torch.device, mode: str,
     batch_invariant: bool = False,
 ) -> torch.nn.Module | None:
-    """`build_linear`'s packed layer (lmgen.model.quant.QuantizedLinear), or None where `mode` and the weights'
+    """`build_linear`'s packed layer (lmgen.layers.quant.QuantizedLinear), or None where `mode` and the weights'
     types call for a float layer: mode "none", a non-CPU device, a type the kernels lack, float weights in "auto"."""
     if mode == "none" or device.type != "cpu":
         return None
     try:
-        from lmgen.model import quant
+        from lmgen.layers import quant
     except ImportError:  # pragma: no cover - the packed kernels are optional
         return None
     packed = [s for s in sources if isinstance(s, PackedTensor)]

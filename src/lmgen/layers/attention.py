@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
-from lmgen.model.rope import apply_rotary
+from lmgen.layers.rope import apply_rotary
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""model stage of lmgen."""
