@@ -7,12 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmgen.errors import ModelFormatError, UnsupportedModelError
-
-# Architectures whose weights and forward pass lmgen implements (HF `architectures[0]` names).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-# GGUF `general.architecture` -> HF architecture name. Mistral GGUFs are written as "llama".
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+from lmgen.models.registry import ARCHITECTURES, GGUF_ARCHITECTURES
 
 
 # A context window larger than any published model's (10M tokens): the value sizes the KV cache and RoPE tables.
@@ -70,9 +65,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        if self.architecture not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported architecture {self.architecture!r}; lmgen supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {self.architecture!r}; lmgen supports {', '.join(ARCHITECTURES)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             checked_int(getattr(self, name), name, "model config ")
@@ -108,8 +103,8 @@ class ModelConfig:
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
             cfg.get("model_type", ""), str(cfg.get("model_type"))
         )
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(f"unsupported architecture {arch!r}; lmgen supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(f"unsupported architecture {arch!r}; lmgen supports {', '.join(ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {cfg.get('hidden_act')!r}; lmgen implements SwiGLU (silu)")
         where = "config.json: "
