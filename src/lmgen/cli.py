@@ -34,6 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
     g.add_argument("--no-batch-invariant", action="store_true",
                    help="allow results to depend on what shares a step (faster float prefill; see README)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N processes (torch.distributed; under torchrun, ranks > 0 become its "
+                        "workers); the model's heads must divide by N")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -110,7 +113,8 @@ def load_llm(args: argparse.Namespace):
     try:
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
-                   compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress)
+                   compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress,
+                   tensor_parallel_size=args.tensor_parallel_size)
     finally:
         bar.close()
 
@@ -290,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "tensor_parallel_size", 1) > 1:
+            from lmgen.parallel.worker import serve_torchrun_worker
+
+            if serve_torchrun_worker(args.device):  # a rank > 0 under torchrun: a worker of rank 0's engine
+                return 0
         return args.func(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -14,7 +14,11 @@ from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
+from lmgen.layers.parallel import TensorParallel
 from lmgen.models.registry import build_model
+from lmgen.parallel.check import check_tensor_parallel
+from lmgen.parallel.driver import DriverModel, MirroredKVCache, local_spec, start_workers
+from lmgen.parallel.worker import WorkerSpec
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
 
@@ -71,6 +75,7 @@ class LLM:
         compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
         batch_invariant: bool = True,
+        tensor_parallel_size: int = 1,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
@@ -93,31 +98,55 @@ class LLM:
             if progress:
                 progress(done[0], loaded.config.num_layers)
 
-        # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
-        self.quantization = quantization
-        self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
-                                 compile, batch_invariant)
-        loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         limit = loaded.config.max_position_embeddings
         if context_length is not None and not (isinstance(context_length, int) and 2 <= context_length <= limit):
             raise ValueError(f"context_length must be an integer in [2, {limit}] (the model's window), got {context_length!r}")
         self.context_length = context_length or limit
+        # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
+        num_blocks = math.ceil((kv_cache_tokens or max(2 * self.context_length, 16384)) / block_size)
+        # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
+        self.quantization = quantization
+        self.workers, kv_cache, tp = None, None, check_tensor_parallel(loaded.config, tensor_parallel_size)
+        if tp > 1:  # ranks 1..tp-1 in their own processes; this one is rank 0, the driver (lmgen.parallel)
+            if threads is None:
+                torch.set_num_threads(1)  # one thread per rank by default
+            spec = local_spec(WorkerSpec(str(loaded.path), tp, str(self.dtype).removeprefix("torch."), str(self.device),
+                                         quantization, batch_invariant, num_blocks, block_size, torch.get_num_threads()))
+            self.workers = start_workers(spec)
+        self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
+                                 compile, batch_invariant, TensorParallel(0, tp) if tp > 1 else None)
+        loaded.weights = {}  # the model owns its tensors now; drop the loader's references
+        if self.workers is not None:
+            self.model = DriverModel(self.model, self.workers)
+            cfg = self.model.config  # this rank's heads
+            kv_cache = MirroredKVCache(self.workers, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+                                       cfg.head_dim, self.model.dtype, self.model.device)
         if chat_template is not None:
             from lmgen.tokenizer.chat_template.template import ChatTemplate
 
             ChatTemplate.resolve(chat_template)  # fail now, not at the first chat
         self.chat_template = chat_template
-        # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
-        tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         self.engine = Engine(
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
-            num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching, kv_cache=kv_cache,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (a single-process LLM holds nothing to release)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- prompts --------------------------------------------------------------------------------
     def _to_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:

@@ -75,11 +75,14 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        kv_cache: KVCache | None = None,
     ):
         cfg = model.config
         self.model, self.context_length = model, context_length
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+        # kv_cache: a cache built by the caller (tensor parallelism: one that mirrors block copies on every rank)
+        self.kv_cache = kv_cache or KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                            model.dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.eos_token_ids, cfg.sliding_window)
         self.runner = ModelRunner(model, self.kv_cache)

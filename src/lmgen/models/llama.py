@@ -58,6 +58,9 @@ class LlamaForCausalLM(CausalLM):
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, config: ModelConfig, factory: LayerFactory, compile: bool = False):
+        full, tp = config, factory.tp  # under tensor parallelism this rank holds a slice of every layer
+        split = tp is not None and tp.size > 1
+        config = tp.local_config(full) if split else full
         super().__init__(config, factory.dtype, factory.device)
         self.batch_invariant = factory.batch_invariant
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
@@ -78,22 +81,41 @@ class LlamaForCausalLM(CausalLM):
         def norm() -> RMSNorm:
             return RMSNorm(h, config.rms_norm_eps, self.dtype, self.device, self._fused)
 
-        self.embed_tokens = EmbeddingSlot(factory, config.vocab_size, h)
+        # this rank's rows / columns of each whole tensor (None without tensor parallelism; layers.parallel)
+        vocab = full.vocab_size // tp.size if split else full.vocab_size
+        kv_rows = tp.kv_rows(full.num_kv_heads, full.head_dim) if split else None
+        qkv_rows = [tp.split(full.q_size), kv_rows, kv_rows] if split else None
+        gate_up_rows = [tp.split(full.intermediate_size)] * 2 if split else None
+        vocab_rows = tp.split(full.vocab_size) if split else None
+        self.embed_tokens = EmbeddingSlot(factory, vocab, h, vocab_rows)
         self.layers = torch.nn.ModuleList()
         for _ in range(config.num_layers):
-            qkv = LinearSlot(factory, h, [q, kv, kv], config.attention_bias, ("q_proj", "k_proj", "v_proj"))
-            o = LinearSlot(factory, q, [h], config.o_bias)
-            gate_up = LinearSlot(factory, h, [inter, inter], config.mlp_bias, ("gate_proj", "up_proj"))
-            down = LinearSlot(factory, inter, [h], config.mlp_bias)
+            qkv = LinearSlot(factory, h, [q, kv, kv], config.attention_bias, ("q_proj", "k_proj", "v_proj"), qkv_rows)
+            o, down = self._output_projections(factory, full, split)
+            gate_up = LinearSlot(factory, h, [inter, inter], config.mlp_bias, ("gate_proj", "up_proj"), gate_up_rows)
             self.layers.append(LlamaBlock(Attention(config, qkv, o, self._attention_backend),
                                           SwiGLU(gate_up, down, inter, self._fused), norm(), norm()))
         self.norm = norm()
-        self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
+        self.lm_head = LinearSlot(factory, h, [vocab], False, rows=[vocab_rows] if split else None, combine="gather")
         self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_layer_plan`
         # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
         # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
         # quantized layers stay opaque calls between compiled pieces.
         self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
+
+    @staticmethod
+    def _output_projections(factory: LayerFactory, full: ModelConfig, split: bool) -> tuple[LinearSlot, LinearSlot]:
+        """o_proj and down_proj slots: whole, or this rank's rows over gathered inputs (exact, the batch-invariant
+        default), or Megatron's row-parallel columns with an all-reduce (lmgen.layers.parallel)."""
+        tp, h, q, inter = factory.tp, full.hidden_size, full.q_size, full.intermediate_size
+        if not split:
+            return (LinearSlot(factory, q, [h], full.o_bias), LinearSlot(factory, inter, [h], full.mlp_bias))
+        if factory.batch_invariant:
+            rows = [tp.split(h)]
+            return (LinearSlot(factory, q, [h // tp.size], full.o_bias, rows=rows, combine="gather_both"),
+                    LinearSlot(factory, inter, [h // tp.size], full.mlp_bias, rows=rows, combine="gather_both"))
+        return (LinearSlot(factory, q // tp.size, [h], full.o_bias, cols=tp.split(q), combine="reduce"),
+                LinearSlot(factory, inter // tp.size, [h], full.mlp_bias, cols=tp.split(inter), combine="reduce"))
 
     def finalize(self, progress: Callable[[], None] | None = None) -> None:
         """Builds the layers; the output layer shares the embedding's matrix when the model ties them (or the

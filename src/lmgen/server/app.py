@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from lmgen.errors import WorkerLostError
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
 from lmgen.server.protocol.api_error import APIError
@@ -236,7 +237,11 @@ def serve(args, llm) -> int:
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on", access_log=bool(getattr(args, "access_log", False)))
     server = uvicorn.Server(config)
+    engine = app.state.engine
+    engine.on_fatal = lambda error: setattr(server, "should_exit", True)  # a lost worker: stop serving, exit 1
     logger.info("serving %s as %r on http://%s:%d (API key %s)", llm.model_name, name, host, args.port,
                 "required" if api_key else "not required")
     server.run()
+    if isinstance(engine.dead, WorkerLostError):
+        raise engine.dead
     return 0

@@ -1,0 +1,113 @@
+"""A tensor-parallel worker: joins the torch.distributed group, builds its slice of the model and a KV cache for its
+heads, then runs the model steps the driver broadcasts until told to stop (or the driver goes away)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Client
+
+import torch
+
+logger = logging.getLogger("lmgen.parallel")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to build the same model slice and cache layout as the driver (picklable)."""
+
+    model_path: str
+    tp_size: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantization: str = "auto"
+    batch_invariant: bool = True
+    num_blocks: int = 1024
+    block_size: int = 16
+    threads: int = 1
+    dist_url: str = "env://"  # torch.distributed init method: env:// under torchrun, tcp://host:port when spawned
+    timeout_s: float = 30.0  # the longest a collective waits for a rank before the step fails
+
+
+def init_group(rank: int, world_size: int, dist_url: str, device: str, timeout_s: float) -> None:
+    """Joins the gloo (CPU) or NCCL (CUDA) group of `world_size` ranks."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def build_rank_model(spec: WorkerSpec, rank: int):
+    """This rank's slice of the model (lmgen.layers.parallel) and the loaded model's config."""
+    from lmgen.layers.parallel import TensorParallel
+    from lmgen.loader import load_model
+    from lmgen.models.registry import build_model
+
+    loaded = load_model(spec.model_path)
+    device = f"cuda:{rank}" if spec.device.startswith("cuda") else spec.device  # one GPU per rank
+    model = build_model(loaded.config, loaded.weights.items(), getattr(torch, spec.dtype), device,
+                        spec.quantization, batch_invariant=spec.batch_invariant, tp=TensorParallel(rank, spec.tp_size))
+    return model, loaded
+
+
+def serve_worker(rank: int, world_size: int, dist_url: str, device: str, timeout_s: float) -> None:
+    """The worker's whole life: join the group, receive the driver's spec and control address, connect, build
+    this rank's slice, run steps.  Under torchrun (dist_url "env://") this is all a rank > 0 needs to know."""
+    import torch.distributed as dist
+
+    from lmgen.engine.kv_cache import KVCache
+
+    init_group(rank, world_size, dist_url, device, timeout_s)
+    control = [None]
+    dist.broadcast_object_list(control, src=0)  # what to build, and the driver's control address and key
+    spec, address, authkey = control[0]
+    torch.set_num_threads(spec.threads)
+    conn = Client(address, authkey=authkey)
+    conn.send(("hello", rank))
+    model, _ = build_rank_model(spec, rank)
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, spec.num_blocks, spec.block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype,
+                    model.device)
+    conn.send(("ready", rank))
+    with torch.inference_mode():
+        while True:
+            try:
+                command = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the driver is gone: nothing left to serve
+                break
+            op = command[0]
+            if op == "forward":
+                _, input_ids, positions, meta = command
+                model(input_ids, positions, cache.layers, meta)
+            elif op == "logits":
+                model.compute_logits(command[1])
+            elif op == "copy_block":
+                cache.copy_block(command[1], command[2])
+            elif op == "stop":
+                break
+    conn.close()
+    dist.destroy_process_group()
+
+
+def serve_torchrun_worker(device: str) -> bool:
+    """Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR set), a rank > 0 serves as a worker until the driver stops,
+    then returns True; rank 0 (or no torchrun) returns False at once, to go on as the driver."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or "MASTER_ADDR" not in os.environ:
+        return False
+    serve_worker(rank, int(os.environ["WORLD_SIZE"]), "env://", device, WorkerSpec.timeout_s)
+    return True
+
+
+def worker_main(rank: int, world_size: int, dist_url: str, device: str, timeout_s: float) -> None:
+    """Entry point of a worker process: any failure ends the process with status 1 (the driver's collectives
+    then fail at once, instead of waiting on a rank that will never answer)."""
+    try:
+        serve_worker(rank, world_size, dist_url, device, timeout_s)
+    except BaseException:
+        logger.exception("tensor-parallel worker %d failed", rank)
+        os._exit(1)
