@@ -1,6 +1,6 @@
-"""Tensor parallelism on this machine: the cost of one collective, and prefill / decode speed and weight memory per
-rank of the embedded SmolLM2 (packed, as served) at TP=1 and TP=3 (its 9 heads / 3 KV heads allow 1, 3 and 9),
-exact layout (default) and Megatron's (--no-batch-invariant), one run.
+"""Tensor and pipeline parallelism on this machine: the cost of one collective, and prefill / decode speed and
+weight memory of rank 0 for the embedded SmolLM2 (packed, as served) at TP=1, TP=3 (its 9 heads / 3 KV heads allow
+1, 3 and 9; exact layout and Megatron's) and PP=2, one run.
 
     python benchmarks/parallel_bench.py [--repeats 3] [--prompt-tokens 512] [--new-tokens 64]
 """
@@ -61,11 +61,11 @@ def collectives(world: int, hidden: int) -> list:
     return rows
 
 
-def speed(tp: int, invariant: bool, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+def speed(tp: int, pp: int, invariant: bool, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     from lmgen import LLM, SamplingParams
 
-    with LLM(quantization="auto", threads=1, tensor_parallel_size=tp, batch_invariant=invariant,
-             enable_prefix_caching=False) as llm:
+    with LLM(quantization="auto", threads=1, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+             batch_invariant=invariant, enable_prefix_caching=False) as llm:
         prompt = (list(range(1000, 1000 + prompt_tokens)))
         pre, dec = [], []
         for _ in range(repeats):
@@ -92,9 +92,10 @@ def main() -> None:
     print(f"SmolLM2-135M Q4_1, 1 thread per rank, prefill {args.prompt_tokens} tokens, decode {args.new_tokens}, "
           f"median of {args.repeats}:")
     print(f"  {'config':<28}{'prefill tok/s':>14}{'decode tok/s':>14}{'weights/rank MiB':>18}")
-    for tp, invariant in ((1, True), (3, True), (3, False)):
-        r = speed(tp, invariant, args.prompt_tokens, args.new_tokens, args.repeats)
-        label = f"TP={tp}" + ("" if tp == 1 else (" exact (default)" if invariant else " Megatron all-reduce"))
+    for tp, pp, invariant in ((1, 1, True), (3, 1, True), (3, 1, False), (1, 2, True)):
+        r = speed(tp, pp, invariant, args.prompt_tokens, args.new_tokens, args.repeats)
+        label = f"PP={pp}" if pp > 1 else f"TP={tp}" + ("" if tp == 1 else (" exact (default)" if invariant
+                                                                          else " Megatron all-reduce"))
         print(f"  {label:<28}{r['prefill']:>14.1f}{r['decode']:>14.1f}{r['weights_mib']:>18.1f}")
 
 

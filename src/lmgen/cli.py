@@ -37,6 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N processes (torch.distributed; under torchrun, ranks > 0 become its "
                         "workers); the model's heads must divide by N")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the model's layers into N stages, one process each (torch.distributed send/recv)")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -114,7 +116,7 @@ def load_llm(args: argparse.Namespace):
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
                    compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress,
-                   tensor_parallel_size=args.tensor_parallel_size)
+                   tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
     finally:
         bar.close()
 
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if getattr(args, "tensor_parallel_size", 1) > 1:
+        if getattr(args, "tensor_parallel_size", 1) * getattr(args, "pipeline_parallel_size", 1) > 1:
             from lmgen.parallel.worker import serve_torchrun_worker
 
             if serve_torchrun_worker(args.device):  # a rank > 0 under torchrun: a worker of rank 0's engine

@@ -15,8 +15,9 @@ from lmgen.errors import ContextOverflowError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
 from lmgen.layers.parallel import TensorParallel
+from lmgen.layers.pipeline import PipelineStage
 from lmgen.models.registry import build_model
-from lmgen.parallel.check import check_tensor_parallel
+from lmgen.parallel.check import check_pipeline_parallel, check_tensor_parallel
 from lmgen.parallel.driver import DriverModel, MirroredKVCache, local_spec, start_workers
 from lmgen.parallel.worker import WorkerSpec
 from lmgen.loader.resolve import resolve_model
@@ -76,6 +77,7 @@ class LLM:
         progress: Callable[[int, int], None] | None = None,
         batch_invariant: bool = True,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
@@ -107,14 +109,17 @@ class LLM:
         # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
         self.quantization = quantization
         self.workers, kv_cache, tp = None, None, check_tensor_parallel(loaded.config, tensor_parallel_size)
-        if tp > 1:  # ranks 1..tp-1 in their own processes; this one is rank 0, the driver (lmgen.parallel)
+        pp = check_pipeline_parallel(loaded.config, pipeline_parallel_size, tp)
+        if tp * pp > 1:  # ranks 1.. in their own processes; this one is rank 0, the driver (lmgen.parallel)
             if threads is None:
                 torch.set_num_threads(1)  # one thread per rank by default
-            spec = local_spec(WorkerSpec(str(loaded.path), tp, str(self.dtype).removeprefix("torch."), str(self.device),
-                                         quantization, batch_invariant, num_blocks, block_size, torch.get_num_threads()))
+            spec = local_spec(WorkerSpec(str(loaded.path), tp, pp, str(self.dtype).removeprefix("torch."),
+                                         str(self.device), quantization, batch_invariant, num_blocks, block_size,
+                                         torch.get_num_threads()))
             self.workers = start_workers(spec)
         self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
-                                 compile, batch_invariant, TensorParallel(0, tp) if tp > 1 else None)
+                                 compile, batch_invariant, TensorParallel(0, tp) if tp > 1 else None,
+                                 PipelineStage.of(0, pp, loaded.config.num_layers) if pp > 1 else None)
         loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         if self.workers is not None:
             self.model = DriverModel(self.model, self.workers)

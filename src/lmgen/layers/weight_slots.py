@@ -18,6 +18,7 @@ import torch
 from lmgen.errors import ModelLoadError, ParallelConfigError
 from lmgen.layers.embedding import DenseEmbedding, PackedEmbedding
 from lmgen.layers.linear import PackedTensor, WeightSource, build_linear, build_packed_linear, to_float
+from lmgen.layers.pipeline import PipelineStage
 from lmgen.layers.parallel import (GatheredColumns, GatheredLinear, RowParallel, TensorParallel, VocabParallelEmbedding, packed_block,
                                    slice_columns, slice_rows)
 
@@ -31,6 +32,7 @@ class LayerFactory:
     quantization: str = "none"  # "none" | "auto" | "int8" | "int4", see lmgen.layers.linear.build_linear
     batch_invariant: bool = True
     tp: TensorParallel | None = None  # this rank's slice of every layer (lmgen.layers.parallel); None: whole
+    pp: PipelineStage | None = None  # this rank's stage of the layers (lmgen.layers.pipeline); None: all of them
 
     def linear(self, sources: Sequence[WeightSource], biases: Sequence[WeightSource | None] | None) -> torch.nn.Module:
         return build_linear(sources, biases, self.dtype, self.device, self.quantization, self.batch_invariant)

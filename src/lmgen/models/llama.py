@@ -61,7 +61,12 @@ class LlamaForCausalLM(CausalLM):
         full, tp = config, factory.tp  # under tensor parallelism this rank holds a slice of every layer
         split = tp is not None and tp.size > 1
         config = tp.local_config(full) if split else full
+        # under pipeline parallelism this rank holds layers [first, end); the first stage (the driver) also the
+        # embedding and the output layer, the last the final norm (lmgen.layers.pipeline)
+        pp = factory.pp if factory.pp is not None and factory.pp.size > 1 else None
+        config = pp.local_config(config) if pp else config
         super().__init__(config, factory.dtype, factory.device)
+        self.pp, self.layer_offset = pp, pp.first if pp else 0
         self.batch_invariant = factory.batch_invariant
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
@@ -87,7 +92,8 @@ class LlamaForCausalLM(CausalLM):
         qkv_rows = [tp.split(full.q_size), kv_rows, kv_rows] if split else None
         gate_up_rows = [tp.split(full.intermediate_size)] * 2 if split else None
         vocab_rows = tp.split(full.vocab_size) if split else None
-        self.embed_tokens = EmbeddingSlot(factory, vocab, h, vocab_rows)
+        first, last = pp is None or pp.is_first, pp is None or pp.is_last
+        self.embed_tokens = EmbeddingSlot(factory, vocab, h, vocab_rows) if first else None
         self.layers = torch.nn.ModuleList()
         for _ in range(config.num_layers):
             qkv = LinearSlot(factory, h, [q, kv, kv], config.attention_bias, ("q_proj", "k_proj", "v_proj"), qkv_rows)
@@ -95,8 +101,9 @@ class LlamaForCausalLM(CausalLM):
             gate_up = LinearSlot(factory, h, [inter, inter], config.mlp_bias, ("gate_proj", "up_proj"), gate_up_rows)
             self.layers.append(LlamaBlock(Attention(config, qkv, o, self._attention_backend),
                                           SwiGLU(gate_up, down, inter, self._fused), norm(), norm()))
-        self.norm = norm()
-        self.lm_head = LinearSlot(factory, h, [vocab], False, rows=[vocab_rows] if split else None, combine="gather")
+        self.norm = norm() if last else None
+        self.lm_head = LinearSlot(factory, h, [vocab], False, rows=[vocab_rows] if split else None,
+                                  combine="gather") if first else None
         self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_layer_plan`
         # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
         # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
@@ -120,7 +127,7 @@ class LlamaForCausalLM(CausalLM):
     def finalize(self, progress: Callable[[], None] | None = None) -> None:
         """Builds the layers; the output layer shares the embedding's matrix when the model ties them (or the
         checkpoint has no lm_head)."""
-        tied = self.config.tie_word_embeddings or bool(self.lm_head.missing())
+        tied = self.lm_head is not None and (self.config.tie_word_embeddings or bool(self.lm_head.missing()))
         if tied:
             self.lm_head = torch.nn.Identity()  # replaced below, once the embedding exists
         super().finalize(progress)
@@ -128,19 +135,31 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head = self.embed_tokens.as_linear()  # one (vocab, hidden) matrix for both
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
-        x = self.embed_tokens(input_ids)  # (tokens, hidden)
+        """input_ids, positions (tokens,) -> final hidden states (tokens, hidden); writes K/V into kv_caches.
+        A pipeline stage receives its input from the previous stage and sends its output on; the first stage
+        returns the last stage's output, the others None."""
+        pp, shape = self.pp, (input_ids.shape[0], self.config.hidden_size)
+        if pp is None or pp.is_first:
+            x = self.embed_tokens(input_ids)  # (tokens, hidden)
+        else:
+            x = pp.receive(shape, self.dtype, self.device, src=pp.rank - 1)
         self.rotary.reserve(meta.max_position + 1)
         cos, sin = self.rotary(positions)  # (tokens, head_dim) each
         if self._fused is not None and self._attention_backend.supports(meta):
-            return self._forward_fused(x, cos, sin, kv_caches, meta)
-        return (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
+            out = self._forward_fused(x, cos, sin, kv_caches, meta)
+        else:
+            out = (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
+        if pp is None:
+            return out
+        pp.send(out, dst=0 if pp.is_last else pp.rank + 1)
+        return pp.receive(shape, self.dtype, self.device, src=pp.size - 1) if pp.is_first else None
 
     def _run_layers(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """The generic path: every block, then the final norm. x (tokens, hidden) -> (tokens, hidden)."""
+        """The generic path: every block, then the final norm (a pipeline stage before the last: none).
+        x (tokens, hidden) -> (tokens, hidden)."""
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def _forward_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """A step with the compiled fused ops: per layer 8 calls (qkv, RoPE + cache write + attention, o_proj,
@@ -158,6 +177,8 @@ class LlamaForCausalLM(CausalLM):
             out = attend(qkv, cos, sin, k_cache, v_cache, meta)  # (tokens, heads * head_dim); writes K/V
             x, normed = ops.add_rms_norm(x, o_proj(out), post_norm, eps)
             act = ops.silu_mul(gate_up_proj(normed), inter)  # (tokens, intermediate)
+            if next_norm is None:  # the end of a pipeline stage: the residual stream goes on to the next one
+                return x + down_proj(act)
             x, normed = ops.add_rms_norm(x, down_proj(act), next_norm, eps)  # next layer's input norm / final norm
         return normed
 
@@ -174,7 +195,8 @@ class LlamaForCausalLM(CausalLM):
             attn, mlp = layer.self_attn, layer.mlp
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             plan.append((fn(attn.qkv_proj), attn.backend, fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj),
-                         layer.post_attention_layernorm.weight, next_norm.weight, mlp.intermediate_size))
+                         layer.post_attention_layernorm.weight, None if next_norm is None else next_norm.weight,
+                         mlp.intermediate_size))
         return self.layers[0].input_layernorm.weight, plan
 
     def _apply(self, fn, *args, **kwargs):

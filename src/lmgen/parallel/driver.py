@@ -39,7 +39,7 @@ class WorkerGroup:
             try:
                 conn.send_bytes(data)
             except OSError as e:
-                self.fail(f"tensor-parallel worker {rank} is gone ({type(e).__name__})", rank)
+                self.fail(f"model worker {rank} is gone ({type(e).__name__})", rank)
 
     def guarded(self, fn, *args):
         """Runs the driver's part of a step; a collective failing (a rank died or timed out) -> WorkerLostError."""
@@ -48,7 +48,7 @@ class WorkerGroup:
         except RuntimeError as e:
             dead = [p.name for p in self.procs if not p.is_alive()]
             why = f"{', '.join(dead)} exited" if dead else str(e).splitlines()[0][:200]
-            self.fail(f"a tensor-parallel worker stopped answering: {why}", None)
+            self.fail(f"a model worker stopped answering: {why}", None)
 
     def fail(self, message: str, rank: int | None):
         self.lost = WorkerLostError(message, rank=rank)
@@ -56,7 +56,7 @@ class WorkerGroup:
 
     def check(self) -> None:
         if self.lost is not None:
-            raise WorkerLostError(f"the tensor-parallel group is broken: {self.lost}", rank=self.lost.rank)
+            raise WorkerLostError(f"the model's process group is broken: {self.lost}", rank=self.lost.rank)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stops the workers (they exit when their connection closes), then the process group."""
@@ -84,13 +84,13 @@ def start_workers(spec: WorkerSpec) -> WorkerGroup:
     procs = []
     if spec.dist_url != "env://":
         ctx = mp.get_context("spawn")
-        for rank in range(1, spec.tp_size):
-            p = ctx.Process(target=worker_main, args=(rank, spec.tp_size, spec.dist_url, spec.device, spec.timeout_s),
+        for rank in range(1, spec.world_size):
+            p = ctx.Process(target=worker_main, args=(rank, spec.world_size, spec.dist_url, spec.device, spec.timeout_s),
                             name=f"lmgen-tp-worker-{rank}", daemon=True)
             p.start()
             procs.append(p)
     try:
-        init_group(0, spec.tp_size, spec.dist_url, spec.device, spec.timeout_s)
+        init_group(0, spec.world_size, spec.dist_url, spec.device, spec.timeout_s)
         return WorkerGroup(spec, _connect(spec, procs), procs)
     except BaseException:
         for p in procs:
@@ -120,7 +120,7 @@ def _connect(spec: WorkerSpec, procs: list) -> list:
     conns: dict[int, object] = {}
 
     def accept() -> None:
-        for _ in range(spec.tp_size - 1):
+        for _ in range(spec.world_size - 1):
             conn = listener.accept()
             conns[conn.recv()[1]] = conn
 
@@ -128,10 +128,10 @@ def _connect(spec: WorkerSpec, procs: list) -> list:
     t.start()
     t.join(spec.timeout_s)
     listener.close()
-    if len(conns) != spec.tp_size - 1:
-        raise WorkerLostError(f"only {len(conns)} of {spec.tp_size - 1} tensor-parallel workers connected within "
+    if len(conns) != spec.world_size - 1:
+        raise WorkerLostError(f"only {len(conns)} of {spec.world_size - 1} tensor-parallel workers connected within "
                               f"{spec.timeout_s:.0f} s")
-    ordered = [conns[r] for r in range(1, spec.tp_size)]
+    ordered = [conns[r] for r in range(1, spec.world_size)]
     for rank, conn in enumerate(ordered, start=1):
         # building a slice reads the model file: allow for it, but a dead worker is noticed at once
         while not conn.poll(1.0):
@@ -142,18 +142,22 @@ def _connect(spec: WorkerSpec, procs: list) -> list:
 
 
 class DriverModel(torch.nn.Module):
-    """Rank 0's model slice, seen by the engine as the whole model: each call is broadcast to the workers first."""
+    """Rank 0's model slice or first stage, seen by the engine as the whole model: each forward pass (and, under
+    tensor parallelism, each logits computation) is broadcast to the workers first."""
 
     def __init__(self, local: torch.nn.Module, workers: WorkerGroup):
         super().__init__()
         self.local, self.workers = local, workers
         self.config, self.dtype, self.device = local.config, local.dtype, local.device
+        self.split_logits = workers.spec.tp_size > 1  # a pipeline's output layer is rank 0's alone
 
     def forward(self, input_ids, positions, kv_caches, meta):
         self.workers.broadcast(("forward", input_ids, positions, meta))
         return self.workers.guarded(self.local, input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.split_logits:
+            return self.local.compute_logits(hidden)
         self.workers.broadcast(("logits", hidden))
         return self.workers.guarded(self.local.compute_logits, hidden)
 

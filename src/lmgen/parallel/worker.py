@@ -1,5 +1,6 @@
-"""A tensor-parallel worker: joins the torch.distributed group, builds its slice of the model and a KV cache for its
-heads, then runs the model steps the driver broadcasts until told to stop (or the driver goes away)."""
+"""A worker rank: joins the torch.distributed group, builds its slice (tensor parallel) or stage (pipeline parallel)
+of the model and a KV cache for its heads / layers, then runs the model steps the driver broadcasts until told to
+stop (or the driver goes away)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class WorkerSpec:
 
     model_path: str
     tp_size: int
+    pp_size: int = 1
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str = "auto"
@@ -30,6 +32,10 @@ class WorkerSpec:
     threads: int = 1
     dist_url: str = "env://"  # torch.distributed init method: env:// under torchrun, tcp://host:port when spawned
     timeout_s: float = 30.0  # the longest a collective waits for a rank before the step fails
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
 
 
 def init_group(rank: int, world_size: int, dist_url: str, device: str, timeout_s: float) -> None:
@@ -42,15 +48,19 @@ def init_group(rank: int, world_size: int, dist_url: str, device: str, timeout_s
 
 
 def build_rank_model(spec: WorkerSpec, rank: int):
-    """This rank's slice of the model (lmgen.layers.parallel) and the loaded model's config."""
+    """This rank's slice (lmgen.layers.parallel) or stage (lmgen.layers.pipeline) of the model, and the loaded
+    model."""
     from lmgen.layers.parallel import TensorParallel
+    from lmgen.layers.pipeline import PipelineStage
     from lmgen.loader import load_model
     from lmgen.models.registry import build_model
 
     loaded = load_model(spec.model_path)
+    tp = TensorParallel(rank, spec.tp_size) if spec.tp_size > 1 else None
+    pp = PipelineStage.of(rank, spec.pp_size, loaded.config.num_layers) if spec.pp_size > 1 else None
     device = f"cuda:{rank}" if spec.device.startswith("cuda") else spec.device  # one GPU per rank
     model = build_model(loaded.config, loaded.weights.items(), getattr(torch, spec.dtype), device,
-                        spec.quantization, batch_invariant=spec.batch_invariant, tp=TensorParallel(rank, spec.tp_size))
+                        spec.quantization, batch_invariant=spec.batch_invariant, tp=tp, pp=pp)
     return model, loaded
 
 

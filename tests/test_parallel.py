@@ -1,7 +1,8 @@
-"""Tensor parallelism on torch.distributed (gloo, one thread per rank): the split model gives one process's tokens
-and logprobs (bit for bit in the default, exact layout; within 1e-4 in Megatron's all-reduce layout) on the
-random-initialised test models and the embedded model, float and packed, offline and through the server; a size
-the model cannot be split by is refused; a killed worker fails the streamed request and stops the server."""
+"""Tensor and pipeline parallelism on torch.distributed (gloo, one thread per rank): the split model gives one
+process's tokens and logprobs (bit for bit in the default, exact layout; within 1e-4 in Megatron's all-reduce
+layout) on the random-initialised test models and the embedded model, float and packed, offline and through the
+server; a size the model cannot be split by is refused; a killed worker fails the streamed request and stops the
+server."""
 
 from __future__ import annotations
 
@@ -65,12 +66,33 @@ def test_embedded_model_over_three_ranks(quantization, smol_llm):
         assert results(split) == want
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_two_pipeline_stages_give_one_process_bit_for_bit(kind, tiny_model_dirs, one_thread):
+    folder = str(tiny_model_dirs[kind])
+    want = results(LLM(folder, quantization="none"))
+    with LLM(folder, quantization="none", pipeline_parallel_size=2) as staged:
+        assert staged.model.config.num_layers == 1  # this rank's stage of the 2 layers (and its KV cache)
+        assert results(staged) == want
+
+
+def test_embedded_model_in_two_pipeline_stages():
+    want = results(LLM(quantization="auto", threads=1))
+    with LLM(quantization="auto", pipeline_parallel_size=2) as staged:
+        assert staged.model.config.num_layers == 15
+        assert results(staged) == want
+
+
 def test_a_size_that_does_not_split_the_model_is_refused(gguf_path):
     with pytest.raises(ParallelConfigError, match="9 attention heads.*sizes that split this model evenly: 1, 3") as e:
         LLM(tensor_parallel_size=2)
     assert e.value.param == "tensor_parallel_size" and e.value.value == 2
     with pytest.raises(ParallelConfigError, match="integer in"):
         LLM(tensor_parallel_size=0)
+    with pytest.raises(ParallelConfigError, match="30 layers") as e:
+        LLM(pipeline_parallel_size=31)
+    assert e.value.param == "pipeline_parallel_size"
+    with pytest.raises(ParallelConfigError, match="together"):
+        LLM(tensor_parallel_size=3, pipeline_parallel_size=2)
     r = run_cli("generate", "hi", "--tensor-parallel-size", "2", "--max-tokens", "2")
     assert r.returncode == 1 and r.stderr.count("lmgen: error:") == 1 and "9 attention heads" in r.stderr
 
@@ -95,6 +117,18 @@ def _is_worker(pid: int) -> bool:
     except OSError:
         return False
     return b"spawn_main" in cmd
+
+
+def test_server_with_two_pipeline_stages(tmp_path, tiny_model_dirs, one_thread):
+    folder = str(tiny_model_dirs["qwen2"])
+    want = LLM(folder, quantization="none").generate(PROMPTS, GREEDY)
+    server = ServerProcess(tmp_path, "--model", folder, "--pipeline-parallel-size", "2", api_key=None)
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
+        r = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=10, temperature=0)  # one batch
+        assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [w.outputs[0].text for w in want]
+    finally:
+        server.stop()
 
 
 def test_server_with_two_ranks_then_a_killed_worker(tmp_path, tiny_model_dirs, one_thread):

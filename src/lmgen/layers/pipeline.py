@@ -1,0 +1,52 @@
+"""Pipeline parallelism: each rank holds a contiguous stage of the decoder layers; activations go from stage to
+stage with torch.distributed send / recv.  Rank 0 (the driver) also holds the embedding and the output layer: it
+embeds the step's tokens, runs its layers, and receives the final (normed) hidden states back from the last stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """This process's stage: rank in [0, size) holds decoder layers [first, end)."""
+
+    rank: int
+    size: int
+    first: int
+    end: int
+
+    @classmethod
+    def of(cls, rank: int, size: int, num_layers: int) -> "PipelineStage":
+        """Stage `rank` of `size` over `num_layers` layers, split as evenly as possible (earlier stages take the
+        remainder)."""
+        bounds = [num_layers * r // size for r in range(size + 1)]
+        return cls(rank, size, bounds[rank], bounds[rank + 1])
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def local_config(self, config):
+        """The config as this stage sees it: its number of layers (its KV cache holds only those)."""
+        return dataclasses.replace(config, num_layers=self.end - self.first)
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device, src: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(out, src=src)
+        return out
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        import torch.distributed as dist
+
+        dist.send(x.contiguous(), dst=dst)
