@@ -14,8 +14,6 @@ from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
-from lmgen.layers.parallel import TensorParallel
-from lmgen.layers.pipeline import PipelineStage
 from lmgen.models.registry import build_model
 from lmgen.parallel.check import check_pipeline_parallel, check_tensor_parallel
 from lmgen.parallel.driver import DriverModel, MirroredKVCache, local_spec, start_workers
@@ -109,17 +107,17 @@ class LLM:
         # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
         self.quantization = quantization
         self.workers, kv_cache, tp = None, None, check_tensor_parallel(loaded.config, tensor_parallel_size)
-        pp = check_pipeline_parallel(loaded.config, pipeline_parallel_size, tp)
+        pp = check_pipeline_parallel(loaded.config, pipeline_parallel_size)
         if tp * pp > 1:  # ranks 1.. in their own processes; this one is rank 0, the driver (lmgen.parallel)
             if threads is None:
                 torch.set_num_threads(1)  # one thread per rank by default
             spec = local_spec(WorkerSpec(str(loaded.path), tp, pp, str(self.dtype).removeprefix("torch."),
                                          str(self.device), quantization, batch_invariant, num_blocks, block_size,
                                          torch.get_num_threads()))
-            self.workers = start_workers(spec)
+            self.workers = start_workers(spec, loaded.config.num_layers)
+        layout = self.workers.layout if self.workers is not None else (None, None)  # rank 0's slice / stage
         self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
-                                 compile, batch_invariant, TensorParallel(0, tp) if tp > 1 else None,
-                                 PipelineStage.of(0, pp, loaded.config.num_layers) if pp > 1 else None)
+                                 compile, batch_invariant, *layout)
         loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         if self.workers is not None:
             self.model = DriverModel(self.model, self.workers)

@@ -13,19 +13,26 @@ import torch
 
 @dataclass(frozen=True)
 class PipelineStage:
-    """This process's stage: rank in [0, size) holds decoder layers [first, end)."""
+    """This process's stage: stage `rank` of `size` holds decoder layers [first, end).  With tensor parallelism
+    too, each stage has `tp_size` ranks and this process is the `tp_rank`-th: it talks to the same tp rank of the
+    neighbouring stages (global rank = stage * tp_size + tp_rank)."""
 
     rank: int
     size: int
     first: int
     end: int
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @classmethod
-    def of(cls, rank: int, size: int, num_layers: int) -> "PipelineStage":
-        """Stage `rank` of `size` over `num_layers` layers, split as evenly as possible (earlier stages take the
-        remainder)."""
+    def of(cls, rank: int, size: int, num_layers: int, tp_rank: int = 0, tp_size: int = 1) -> "PipelineStage":
+        """Stage `rank` of `size` over `num_layers` layers, split as evenly as possible."""
         bounds = [num_layers * r // size for r in range(size + 1)]
-        return cls(rank, size, bounds[rank], bounds[rank + 1])
+        return cls(rank, size, bounds[rank], bounds[rank + 1], tp_rank, tp_size)
+
+    def peer(self, stage: int) -> int:
+        """The global rank of this process's counterpart in `stage`."""
+        return stage * self.tp_size + self.tp_rank
 
     @property
     def is_first(self) -> bool:

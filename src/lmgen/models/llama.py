@@ -142,7 +142,7 @@ class LlamaForCausalLM(CausalLM):
         if pp is None or pp.is_first:
             x = self.embed_tokens(input_ids)  # (tokens, hidden)
         else:
-            x = pp.receive(shape, self.dtype, self.device, src=pp.rank - 1)
+            x = pp.receive(shape, self.dtype, self.device, src=pp.peer(pp.rank - 1))
         self.rotary.reserve(meta.max_position + 1)
         cos, sin = self.rotary(positions)  # (tokens, head_dim) each
         if self._fused is not None and self._attention_backend.supports(meta):
@@ -151,8 +151,8 @@ class LlamaForCausalLM(CausalLM):
             out = (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
         if pp is None:
             return out
-        pp.send(out, dst=0 if pp.is_last else pp.rank + 1)
-        return pp.receive(shape, self.dtype, self.device, src=pp.size - 1) if pp.is_first else None
+        pp.send(out, dst=pp.peer(0 if pp.is_last else pp.rank + 1))
+        return pp.receive(shape, self.dtype, self.device, src=pp.peer(pp.size - 1)) if pp.is_first else None
 
     def _run_layers(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """The generic path: every block, then the final norm (a pipeline stage before the last: none).

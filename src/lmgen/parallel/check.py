@@ -38,13 +38,10 @@ def split_problems(config, size: int) -> list[str]:
     return problems
 
 
-def check_pipeline_parallel(config, size: object, tensor_parallel_size: int = 1) -> int:
-    """`size` if it is a stage count the model's layers allow (and tensor parallelism is off when it is > 1)."""
+def check_pipeline_parallel(config, size: object) -> int:
+    """`size` if it is a stage count the model's layers allow."""
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(MAX_RANKS, config.num_layers):
         raise ParallelConfigError(f"pipeline_parallel_size must be an integer in [1, {min(MAX_RANKS, config.num_layers)}] "
                                   f"(the model has {config.num_layers} layers), got {size!r}",
-                                  param="pipeline_parallel_size", value=size)
-    if size > 1 and tensor_parallel_size > 1:
-        raise ParallelConfigError("tensor and pipeline parallelism together are not supported yet: choose one",
                                   param="pipeline_parallel_size", value=size)
     return size

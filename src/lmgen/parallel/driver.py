@@ -22,14 +22,15 @@ import torch
 
 from lmgen.engine.kv_cache import KVCache
 from lmgen.errors import WorkerLostError
-from lmgen.parallel.worker import WorkerSpec, init_group, worker_main
+from lmgen.parallel.worker import WorkerSpec, init_group, rank_layout, worker_main
 
 
 class WorkerGroup:
     """The driver's handle on ranks 1..size-1: their control connections and the processes it spawned."""
 
-    def __init__(self, spec: WorkerSpec, conns: list, procs: list):
+    def __init__(self, spec: WorkerSpec, conns: list, procs: list, layout: tuple):
         self.spec, self.conns, self.procs, self.lost = spec, conns, procs, None
+        self.layout = layout  # rank 0's (TensorParallel, PipelineStage), see lmgen.parallel.worker.rank_layout
 
     def broadcast(self, command: tuple) -> None:
         """Sends one step's command to every worker (one pickle for all)."""
@@ -77,7 +78,7 @@ class WorkerGroup:
             dist.destroy_process_group()
 
 
-def start_workers(spec: WorkerSpec) -> WorkerGroup:
+def start_workers(spec: WorkerSpec, num_layers: int) -> WorkerGroup:
     """Spawns ranks 1..size-1 on this machine (or, under torchrun, joins those it started) and connects to them."""
     import torch.multiprocessing as mp
 
@@ -91,7 +92,8 @@ def start_workers(spec: WorkerSpec) -> WorkerGroup:
             procs.append(p)
     try:
         init_group(0, spec.world_size, spec.dist_url, spec.device, spec.timeout_s)
-        return WorkerGroup(spec, _connect(spec, procs), procs)
+        conns, layout = _connect(spec, procs, num_layers)
+        return WorkerGroup(spec, conns, procs, layout)
     except BaseException:
         for p in procs:
             p.kill()
@@ -108,7 +110,7 @@ def local_spec(spec: WorkerSpec) -> WorkerSpec:
     return replace(spec, dist_url=f"tcp://127.0.0.1:{port}")
 
 
-def _connect(spec: WorkerSpec, procs: list) -> list:
+def _connect(spec: WorkerSpec, procs: list, num_layers: int) -> tuple[list, tuple]:
     """Accepts every worker's control connection (the address and key go out over torch.distributed) and
     waits until each has built its model slice."""
     import torch.distributed as dist
@@ -117,6 +119,7 @@ def _connect(spec: WorkerSpec, procs: list) -> list:
     authkey = secrets.token_bytes(32)
     listener = Listener(("0.0.0.0" if host != "127.0.0.1" else host, 0), authkey=authkey)
     dist.broadcast_object_list([(spec, (host, listener.address[1]), authkey)], src=0)
+    layout = rank_layout(spec, 0, num_layers)  # collective: the workers create the same groups
     conns: dict[int, object] = {}
 
     def accept() -> None:
@@ -138,7 +141,7 @@ def _connect(spec: WorkerSpec, procs: list) -> list:
             if procs and not procs[rank - 1].is_alive():
                 raise WorkerLostError(f"tensor-parallel worker {rank} exited while loading the model", rank=rank)
         conn.recv()
-    return ordered
+    return ordered, layout
 
 
 class DriverModel(torch.nn.Module):

@@ -47,21 +47,34 @@ def init_group(rank: int, world_size: int, dist_url: str, device: str, timeout_s
                             timeout=timedelta(seconds=timeout_s))
 
 
-def build_rank_model(spec: WorkerSpec, rank: int):
-    """This rank's slice (lmgen.layers.parallel) or stage (lmgen.layers.pipeline) of the model, and the loaded
-    model."""
+def rank_layout(spec: WorkerSpec, rank: int, num_layers: int):
+    """This rank's (TensorParallel, PipelineStage), either None when unused.  Global rank = stage * tp + tp rank;
+    with both kinds, each stage's ranks form their own tensor-parallel group.  Every rank must call this (in the
+    same order): creating a torch.distributed group is collective."""
+    import torch.distributed as dist
+
     from lmgen.layers.parallel import TensorParallel
     from lmgen.layers.pipeline import PipelineStage
-    from lmgen.loader import load_model
+
+    tp_size, pp_size = spec.tp_size, spec.pp_size
+    stage, tp_rank = divmod(rank, tp_size)
+    group = None
+    if tp_size > 1 and pp_size > 1:
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+        group = groups[stage]
+    tp = TensorParallel(tp_rank, tp_size, group) if tp_size > 1 else None
+    pp = PipelineStage.of(stage, pp_size, num_layers, tp_rank, tp_size) if pp_size > 1 else None
+    return tp, pp
+
+
+def build_rank_model(spec: WorkerSpec, rank: int, layout, loaded):
+    """This rank's slice (lmgen.layers.parallel) and / or stage (lmgen.layers.pipeline) of the model."""
     from lmgen.models.registry import build_model
 
-    loaded = load_model(spec.model_path)
-    tp = TensorParallel(rank, spec.tp_size) if spec.tp_size > 1 else None
-    pp = PipelineStage.of(rank, spec.pp_size, loaded.config.num_layers) if spec.pp_size > 1 else None
+    tp, pp = layout
     device = f"cuda:{rank}" if spec.device.startswith("cuda") else spec.device  # one GPU per rank
-    model = build_model(loaded.config, loaded.weights.items(), getattr(torch, spec.dtype), device,
-                        spec.quantization, batch_invariant=spec.batch_invariant, tp=tp, pp=pp)
-    return model, loaded
+    return build_model(loaded.config, loaded.weights.items(), getattr(torch, spec.dtype), device, spec.quantization,
+                       batch_invariant=spec.batch_invariant, tp=tp, pp=pp)
 
 
 def serve_worker(rank: int, world_size: int, dist_url: str, device: str, timeout_s: float) -> None:
@@ -76,9 +89,13 @@ def serve_worker(rank: int, world_size: int, dist_url: str, device: str, timeout
     dist.broadcast_object_list(control, src=0)  # what to build, and the driver's control address and key
     spec, address, authkey = control[0]
     torch.set_num_threads(spec.threads)
+    from lmgen.loader import load_model
+
+    loaded = load_model(spec.model_path)
+    layout = rank_layout(spec, rank, loaded.config.num_layers)
     conn = Client(address, authkey=authkey)
     conn.send(("hello", rank))
-    model, _ = build_rank_model(spec, rank)
+    model = build_rank_model(spec, rank, layout, loaded)
     cfg = model.config
     cache = KVCache(cfg.num_layers, spec.num_blocks, spec.block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype,
                     model.device)
@@ -93,7 +110,7 @@ def serve_worker(rank: int, world_size: int, dist_url: str, device: str, timeout
             if op == "forward":
                 _, input_ids, positions, meta = command
                 model(input_ids, positions, cache.layers, meta)
-            elif op == "logits":
+            elif op == "logits" and getattr(model, "lm_head", None) is not None:  # the output layer's ranks
                 model.compute_logits(command[1])
             elif op == "copy_block":
                 cache.copy_block(command[1], command[2])
