@@ -72,6 +72,7 @@ def test_two_pipeline_stages_give_one_process_bit_for_bit(kind, tiny_model_dirs,
     want = results(LLM(folder, quantization="none"))
     with LLM(folder, quantization="none", pipeline_parallel_size=2) as staged:
         assert staged.model.config.num_layers == 1  # this rank's stage of the 2 layers (and its KV cache)
+        assert staged.model.micro_batches == 2  # a step of several sequences goes through in 2 overlapped parts
         assert results(staged) == want
 
 

@@ -1,6 +1,8 @@
 """Pipeline parallelism: each rank holds a contiguous stage of the decoder layers; activations go from stage to
 stage with torch.distributed send / recv.  Rank 0 (the driver) also holds the embedding and the output layer: it
 embeds the step's tokens, runs its layers, and receives the final (normed) hidden states back from the last stage.
+A step split into micro-batches (by sequence) overlaps the stages: a stage sends micro-batch i on without waiting
+and starts on i + 1 while the next stage works on i (GPipe's schedule, Huang et al., 2019, for inference).
 """
 
 from __future__ import annotations
@@ -53,7 +55,23 @@ class PipelineStage:
         dist.recv(out, src=src)
         return out
 
-    def send(self, x: torch.Tensor, dst: int) -> None:
-        import torch.distributed as dist
 
-        dist.send(x.contiguous(), dst=dst)
+
+def run_pipelined(stage: PipelineStage, run, batches: list, kv_caches, hidden_size: int, dtype, device):
+    """Runs this stage's part of every micro-batch (input_ids, positions, meta) in order.  `run(ids, positions,
+    kv_caches, meta, x)` is the stage's layers (x None on the first stage: it embeds).  -> on the first stage the
+    last stage's outputs, concatenated in order (tokens, hidden); elsewhere None."""
+    import torch.distributed as dist
+
+    sends = []  # (work, tensor): a tensor must live until its send completes
+    for input_ids, positions, meta in batches:
+        shape = (input_ids.shape[0], hidden_size)
+        x = None if stage.is_first else stage.receive(shape, dtype, device, src=stage.peer(stage.rank - 1))
+        out = run(input_ids, positions, kv_caches, meta, x).contiguous()
+        dst = stage.peer(0 if stage.is_last else stage.rank + 1)
+        sends.append((dist.isend(out, dst=dst), out))
+    outs = [stage.receive((b[0].shape[0], hidden_size), dtype, device, src=stage.peer(stage.size - 1))
+            for b in batches] if stage.is_first else None
+    for work, _ in sends:
+        work.wait()
+    return None if outs is None else torch.cat(outs) if len(outs) > 1 else outs[0]

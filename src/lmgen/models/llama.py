@@ -31,6 +31,7 @@ from lmgen.layers.attention import Attention, AttentionMetadata, FusedCPUAttenti
 from lmgen.layers.kernels import fused_ops
 from lmgen.layers.mlp import SwiGLU
 from lmgen.layers.norm import RMSNorm
+from lmgen.layers.pipeline import run_pipelined
 from lmgen.layers.rope import RotaryEmbedding
 from lmgen.layers.weight_slots import EmbeddingSlot, LayerFactory, LinearSlot
 from lmgen.models.base import CausalLM
@@ -136,23 +137,29 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> final hidden states (tokens, hidden); writes K/V into kv_caches.
-        A pipeline stage receives its input from the previous stage and sends its output on; the first stage
-        returns the last stage's output, the others None."""
-        pp, shape = self.pp, (input_ids.shape[0], self.config.hidden_size)
-        if pp is None or pp.is_first:
+        A pipeline stage takes its input from the previous stage and hands its output on (lmgen.layers.pipeline);
+        the first stage returns the last stage's output, the others None."""
+        if self.pp is not None:
+            return run_pipelined(self.pp, self.stage_forward, [(input_ids, positions, meta)], kv_caches,
+                                 self.config.hidden_size, self.dtype, self.device)
+        return self.stage_forward(input_ids, positions, kv_caches, meta)
+
+    def forward_micro_batches(self, batches: list, kv_caches) -> torch.Tensor | None:
+        """A pipeline step in micro-batches [(input_ids, positions, meta), ...]: each stage starts the next one while
+        the following stage works on the previous one.  -> the hidden states of all, in order (first stage)."""
+        return run_pipelined(self.pp, self.stage_forward, batches, kv_caches, self.config.hidden_size, self.dtype,
+                             self.device)
+
+    def stage_forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, x=None) -> torch.Tensor:
+        """This model's (or stage's) layers: embeds input_ids unless `x` (the previous stage's output) is given.
+        -> (tokens, hidden): the final-normed hidden states, or a middle stage's residual stream."""
+        if x is None:
             x = self.embed_tokens(input_ids)  # (tokens, hidden)
-        else:
-            x = pp.receive(shape, self.dtype, self.device, src=pp.peer(pp.rank - 1))
         self.rotary.reserve(meta.max_position + 1)
         cos, sin = self.rotary(positions)  # (tokens, head_dim) each
         if self._fused is not None and self._attention_backend.supports(meta):
-            out = self._forward_fused(x, cos, sin, kv_caches, meta)
-        else:
-            out = (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
-        if pp is None:
-            return out
-        pp.send(out, dst=pp.peer(0 if pp.is_last else pp.rank + 1))
-        return pp.receive(shape, self.dtype, self.device, src=pp.peer(pp.size - 1)) if pp.is_first else None
+            return self._forward_fused(x, cos, sin, kv_caches, meta)
+        return (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
 
     def _run_layers(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """The generic path: every block, then the final norm (a pipeline stage before the last: none).

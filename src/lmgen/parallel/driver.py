@@ -153,10 +153,15 @@ class DriverModel(torch.nn.Module):
         self.local, self.workers = local, workers
         self.config, self.dtype, self.device = local.config, local.dtype, local.device
         self.split_logits = workers.spec.tp_size > 1  # a pipeline's output layer is rank 0's alone
+        self.micro_batches = workers.spec.pp_size  # a pipeline step in one micro-batch per stage (ModelRunner)
 
     def forward(self, input_ids, positions, kv_caches, meta):
         self.workers.broadcast(("forward", input_ids, positions, meta))
         return self.workers.guarded(self.local, input_ids, positions, kv_caches, meta)
+
+    def forward_micro_batches(self, batches: list, kv_caches):
+        self.workers.broadcast(("forward_micro_batches", batches))
+        return self.workers.guarded(self.local.forward_micro_batches, batches, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.split_logits:

@@ -110,6 +110,8 @@ def serve_worker(rank: int, world_size: int, dist_url: str, device: str, timeout
             if op == "forward":
                 _, input_ids, positions, meta = command
                 model(input_ids, positions, cache.layers, meta)
+            elif op == "forward_micro_batches":
+                model.forward_micro_batches(command[1], cache.layers)
             elif op == "logits" and getattr(model, "lm_head", None) is not None:  # the output layer's ranks
                 model.compute_logits(command[1])
             elif op == "copy_block":
