@@ -17,6 +17,7 @@ from lmgen.loader.loaded import LoadedModel
 from lmgen.layers.transformer import Transformer
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
+from lmgen.sampling.structured.backend import GrammarBackend
 
 Prompt = Union[str, Sequence[int]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +116,7 @@ class LLM:
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

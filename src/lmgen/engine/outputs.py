@@ -24,6 +24,7 @@ class EngineCoreOutput:
     num_output_tokens: int
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # sent with a sequence's first output only
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
+    last_token_is_text: bool = False  # "stop" at a grammar's end: the last token is output text, not an end token
 
     @property
     def finished(self) -> bool:
