@@ -67,6 +67,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
+    tool_calls: list | None = None  # LLM.chat(tools=...): the ToolCalls read from `text` (then "tool_calls" finishes)
 
 
 @dataclass

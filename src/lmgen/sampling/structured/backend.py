@@ -8,6 +8,7 @@ matchers ids and reads back masks.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
@@ -18,7 +19,9 @@ import torch
 from lmgen.errors import InvalidRequestError
 from lmgen.sampling.structured.spec import StructuredOutput, grammar_limits
 
-__all__ = ["GrammarBackend", "GrammarMatcher", "bitmask_to_bool"]
+__all__ = ["GrammarBackend", "GrammarMatcher", "bitmask_to_bool", "COMPILED_CACHE"]
+
+COMPILED_CACHE = 64  # compiled grammars kept per model (a bounded LRU: repeated schemas compile once)
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -61,6 +64,7 @@ class GrammarBackend:
         self._ll: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # grammar -> matcher at its start
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -74,13 +78,26 @@ class GrammarBackend:
             return self._ll
 
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
-        """Compiles `spec` against this vocabulary (bounded by `grammar_limits`); an error names the field."""
-        m = llguidance.LLMatcher(self.ll_tokenizer(), spec.compiled(), log_level=0, limits=grammar_limits())
-        if m.is_error():
-            param = spec.param or spec.kind
-            raise InvalidRequestError(f"{param}: the constraint cannot be compiled: {m.get_error().splitlines()[0]}",
-                                      param=param, value=None)
-        return GrammarMatcher(m)
+        """A fresh matcher for `spec`, compiled against this vocabulary (bounded by `grammar_limits`) or copied from
+        the last `COMPILED_CACHE` compiled grammars (the server compiles off the engine thread first, so the engine
+        only copies); an error names the field."""
+        grammar = spec.compiled()
+        ll = self.ll_tokenizer()
+        with self._lock:
+            template = self._compiled.get(grammar)
+            if template is not None:
+                self._compiled.move_to_end(grammar)
+        if template is None:
+            template = llguidance.LLMatcher(ll, grammar, log_level=0, limits=grammar_limits())
+            if template.is_error():
+                param = spec.param or spec.kind
+                raise InvalidRequestError(f"{param}: the constraint cannot be compiled: "
+                                          f"{template.get_error().splitlines()[0]}", param=param, value=None)
+            with self._lock:
+                self._compiled[grammar] = template
+                while len(self._compiled) > COMPILED_CACHE:
+                    self._compiled.popitem(last=False)
+        return GrammarMatcher(template.deep_copy())
 
     # ---- masks ------------------------------------------------------------------------------------
     def masks(self, matchers: list[GrammarMatcher]) -> torch.Tensor:

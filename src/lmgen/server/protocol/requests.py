@@ -53,6 +53,14 @@ class SamplingFields(StrictModel):
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, Literal["never"]] = False
+    # structured output (vLLM's names); checked and compiled by protocol/structured.py
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     @field_validator("stop")
     @classmethod
@@ -91,6 +99,7 @@ class ChatMessage(BaseModel):
 
 class ResponseFormat(StrictModel):
     type: str
+    json_schema: Optional[dict[str, Any]] = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -101,6 +110,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template: Optional[str] = None
