@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
 
 import jsonschema
 import pytest
 
 from lmgen import LLM, SamplingParams
+from lmgen.cli import build_parser, sampling_params_from_args
 from lmgen.errors import InvalidRequestError
 from lmgen.sampling.structured.spec import StructuredOutput
 
@@ -176,3 +179,48 @@ def test_structured_options_that_cannot_be_honoured_are_refused():
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(structured={"regex": "a"})
     assert e.value.param == "structured"
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "Time in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+    "additionalProperties": False}}}]
+
+
+def test_llm_chat_with_tools_returns_parsed_calls(llm):
+    ask = [{"role": "user", "content": "What time is it in Tokyo?"}]
+    out = llm.chat(ask, SamplingParams(max_tokens=60, temperature=0), tools=TOOLS, tool_choice="required",
+                   parallel_tool_calls=False)[0].outputs[0]
+    assert out.finish_reason == "tool_calls" and len(out.tool_calls) == 1
+    for call in out.tool_calls:
+        assert call.name == "get_time"
+        jsonschema.validate(json.loads(call.arguments), TOOLS[0]["function"]["parameters"])
+    plain = llm.chat(ask, SamplingParams(max_tokens=5, temperature=0), tools=TOOLS, tool_choice="none")[0].outputs[0]
+    assert plain.tool_calls is None and plain.finish_reason in ("stop", "length")
+    with pytest.raises(InvalidRequestError) as e:
+        llm.chat(ask, SamplingParams(max_tokens=5), tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}})
+    assert e.value.param == "tool_choice"
+
+
+def lmgen_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmgen.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_structured_flags(tmp_path, llm):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.lark").write_text('start: "x=" /[0-9]{2}/')
+    run = lmgen_cli("generate", "Answer:", "--json-schema", str(tmp_path / "s.json"), "-t", "1", "--seed", "4",
+                    "--max-tokens", "20")
+    assert run.returncode == 0, run.stderr[-300:]
+    jsonschema.validate(json.loads(run.stdout), schema)
+    # the other flags, parsed by the CLI's own parser and run here on the loaded model
+    flags = {"--regex": ("[a-c]{3}", r"[a-c]{3}"), "--choice": ("红,green", "红|green"),
+             "--grammar": (str(tmp_path / "g.lark"), r"x=[0-9]{2}"), "--json": (None, None)}
+    for flag, (value, pattern) in flags.items():
+        args = build_parser().parse_args(["generate", "Answer:", flag] + ([value] if value else []) + ["-t", "1"])
+        params = sampling_params_from_args(args).replace(max_tokens=30, seed=1)
+        text = llm.generate("Answer:", params)[0].outputs[0].text
+        assert re.fullmatch(pattern, text) if pattern else text.startswith("{"), (flag, text)
+    bad = lmgen_cli("generate", "x", "--regex", "(")
+    assert bad.returncode == 1 and bad.stderr.count("lmgen: error:") == 1 and "--regex" in bad.stderr

@@ -16,7 +16,7 @@ from typing import Any
 from lmgen.errors import InvalidRequestError
 from lmgen.sampling.structured.spec import JSON_OPTIONS, StructuredOutput
 
-__all__ = ["Tools", "CALL_OPEN", "CALL_CLOSE", "CALL_SEPARATOR", "template_takes_tools"]
+__all__ = ["Tools", "CALL_OPEN", "CALL_CLOSE", "CALL_SEPARATOR", "template_takes_tools", "template_source"]
 
 CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = "<tool_call>\n", "\n</tool_call>", "\n"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -34,6 +34,18 @@ SYSTEM_PROMPT = (
 def template_takes_tools(source: str | None) -> bool:
     """Whether a chat template's source reads a `tools` variable (then it describes the tools itself)."""
     return bool(source) and re.search(r"\btools\b", source) is not None
+
+
+def template_source(tokenizer: Any, name: str | None, allow_files: bool = True) -> str | None:
+    """The Jinja source `name` (None: the tokenizer's default; one of its named templates, a built-in, a file when
+    `allow_files`, or template text) renders with."""
+    if name is None:
+        return tokenizer.chat_template
+    if name in tokenizer.chat_templates:
+        return tokenizer.chat_templates[name]
+    from lmgen.tokenizer.chat_template.template import ChatTemplate
+
+    return ChatTemplate.resolve(name, tokenizer.bos_token, tokenizer.eos_token, allow_files=allow_files).source
 
 
 class Tools:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from fastapi import Request
 
-from lmgen.chat.tools import Tools
+from lmgen.chat.tools import Tools, template_source
 from lmgen.errors import ChatTemplateLimitError, InvalidRequestError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.protocol import requests as Q
@@ -197,13 +197,7 @@ class ServerContext:
 
     def template_source(self, chat_template: str | None) -> str | None:
         """The Jinja source a chat request renders with (to tell whether it takes `tools`)."""
-        name = chat_template or self.llm.chat_template
-        if name is None:
-            return self.tok.chat_template
-        if name in self.tok.chat_templates:
-            return self.tok.chat_templates[name]
-        return ChatTemplate.resolve(name, self.tok.bos_token, self.tok.eos_token,
-                                    allow_files=chat_template is None).source
+        return template_source(self.tok, chat_template or self.llm.chat_template, allow_files=chat_template is None)
 
     def constraint(self, req: Any, tools: Tools | None = None) -> StructuredOutput | None:
         """The request's output constraint (response_format / guided_* / tools), compiled for this model now, in a

@@ -92,7 +92,7 @@ class GrammarBackend:
             if template.is_error():
                 param = spec.param or spec.kind
                 raise InvalidRequestError(f"{param}: the constraint cannot be compiled: "
-                                          f"{template.get_error().splitlines()[0]}", param=param, value=None)
+                                          f"{' '.join(template.get_error().split())[:400]}", param=param, value=None)
             with self._lock:
                 self._compiled[grammar] = template
                 while len(self._compiled) > COMPILED_CACHE:

@@ -32,6 +32,12 @@ def grammar_limits() -> llguidance.LLParserLimits:
 _KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
+def _one_line(error: str, limit: int = 400) -> str:
+    """llguidance's multi-line message on one line (the CLI prints one line), bounded."""
+    text = " ".join(error.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """Exactly one of: `json_object=True` (any JSON object), `json_schema` (a dict or its JSON text), `regex`,
@@ -97,7 +103,7 @@ class StructuredOutput:
                 self._fail(f"is not a valid Lark or GBNF grammar ({e})", value)
         error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=grammar_limits())
         if error:
-            self._fail(f"unsupported or malformed constraint: {error.strip().splitlines()[0]}", value)
+            self._fail(f"unsupported or malformed constraint: {_one_line(error)}", value)
         return grammar
 
     def _schema_grammar(self, schema: Any) -> str:
