@@ -224,3 +224,30 @@ def test_cli_structured_flags(tmp_path, llm):
         assert re.fullmatch(pattern, text) if pattern else text.startswith("{"), (flag, text)
     bad = lmgen_cli("generate", "x", "--regex", "(")
     assert bad.returncode == 1 and bad.stderr.count("lmgen: error:") == 1 and "--regex" in bad.stderr
+
+
+def test_constrained_requests_arriving_mid_batch_with_chunked_prefill(llm):
+    """As tests/test_batch_invariance.py's mixed case: constrained requests arriving while others decode, prompts
+    prefilled in 16-token chunks, give the tokens and logprobs they give alone."""
+    from lmgen.engine.engine import Engine
+    from test_batch_invariance import drive
+
+    def engine(budget: int) -> Engine:
+        return Engine(llm.model, eos_token_ids=llm.eos_token_ids, context_length=llm.context_length, num_blocks=256,
+                      block_size=16, max_num_seqs=16, max_num_batched_tokens=budget, enable_prefix_caching=False,
+                      grammar_backend=llm.engine.grammar_backend)
+
+    prompt = llm.render_chat([{"role": "user", "content": "Give a color and a number as JSON."}])
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 99}}, "required": ["color", "n"], "additionalProperties": False}
+    reqs = {"json": (prompt, SamplingParams(max_tokens=30, temperature=0.9, seed=5, logprobs=1,
+                                            structured=StructuredOutput(json_schema=schema))),
+            "re": (prompt[:20], SamplingParams(max_tokens=12, temperature=0, logprobs=1,
+                                               structured=StructuredOutput(regex=r"[0-9a-f]{8}"))),
+            "free": (prompt[5:40], SamplingParams(max_tokens=10, temperature=1.0, seed=2, logprobs=1))}
+    alone = {}
+    for name, (p, sp) in reqs.items():
+        alone.update(drive(engine(2048), {0: [(name, p, sp)]}))
+    mixed = drive(engine(16), {0: [("free", *reqs["free"])], 2: [("json", *reqs["json"])], 4: [("re", *reqs["re"])]})
+    assert mixed == alone
+    jsonschema.validate(json.loads(llm.tokenizer.decode(alone["json"][0], skip_special_tokens=True)), schema)

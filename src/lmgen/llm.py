@@ -118,7 +118,9 @@ class LLM:
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids),
+            # masks overlap the forward pass only on a GPU: on the CPU the model's threads already use every core
+            grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids,
+                                           overlap=self.device.type == "cuda"),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import Future
 import os
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -237,7 +237,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill = sum(min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens)) for req, n in sched.scheduled)
-        masks = self._start_grammar_masks(sched)  # computed while the model runs
+        masks = self._start_grammar_masks(sched)  # structured output (on a worker thread while the model runs, on GPU)
         sampled = self._sample(self.runner.run(sched), masks)
         outputs = self.scheduler.update_from_output(sched, sampled)
         outputs += self._advance_beams({r.parent_id for r, _ in sched.scheduled if r.beam_group is not None})

@@ -141,11 +141,13 @@ class Scheduler:
             if req.logprobs is not None and entry is not None:
                 req.logprobs.append(entry)
             req.cumulative_logprob += sampled.chosen_logprobs.get(req.request_id, 0.0)
-            grammar_end = req.grammar is not None and req.grammar.advance(token)  # structured output
+            grammar = req.grammar.advance(token) if req.grammar is not None else None  # structured output
             status = self._finish_status(req, token)
-            text_end = grammar_end and status != RequestStatus.FINISHED_STOPPED  # ended on a text token, not EOS
+            text_end = grammar == "end" and status != RequestStatus.FINISHED_STOPPED  # ended on a text token, not EOS
             if text_end:
                 status = RequestStatus.FINISHED_STOPPED
+            elif grammar == "error":  # the constraint can no longer be enforced: never hand out unchecked text
+                status = RequestStatus.FINISHED_ABORTED
             if status is not None:
                 self.finish(req, status)
             outputs.append(EngineCoreOutput(

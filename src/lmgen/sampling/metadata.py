@@ -225,11 +225,13 @@ class SamplingMetadata:
             )
         dense_mask = None
         if grammar_masks is not None and any(m is not None for m in grammar_masks):
-            dense_mask = torch.ones((batch, vocab_size), dtype=torch.bool)
-            for i, m in enumerate(grammar_masks):
-                if m is not None:
-                    dense_mask[i, : m.shape[-1]] = m[:vocab_size]
-            dense_mask = dense_mask.to(device)
+            everything = None
+            rows_mask = []
+            for m in grammar_masks:
+                if m is None:
+                    everything = torch.ones(vocab_size, dtype=torch.bool) if everything is None else everything
+                rows_mask.append(everything if m is None else m)
+            dense_mask = torch.stack(rows_mask).to(device)  # (batch, vocab)
 
         def col(name, dtype):
             return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=device)

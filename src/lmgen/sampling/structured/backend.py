@@ -7,8 +7,10 @@ matchers ids and reads back masks.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
@@ -19,9 +21,11 @@ import torch
 from lmgen.errors import InvalidRequestError
 from lmgen.sampling.structured.spec import StructuredOutput, grammar_limits
 
+logger = logging.getLogger("lmgen.structured")
+
 __all__ = ["GrammarBackend", "GrammarMatcher", "bitmask_to_bool", "COMPILED_CACHE"]
 
-COMPILED_CACHE = 64  # compiled grammars kept per model (a bounded LRU: repeated schemas compile once)
+COMPILED_CACHE = 16  # compiled grammars kept per model (a bounded LRU: repeated schemas compile once)
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -41,10 +45,15 @@ class GrammarMatcher:
         """An independent copy at the same position (the n > 1 siblings of a request)."""
         return GrammarMatcher(self.matcher.deep_copy())
 
-    def advance(self, token: int) -> bool:
-        """Consumes an accepted token; True when the grammar has ended (nothing but EOS may follow) or failed."""
+    def advance(self, token: int) -> str | None:
+        """Consumes an accepted token: None while the grammar goes on, "end" when it has ended (nothing but EOS may
+        follow), "error" when the matcher failed (a step over its limits, a token it refuses): the caller aborts."""
         self.matcher.consume_token(token)
-        return self.matcher.is_stopped() or self.matcher.is_error()
+        if self.matcher.is_error():
+            logger.warning("structured output: the grammar matcher failed, the sequence is aborted: %s",
+                           " ".join(self.matcher.get_error().split())[:400])
+            return "error"
+        return "end" if self.matcher.is_stopped() else None
 
     @property
     def error(self) -> str:
@@ -55,7 +64,7 @@ class GrammarBackend:
     """Per model (built once, cached on the LLM's engine): the llguidance tokenizer, created on first use because
     it takes ~0.3 s, and a worker thread for masks computed while the model runs."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int], overlap: bool = True):
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int], overlap: bool = False):
         self._tokenizer = tokenizer  # lmgen Tokenizer: only its vocabulary is read, once
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
@@ -65,6 +74,8 @@ class GrammarBackend:
         self._executor: llguidance.LLExecutor | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # grammar -> matcher at its start
+        # (seconds, rows) of the most recent mask computations (bounded): what benchmarks/structured_bench.py reports
+        self.mask_times: deque[tuple[float, int]] = deque(maxlen=4096)
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -103,9 +114,15 @@ class GrammarBackend:
     def masks(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
         """``(len(matchers), vocab)`` bool: the tokens each matcher allows next (computed in parallel)."""
         self.ll_tokenizer()
+        t0 = time.perf_counter()
         bitmask = torch.full(llg_torch.get_bitmask_shape(len(matchers), self.vocab_size), -1, dtype=torch.int32)
-        llg_torch.fill_next_token_bitmask_par(self._executor, [(m.matcher, i) for i, m in enumerate(matchers)], bitmask)
-        return bitmask_to_bool(bitmask, self.vocab_size)
+        if len(matchers) == 1:  # one row: no thread hand-off
+            llg_torch.fill_next_token_bitmask(matchers[0].matcher, bitmask)
+        else:
+            llg_torch.fill_next_token_bitmask_par(self._executor, [(m.matcher, i) for i, m in enumerate(matchers)], bitmask)
+        allowed = bitmask_to_bool(bitmask, self.vocab_size)  # (rows, vocab)
+        self.mask_times.append((time.perf_counter() - t0, len(matchers)))
+        return allowed
 
     def start_masks(self, matchers: list[GrammarMatcher]) -> Future:
         """`masks(matchers)`, on the worker thread when `overlap` (the caller runs the model meanwhile)."""
