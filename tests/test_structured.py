@@ -166,6 +166,9 @@ def test_bad_constraints_are_refused_naming_the_field(kind, value):
     with pytest.raises(InvalidRequestError) as e:
         StructuredOutput(**{kind: value})
     assert e.value.param == kind and kind in str(e.value)
+    if isinstance(value, dict):  # an unsupported feature is named
+        feature = "not" if "not" in value else value.get("format")
+        assert feature in str(e.value)
     with pytest.raises(InvalidRequestError) as e:
         StructuredOutput(**{kind: value, "param": "response_format.json_schema"})
     assert e.value.param == "response_format.json_schema"
