@@ -254,3 +254,18 @@ def test_constrained_requests_arriving_mid_batch_with_chunked_prefill(llm):
     mixed = drive(engine(16), {0: [("free", *reqs["free"])], 2: [("json", *reqs["json"])], 4: [("re", *reqs["re"])]})
     assert mixed == alone
     jsonschema.validate(json.loads(llm.tokenizer.decode(alone["json"][0], skip_special_tokens=True)), schema)
+
+
+def test_unpacked_mask_equals_llguidance_byte_mask(llm):
+    """The engine's (vocab,) bool mask (packed bitmask, unpacked byte-wise) equals llguidance's own one-byte-per-token
+    mask, at the start and after each accepted token."""
+    import torch
+
+    backend = llm.engine.grammar_backend
+    m = backend.matcher(StructuredOutput(json_schema={"type": "object", "properties": {"名": {"enum": ["x", "yz"]}}}))
+    for token in llm.tokenizer.encode('{"名": "yz"}', add_special_tokens=False) + [None]:
+        mine = backend.masks([m])[0]
+        ref = torch.frombuffer(bytearray(m.matcher.compute_logit_bias()), dtype=torch.uint8)[: mine.shape[0]] == 200
+        assert mine.any() and torch.equal(mine, ref)
+        if token is not None:
+            assert m.advance(token) in (None, "end")

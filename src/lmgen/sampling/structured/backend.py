@@ -29,10 +29,14 @@ COMPILED_CACHE = 16  # compiled grammars kept per model (a bounded LRU: repeated
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Packed ``(rows, ceil(vocab/32))`` int32 (bit j of word w = token 32w+j allowed) -> ``(rows, vocab)`` bool."""
+    """Packed ``(rows, ceil(vocab/32))`` int32 (bit j of word w = token 32w+j allowed) -> ``(rows, vocab)`` bool.
+
+    Read as bytes (little-endian words: byte 4w+k holds tokens 32w+8k..32w+8k+7, lowest bit first), each byte looked
+    up in a 256 x 8 table: one byte of index per 8 tokens instead of a 32-wide int32 expansion."""
     rows = bitmask.shape[0]
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # (32,) bit positions in a word
-    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(rows, -1)[:, :vocab_size]
+    table = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8): bits of each byte value
+    data = bitmask.contiguous().view(torch.uint8).long()  # (rows, 4 * words)
+    return table[data].reshape(rows, -1)[:, :vocab_size]
 
 
 class GrammarMatcher:
