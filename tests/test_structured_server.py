@@ -72,6 +72,9 @@ def test_vllm_guided_fields_on_both_endpoints(client):
     r = client.completions.create(model=MODEL, prompt="Numbers:", max_tokens=30, temperature=0,
                                   extra_body={"guided_json": schema})
     jsonschema.validate(json.loads(r.choices[0].text), schema)
+    r = client.completions.create(model=MODEL, prompt="Numbers:", max_tokens=30, temperature=0, extra_body={
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
 
 
 @pytest.mark.parametrize("body,param", [

@@ -74,6 +74,11 @@ class SamplingFields(StrictModel):
         return stop
 
 
+class ResponseFormat(StrictModel):
+    type: str
+    json_schema: Optional[dict[str, Any]] = None
+
+
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16
@@ -82,6 +87,7 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
     add_special_tokens: bool = True
+    response_format: Optional[ResponseFormat] = None  # vLLM takes it on completions too
 
 
 class ContentPart(BaseModel):
@@ -95,11 +101,6 @@ class ChatMessage(BaseModel):
     role: Role
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
-
-
-class ResponseFormat(StrictModel):
-    type: str
-    json_schema: Optional[dict[str, Any]] = None
 
 
 class ChatCompletionRequest(SamplingFields):
