@@ -99,6 +99,7 @@ def test_vllm_guided_fields_on_both_endpoints(client):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"functions": [WEATHER["function"]], "function_call": "auto"}, "functions"),
 ])
 def test_bad_constraints_are_400_naming_the_field(server, body, param):
     r = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,

@@ -182,6 +182,10 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         srv.auth(request)
         req: Q.ChatCompletionRequest = await parse_body(request, Q.ChatCompletionRequest)
         srv.check_model(req.model)
+        for legacy in ("functions", "function_call"):
+            if getattr(req, legacy) is not None:
+                raise APIError(400, f"{legacy} (OpenAI's deprecated function calling) is not supported; use tools and "
+                                    "tool_choice", param=legacy)
         tools = Tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

@@ -113,6 +113,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
+    # OpenAI's deprecated function calling: refused (400) rather than ignored, so a constraint is never dropped
+    functions: Optional[list[Any]] = None
+    function_call: Union[str, dict[str, Any], None] = None
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template: Optional[str] = None
