@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from lmgen.cli_structured import add_structured_args
 from lmgen.sampling.params import PRESETS
 
 
@@ -90,6 +91,7 @@ _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "rep
 
 
 def sampling_params_from_args(args: argparse.Namespace):
+    from lmgen.cli_structured import structured_from_args
     from lmgen.sampling.params import SamplingParams
 
     base = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
@@ -97,7 +99,9 @@ def sampling_params_from_args(args: argparse.Namespace):
         value = getattr(args, name, None)
         if value is not None:
             base[name] = value
+    base["structured"] = structured_from_args(args)
     return SamplingParams(**base)
+
 
 
 def load_llm(args: argparse.Namespace):
@@ -246,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
     _add_model_args(g)
     _add_sampling_args(g, 256)
+    add_structured_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat (REPL); piped stdin: one user turn per line")

@@ -8,10 +8,12 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
+from lmgen.chat.tool_calls import parse_tool_calls
+from lmgen.chat.tools import Tools, template_source
 from lmgen.engine.engine import Engine
 from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
 from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
-from lmgen.errors import ContextOverflowError
+from lmgen.errors import ContextOverflowError, InvalidRequestError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
 from lmgen.models.registry import build_model
@@ -20,6 +22,7 @@ from lmgen.parallel.driver import DriverModel, MirroredKVCache, local_spec, star
 from lmgen.parallel.worker import WorkerSpec
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
+from lmgen.sampling.structured.backend import GrammarBackend
 
 Prompt = Union[str, Sequence[int]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,6 +138,9 @@ class LLM:
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching, kv_cache=kv_cache,
+            # masks overlap the forward pass only on a GPU: on the CPU the model's threads already use every core
+            grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids,
+                                           overlap=self.device.type == "cuda"),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0
@@ -256,19 +262,37 @@ class LLM:
         )
 
     def chat(self, messages, params: SamplingParams | None = None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True, **template_kwargs) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of {role, content}) or a list of conversations.
 
         The model has no memory: the whole history is the prompt. If it does not fit the context window with
         `max_tokens` left for the answer, the oldest turns are dropped whole (never the system prompt) and
         `RequestOutput.dropped_messages` says how many; a last message too long alone raises ContextOverflowError.
+        `tools` (OpenAI's shape) with `tool_choice` none / auto / required / {"type": "function", "function":
+        {"name": ...}}, `parallel_tool_calls` (False: at most one call): the output is constrained to calls (lmgen.chat.tools), read into each output's `tool_calls`
+        (finish_reason "tool_calls").
         """
         params = params or SamplingParams()
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        spec = Tools(tools, tool_choice, parallel_tool_calls) if tools is not None or tool_choice is not None else None
+        if spec is not None:
+            source = template_source(self.tokenizer, chat_template or self.chat_template)
+            prepared = [spec.messages_for(list(m), source) for m in convs]
+            convs, template_kwargs = [m for m, _ in prepared], {**template_kwargs, **(prepared[0][1] if prepared else {})}
+            if spec.active:
+                if params.structured is not None:
+                    raise InvalidRequestError("params.structured cannot be combined with tools unless tool_choice is "
+                                              "'none'", param="tool_choice", value=spec.choice)
+                params = params.replace(structured=spec.structured())
         fitted = [self.fit_chat(m, params.max_tokens, chat_template, add_generation_prompt, **template_kwargs) for m in convs]
         outs = self.generate([ids for ids, _ in fitted], params)
         for out, (_, dropped) in zip(outs, fitted):
             out.dropped_messages = dropped
+            for c in out.outputs if spec is not None and spec.active else ():
+                _, c.tool_calls = parse_tool_calls(c.text)
+                if c.tool_calls and c.finish_reason == "stop":
+                    c.finish_reason = "tool_calls"
         return outs
 
     def fit_chat(self, messages: list[dict], max_tokens: int | None, chat_template: str | None = None,
