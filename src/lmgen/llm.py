@@ -17,6 +17,8 @@ from lmgen.loader.loaded import LoadedModel
 from lmgen.layers.transformer import Transformer
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
+from lmgen.spec.build import build_speculator
+from lmgen.spec.config import SpeculativeConfig
 
 Prompt = Union[str, Sequence[int]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,9 +73,11 @@ class LLM:
         compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
         batch_invariant: bool = True,
+        speculative: dict | SpeculativeConfig | None = None,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
+        spec_config = SpeculativeConfig.parse(speculative)  # fail before loading anything
         if threads is not None:
             if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
                 raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -111,10 +115,16 @@ class LLM:
         tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        num_blocks = math.ceil(tokens / block_size)
+        # speculative decoding: a draft model (or this file packed) with its own KV cache, or n-gram lookup
+        self.speculative = spec_config
+        speculator = build_speculator(spec_config, loaded, quantization, self.dtype, self.device, num_blocks, block_size,
+                                      batch_invariant)
         self.engine = Engine(
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
-            num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
+            num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            speculator=speculator,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

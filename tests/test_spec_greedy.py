@@ -1,0 +1,130 @@
+"""Speculative decoding, greedy: every method (n-gram lookup, a draft model, the packed self-draft) gives token-
+and logprob-identical output to plain decoding, batched and with staggered arrivals, on the random Llama /
+Mistral (sliding window) / Qwen2 test models and on the embedded model (float target, packed self-draft); the KV
+cache (the target's and the draft's) is idle afterwards, and proposals were both accepted and rejected."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmgen import LLM, SamplingParams
+from lmgen.engine.engine import Engine
+from lmgen.errors import SpeculativeConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = ("The river runs past the mill, and the mill turns the stone, and the stone grinds the grain. "
+        "河流经过磨坊。 The river runs past the mill again, and the miller counts the sacks of grain.")
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+
+
+def prompts(llm: LLM) -> list[list[int]]:
+    ids = llm.tokenizer.encode(TEXT, add_special_tokens=False)
+    return [ids, ids[5:17], ids[:3], ids[20:] + ids[:9]]
+
+
+def drive(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, tuple]:
+    """Steps an engine, adding `arrivals[step]` before that step; each request's (token ids, logprobs)."""
+    done, seen, step = {}, {}, 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for name, prompt, params in arrivals.get(step, ()):
+            engine.add_request(prompt, params, request_id=name)
+            seen[name] = ([], [])
+        for out in engine.step():
+            tokens, logprobs = seen[out.request_id]
+            tokens.extend(out.new_token_ids)
+            logprobs.extend(dict(d) for d in out.new_logprobs or ())
+            if out.finished:
+                done[out.request_id] = (tokens, logprobs)
+        step += 1
+    return done
+
+
+def staggered(llm: LLM) -> dict[int, list]:
+    p = prompts(llm)
+    return {0: [("a", p[0], GREEDY)], 2: [("b", p[1], GREEDY), ("c", p[2], GREEDY)], 7: [("d", p[3], GREEDY)]}
+
+
+def results(outs) -> list[tuple[list[int], list]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def assert_idle(llm: LLM) -> None:
+    assert llm.engine.block_manager.num_used_blocks == 0
+    draft = llm.engine.speculator.draft
+    if draft is not None:
+        assert draft.block_manager.num_used_blocks == 0 and not draft.shadows
+
+
+def noisy_copy(folder, out, scale: float, seed: int = 0):
+    """Another checkpoint with the same vocabulary: `folder`'s weights plus Gaussian noise (a draft that mostly,
+    not always, agrees with its target)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llms(tiny_model_dirs):
+    cache = {}
+
+    def get(kind: str, spec: dict | None) -> LLM:
+        key = (kind, repr(spec))
+        if key not in cache:
+            cache[key] = LLM(str(tiny_model_dirs[kind]), quantization="none", block_size=4, kv_cache_tokens=4096,
+                             speculative=spec)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "self"])
+def test_greedy_identical_batched_and_staggered(tiny_llms, tiny_model_dirs, tmp_path, kind, method):
+    spec = {"method": method, "num_tokens": 3}
+    if method == "draft":  # another model with the same vocabulary
+        spec["model"] = str(noisy_copy(tiny_model_dirs[kind], tmp_path / "draft", 0.3))
+    plain, fast = tiny_llms(kind, None), tiny_llms(kind, spec)
+    want = results(plain.generate(prompts(plain), GREEDY))
+    assert results(fast.generate(prompts(fast), GREEDY)) == want
+    assert_idle(fast)
+    # staggered arrivals through the engine (steps mixing prefill chunks, drafts and plain decodes), prefix cache warm
+    got = drive(fast.engine, staggered(fast))
+    assert [got[n] for n in "abcd"] == want
+    assert_idle(fast)
+    stats = fast.engine.speculator.stats
+    assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens  # accepted and rejected both
+
+
+def test_embedded_float_target_packed_self_draft(smol_llm):
+    fast = LLM(quantization="none", dtype="float32", speculative={"method": "self", "num_tokens": 4}, block_size=8)
+    ids = smol_llm.tokenizer.encode(TEXT, add_special_tokens=False)
+    batch = [ids, ids[:12], smol_llm.tokenizer.encode("用一句话介绍长城。", add_special_tokens=False)]
+    want = results(smol_llm.generate(batch, GREEDY))
+    assert results(fast.generate(batch, GREEDY)) == want
+    arrivals = {0: [("a", batch[0], GREEDY)], 3: [("b", batch[1], GREEDY), ("c", batch[2], GREEDY)]}
+    got = drive(fast.engine, arrivals)
+    assert [got[n] for n in "abc"] == [tuple(w) for w in want]
+    assert_idle(fast)
+    stats = fast.engine.speculator.stats
+    assert stats.accepted_tokens > stats.draft_tokens // 2  # the packed weights mostly agree with the float ones
+
+
+def test_bad_speculative_config_is_refused_by_name(tiny_model_dirs):
+    cases = [({"method": "medusa"}, "speculative.method"), ({"method": "ngram", "num_tokens": 0}, "speculative.num_tokens"),
+             ({"method": "draft"}, "speculative.model"), ({"method": "ngram", "k": 3}, "speculative.k"),
+             ("ngram", "speculative")]
+    for spec, param in cases:
+        with pytest.raises(SpeculativeConfigError) as e:
+            LLM(str(tiny_model_dirs["llama"]), quantization="none", speculative=spec)
+        assert e.value.param == param
+    with pytest.raises(SpeculativeConfigError) as e:  # self-draft needs a float target
+        LLM(str(tiny_model_dirs["llama"]), quantization="int8", speculative={"method": "self"})
+    assert e.value.param == "quantization"
