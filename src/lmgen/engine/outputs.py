@@ -24,6 +24,9 @@ class EngineCoreOutput:
     num_output_tokens: int
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # sent with a sequence's first output only
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
+    # speculative decoding, so far in this sequence: tokens proposed, and accepted by the target
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -48,6 +51,8 @@ class StepOutput:
     cumulative_logprob: float
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # with the first output of sequence 0 only
     score: float | None = None  # beam search's score of a finished hypothesis
+    num_draft_tokens: int = 0  # speculative decoding, so far in this sequence
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -80,4 +85,5 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     dropped_messages: int = 0  # chat only: oldest history messages dropped to fit the context window
+    # speculative decoding adds spec_draft_tokens / spec_accepted_tokens (all its sequences together)
     metrics: dict[str, float] = field(default_factory=dict)

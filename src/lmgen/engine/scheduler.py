@@ -166,6 +166,7 @@ class Scheduler:
                 req.cumulative_logprob, req.finish_reason, req.stop_reason, req.num_prompt_tokens, req.num_cached_tokens,
                 len(req.output_token_ids),
                 tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == 1 else None,
+                num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
             ))
         return outputs
 
