@@ -60,6 +60,9 @@ class EngineSnapshot:
     steps: int
     new_ttft: tuple[float, ...]  # latency samples since the previous draining snapshot
     new_itl: tuple[float, ...]
+    spec_draft_tokens: int | None = None  # speculative decoding (None: off): tokens proposed, accepted, steps skipped
+    spec_accepted_tokens: int | None = None
+    spec_stepped_back: int | None = None
 
 
 class Engine:
@@ -337,8 +340,10 @@ class Engine:
         if drain_latencies:
             st.ttft.clear()
             st.itl.clear()
+        spec = self.speculator.stats if self.speculator is not None else None
         return EngineSnapshot(len(sched.running), len(sched.waiting), bm.num_used_blocks, bm.num_blocks, bm.prefix_hits,
-                              bm.prefix_queries, st.prompt_tokens, st.prefill_tokens, st.generation_tokens, st.steps, ttft, itl)
+                              bm.prefix_queries, st.prompt_tokens, st.prefill_tokens, st.generation_tokens, st.steps, ttft, itl,
+                              *((spec.draft_tokens, spec.accepted_tokens, spec.stepped_back) if spec else ()))
 
 
 def _seq_id(request_id: str, index: int) -> str:

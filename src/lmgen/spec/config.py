@@ -65,7 +65,7 @@ class SpeculativeConfig:
             raise SpeculativeConfigError(f"speculative method 'draft' needs 'model' (a path or name), got {self.model!r}",
                                          param="speculative.model", value=self.model)
         if self.method != "draft" and self.model is not None:
-            raise SpeculativeConfigError(f"speculative 'model' applies to method 'draft' only (method is {self.method!r})",
+            raise SpeculativeConfigError(f"speculative 'model' ({self.model!r}) applies to method 'draft' only (method is {self.method!r})",
                                          param="speculative.model", value=self.model)
 
 
