@@ -15,7 +15,7 @@ from lmgen.engine.runner import ModelRunner
 from lmgen.engine.scheduler import SchedulerOutput
 from lmgen.layers.transformer import Transformer
 from lmgen.sampling.params import SamplingParams
-from lmgen.spec.verify import draw, final_distributions, uniform
+from lmgen.spec.verify import draw, final_distributions, one_thread, uniform
 
 Proposal = tuple[list[int], torch.Tensor | None]  # drafts, q (k, vocab) for sampled requests (None: greedy)
 
@@ -69,16 +69,17 @@ class DraftProposer:
             rows = [i for i, _ in batch]
             for i, n in batch:
                 shadows[i].num_computed_tokens += n
-            argmax, probs = final_distributions(out.logits, [reqs[i] for i in rows],
-                                                [shadows[i].output_token_ids for i in rows], [stop_ids[i] for i in rows])
-            am = argmax.tolist()
-            for row, i in enumerate(rows):
-                if reqs[i].params.greedy:
-                    token = am[row]
-                else:
-                    token = draw(probs[row], uniform(reqs[i].generator))
-                    qs[i].append(probs[row])
-                drafts[i].append(token)
-                shadows[i].output_token_ids.append(token)
+            with one_thread():  # small ops: see one_thread
+                argmax, probs = final_distributions(out.logits, [reqs[i] for i in rows],
+                                                    [shadows[i].output_token_ids for i in rows], [stop_ids[i] for i in rows])
+                am = argmax.tolist()
+                for row, i in enumerate(rows):
+                    if reqs[i].params.greedy:
+                        token = am[row]
+                    else:
+                        token = draw(probs[row], uniform(reqs[i].generator))
+                        qs[i].append(probs[row])
+                    drafts[i].append(token)
+                    shadows[i].output_token_ids.append(token)
             live = [i for i in rows if len(drafts[i]) < ks[i]]
         return [(d, torch.stack(q) if q else None) for d, q in zip(drafts, qs)]

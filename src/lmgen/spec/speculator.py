@@ -19,7 +19,7 @@ from lmgen.engine.scheduler import SchedulerOutput
 from lmgen.spec.config import SpeculativeConfig
 from lmgen.spec.draft import DraftProposer
 from lmgen.spec.ngram import NgramProposer
-from lmgen.spec.verify import Verdict, final_distributions, logprob_entries, verify
+from lmgen.spec.verify import Verdict, final_distributions, logprob_entries, one_thread, verify
 
 
 @dataclass
@@ -93,6 +93,11 @@ class Speculator:
         """logits: sequence id -> the target's (k + 1, vocab) logits at the newest token and each draft."""
         if not logits:
             return {}
+        with one_thread():
+            return self._verify(logits, reqs, stop_ids)
+
+    def _verify(self, logits: dict[str, torch.Tensor], reqs: dict[str, Request],
+                stop_ids: Callable[[Request], set[int]]) -> dict[str, Verdict]:
         ids = list(logits)
         rows_req, histories, stops = [], [], []
         for sid in ids:
@@ -101,9 +106,9 @@ class Speculator:
                 rows_req.append(req)
                 histories.append(req.output_token_ids + req.spec_token_ids[:j])
                 stops.append(stop_ids(req))
-        all_logits = torch.cat([logits[s] for s in ids]).to(torch.float32)  # (rows, vocab)
+        parts = [logits[s] for s in ids]
+        all_logits = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(torch.float32)  # (rows, vocab)
         argmax, probs = final_distributions(all_logits, rows_req, histories, stops)
-        raw = torch.log_softmax(all_logits, dim=-1)  # the target's reported logprobs
         out, row = {}, 0
         for sid in ids:
             req = reqs[sid]
@@ -111,7 +116,10 @@ class Speculator:
             sl = slice(row, row + k + 1)
             tokens, a = verify(req, req.spec_token_ids, req.spec_probs, argmax[sl],
                                None if probs is None else probs[sl], req.generator)
-            entries, chosen = logprob_entries(raw[sl], tokens, req.params.logprobs)
+            if req.params.logprobs is not None:  # the target's raw logprobs, as the one-token path reports them
+                entries, chosen = logprob_entries(torch.log_softmax(all_logits[sl], dim=-1), tokens, req.params.logprobs)
+            else:
+                entries, chosen = None, [0.0] * len(tokens)
             out[sid] = Verdict(tokens, a, entries, chosen)
             row += k + 1
             self._account(req, k, a)
