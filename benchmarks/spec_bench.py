@@ -52,6 +52,29 @@ def timed(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[int
     return tokens, (len(tokens) - first_n) / (t1 - t_first), len(tokens) / (t1 - t0)
 
 
+def batch_sweep(args, params: SamplingParams) -> None:
+    """The measurement behind the auto step-back's `max_batch`: n-gram speculation (step-back off) vs plain decoding
+    on the default path for batches of B input-grounded requests, aggregate tok/s, interleaved."""
+    plain = LLM()
+    fast = LLM(speculative={"method": "ngram", "num_tokens": args.num_tokens or 4, "max_batch": 1 << 20,
+                            "min_acceptance": 0.0})
+    asks = ["Rewrite the passage above in your own words, keeping every fact.", "Summarize the passage above.",
+            "List the facts in the passage above.", "Retell the passage above for a child."]
+    for b in args.batch_sweep:
+        prompts = [plain.render_chat([{"role": "user", "content": f"{PASSAGE}\n\n{asks[i % 4]} ({i})"}]) for i in range(b)]
+        ratios = []
+        for r in range(args.rounds):
+            rates = {}
+            for label, llm in (("plain", plain), ("spec", fast)):
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                rates[label] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+            ratios.append(rates["spec"] / rates["plain"])
+            print(f"batch {b} round {r + 1}: plain {rates['plain']:.1f} tok/s, ngram {rates['spec']:.1f} tok/s "
+                  f"({ratios[-1]:.2f}x) | load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"batch {b}: median ratio {statistics.median(ratios):.2f}x", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -59,9 +82,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-tokens", type=int, default=None, help="k (default: 6 for self, 4 for ngram)")
     ap.add_argument("--only", choices=sorted(TASKS), default=None)
+    ap.add_argument("--batch-sweep", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="B,B,...",
+                    help="instead: n-gram vs plain at these batch sizes (the step-back measurement)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    if args.batch_sweep:
+        print(machine(), "| load average", os.getloadavg(), flush=True)
+        batch_sweep(args, params)
+        return 0
     setups = {
         "self": ("none", {"method": "self", "num_tokens": args.num_tokens or 6}),
         "ngram": ("auto", {"method": "ngram", "num_tokens": args.num_tokens or 4}),

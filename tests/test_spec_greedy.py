@@ -88,7 +88,7 @@ def tiny_llms(tiny_model_dirs):
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("method", ["ngram", "draft", "self"])
 def test_greedy_identical_batched_and_staggered(tiny_llms, tiny_model_dirs, tmp_path, kind, method):
-    spec = {"method": method, "num_tokens": 3}
+    spec = {"method": method, "num_tokens": 3, "max_batch": 64}  # speculate in batched steps too (no step-back)
     if method == "draft":  # another model with the same vocabulary
         spec["model"] = str(noisy_copy(tiny_model_dirs[kind], tmp_path / "draft", 0.3))
     plain, fast = tiny_llms(kind, None), tiny_llms(kind, spec)
@@ -104,7 +104,8 @@ def test_greedy_identical_batched_and_staggered(tiny_llms, tiny_model_dirs, tmp_
 
 
 def test_embedded_float_target_packed_self_draft(smol_llm):
-    fast = LLM(quantization="none", dtype="float32", speculative={"method": "self", "num_tokens": 4}, block_size=8)
+    fast = LLM(quantization="none", dtype="float32", speculative={"method": "self", "num_tokens": 4, "max_batch": 64},
+               block_size=8)
     ids = smol_llm.tokenizer.encode(TEXT, add_special_tokens=False)
     batch = [ids, ids[:12], smol_llm.tokenizer.encode("用一句话介绍长城。", add_special_tokens=False)]
     want = results(smol_llm.generate(batch, GREEDY))
@@ -128,3 +129,24 @@ def test_bad_speculative_config_is_refused_by_name(tiny_model_dirs):
     with pytest.raises(SpeculativeConfigError) as e:  # self-draft needs a float target
         LLM(str(tiny_model_dirs["llama"]), quantization="int8", speculative={"method": "self"})
     assert e.value.param == "quantization"
+
+
+def test_step_back_large_batch_and_low_acceptance(tiny_model_dirs):
+    """Speculation pauses for a step whose batch exceeds max_batch, and for a sequence whose rolling acceptance
+    falls under min_acceptance (an unrelated draft: nearly every proposal rejected); the output stays exact."""
+    folder = str(tiny_model_dirs["llama"])
+    plain = LLM(folder, quantization="none")
+    batched = LLM(folder, quantization="none", speculative={"method": "ngram", "num_tokens": 3, "max_batch": 2})
+    ids = prompts(plain)
+    assert results(batched.generate(ids, GREEDY)) == results(plain.generate(ids, GREEDY))
+    stats = batched.engine.speculator.stats
+    assert stats.stepped_back > 0  # 4 sequences > max_batch 2: plain steps
+    before = stats.stepped_back
+    assert results(batched.generate(ids[:2], GREEDY)) == results(plain.generate(ids[:2], GREEDY))
+    assert stats.draft_tokens > 0 and stats.stepped_back == before  # 2 sequences: speculating
+    unrelated = LLM(folder, quantization="none", speculative={
+        "method": "draft", "model": str(tiny_model_dirs["llama_bias"]), "num_tokens": 3, "cooldown": 16})
+    assert results(unrelated.generate(ids[0], GREEDY)) == results(plain.generate(ids[0], GREEDY))
+    s = unrelated.engine.speculator.stats
+    # without the step-back every one of the ~24 steps would propose 3 tokens; with it, a few steps then a pause
+    assert s.accepted_tokens < s.draft_tokens <= 3 * 8

@@ -27,7 +27,7 @@ class SpeculativeConfig:
     model: str | None = None  # the draft model ("draft" only)
     ngram_max: int = 4  # n-gram: longest suffix matched
     ngram_min: int = 1  # n-gram: shortest suffix matched
-    max_batch: int = 8
+    max_batch: int = 2
     min_acceptance: float = 0.25
     cooldown: int = 16
 
