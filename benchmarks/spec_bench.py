@@ -103,13 +103,15 @@ def main() -> int:
         plain, fast = LLM(quantization=quant), LLM(quantization=quant, speculative=spec)
         prompt = plain.render_chat(TASKS[name])
         rows = {"plain": [], "spec": []}
-        acc, same = [], True
+        acc, same, paired, steps = [], True, [], {}
         want = None
         for r in range(args.rounds):
             for label, llm in (("plain", plain), ("spec", fast)):
                 stats = llm.engine.speculator.stats if llm.engine.speculator else None
                 before = (stats.draft_tokens, stats.accepted_tokens) if stats else None
+                steps_before = llm.engine.stats.steps
                 tokens, decode, e2e = timed(llm, prompt, params)
+                steps[label] = llm.engine.stats.steps - steps_before  # target forward passes (load-independent)
                 if label == "plain":
                     want = tokens
                 else:
@@ -117,17 +119,20 @@ def main() -> int:
                     acc.append((stats.accepted_tokens - before[1]) / max(1, stats.draft_tokens - before[0]))
                 rows[label].append((decode, e2e))
                 print(f"round {r + 1} {name} {label}: decode {decode:.1f} tok/s, end-to-end {e2e:.1f} tok/s"
-                      + (f", acceptance {acc[-1]:.2f}" if label == "spec" else "") + f" | load {os.getloadavg()[0]:.1f}",
-                      flush=True)
+                      + (f", acceptance {acc[-1]:.2f}" if label == "spec" else "") + f", {steps[label]} target steps"
+                      + f" | load {os.getloadavg()[0]:.1f}", flush=True)
+            paired.append(rows["spec"][-1][0] / rows["plain"][-1][0])
         med = {k: (statistics.median(d for d, _ in v), statistics.median(e for _, e in v)) for k, v in rows.items()}
-        summary.append((name, quant, spec["num_tokens"], med, statistics.median(acc), same, len(prompt)))
+        summary.append((name, quant, spec["num_tokens"], med, statistics.median(acc), same, len(prompt),
+                        statistics.median(paired), steps))
     print(f"\nmedians of {args.rounds} rounds, batch 1, greedy, {args.new_tokens} new tokens")
     print(f"{'method':<7}{'target':<8}{'k':>3}{'prompt':>8}{'plain decode':>14}{'spec decode':>13}{'ratio':>7}"
-          f"{'e2e ratio':>11}{'accept':>8}  identical")
-    for name, quant, k, med, a, same, n_prompt in summary:
+          f"{'paired':>8}{'e2e ratio':>11}{'accept':>8}{'steps':>10}  identical")
+    for name, quant, k, med, a, same, n_prompt, pair, steps in summary:
         print(f"{name:<7}{'float' if quant == 'none' else 'packed':<8}{k:>3}{n_prompt:>8}{med['plain'][0]:>14.1f}"
-              f"{med['spec'][0]:>13.1f}{med['spec'][0] / med['plain'][0]:>6.2f}x{med['spec'][1] / med['plain'][1]:>10.2f}x"
-              f"{a:>8.2f}  {same}")
+              f"{med['spec'][0]:>13.1f}{med['spec'][0] / med['plain'][0]:>6.2f}x{pair:>7.2f}x"
+              f"{med['spec'][1] / med['plain'][1]:>10.2f}x{a:>8.2f}{steps['plain']:>5}/{steps['spec']:<4}  {same}")
+    print("ratio: of the medians; paired: median of each round's spec/plain; steps: target forward passes plain/spec")
     return 0
 
 

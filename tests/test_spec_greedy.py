@@ -89,6 +89,8 @@ def tiny_llms(tiny_model_dirs):
 @pytest.mark.parametrize("method", ["ngram", "draft", "self"])
 def test_greedy_identical_batched_and_staggered(tiny_llms, tiny_model_dirs, tmp_path, kind, method):
     spec = {"method": method, "num_tokens": 3, "max_batch": 64}  # speculate in batched steps too (no step-back)
+    if method == "ngram":
+        spec["ngram_min"] = 1  # random models repeat short patterns: match from one token, so proposals are made
     if method == "draft":  # another model with the same vocabulary
         spec["model"] = str(noisy_copy(tiny_model_dirs[kind], tmp_path / "draft", 0.3))
     plain, fast = tiny_llms(kind, None), tiny_llms(kind, spec)
@@ -136,7 +138,8 @@ def test_step_back_large_batch_and_low_acceptance(tiny_model_dirs):
     falls under min_acceptance (an unrelated draft: nearly every proposal rejected); the output stays exact."""
     folder = str(tiny_model_dirs["llama"])
     plain = LLM(folder, quantization="none")
-    batched = LLM(folder, quantization="none", speculative={"method": "ngram", "num_tokens": 3, "max_batch": 2})
+    batched = LLM(folder, quantization="none", speculative={"method": "ngram", "num_tokens": 3, "max_batch": 2,
+                                                                   "ngram_min": 1})
     ids = prompts(plain)
     assert results(batched.generate(ids, GREEDY)) == results(plain.generate(ids, GREEDY))
     stats = batched.engine.speculator.stats
@@ -150,3 +153,21 @@ def test_step_back_large_batch_and_low_acceptance(tiny_model_dirs):
     s = unrelated.engine.speculator.stats
     # without the step-back every one of the ~24 steps would propose 3 tokens; with it, a few steps then a pause
     assert s.accepted_tokens < s.draft_tokens <= 3 * 8
+
+
+def test_prompt_logprobs_and_sampled_requests_next_to_speculating_ones(tiny_llms):
+    """A request with prompt_logprobs that speculates from its first step still reports them; greedy requests
+    speculate next to seeded sampled ones, each result equal to the plain engine's for greedy ones."""
+    plain = tiny_llms("llama", None)
+    fast = tiny_llms("llama", {"method": "ngram", "num_tokens": 3, "max_batch": 64, "ngram_min": 1})
+    ids = prompts(plain)
+    with_prompt_lp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    want, got = plain.generate(ids[0], with_prompt_lp)[0], fast.generate(ids[0], with_prompt_lp)[0]
+    assert got.prompt_logprobs == want.prompt_logprobs and got.outputs[0].token_ids == want.outputs[0].token_ids
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    mixed = fast.generate(ids, [GREEDY, sampled, GREEDY, sampled])
+    ref = plain.generate([ids[0], ids[2]], GREEDY)
+    assert [results([mixed[0]]), results([mixed[2]])] == [results([ref[0]]), results([ref[1]])]
+    again = fast.generate(ids, [GREEDY, sampled, GREEDY, sampled])  # seeded: reproducible with the same settings
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in mixed]
+    assert_idle(fast)

@@ -165,7 +165,9 @@ class Scheduler:
                 req.parent_id, req.index, tuple(new_tokens), tuple(new_entries) if new_entries else None,
                 req.cumulative_logprob, req.finish_reason, req.stop_reason, req.num_prompt_tokens, req.num_cached_tokens,
                 len(req.output_token_ids),
-                tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == 1 else None,
+                # with the sequence's first output (a speculative step may bring several tokens at once)
+                tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == len(new_tokens)
+                else None,
                 num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
             ))
         return outputs
