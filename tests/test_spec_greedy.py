@@ -171,3 +171,15 @@ def test_prompt_logprobs_and_sampled_requests_next_to_speculating_ones(tiny_llms
     again = fast.generate(ids, [GREEDY, sampled, GREEDY, sampled])  # seeded: reproducible with the same settings
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in mixed]
     assert_idle(fast)
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_model_dirs, tmp_path, hf_smol_tokenizer):
+    from conftest import tiny_hf_llama
+
+    tok = hf_smol_tokenizer
+    tiny_hf_llama(len(tok) + 64, 0, initializer_range=0.02).save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    with pytest.raises(SpeculativeConfigError) as e:
+        LLM(str(tiny_model_dirs["llama"]), quantization="none",
+            speculative={"method": "draft", "model": str(tmp_path / "other")})
+    assert e.value.param == "speculative.model" and "vocabulary" in str(e.value)
