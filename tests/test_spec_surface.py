@@ -25,8 +25,9 @@ def test_cli_generate_with_ngram_equals_plain(tiny_model_dirs):
     folder = str(tiny_model_dirs["qwen2"])
     prompt = "the cat sat on the mat and the cat sat on the mat and the"
     proc = run("generate", "--model", folder, prompt, "--max-tokens", "16", "--temperature", "0", "--ignore-eos",
-               "--speculative", "ngram", "--num-speculative-tokens", "3", "--threads", "1")
+               "--speculative", "ngram", "--num-speculative-tokens", "3", "--threads", "1", "--stats")
     assert proc.returncode == 0, proc.stderr
+    assert "speculative ngram:" in proc.stderr and "proposed tokens accepted" in proc.stderr
     want = LLM(folder).generate(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
     assert proc.stdout == want.outputs[0].text
 
