@@ -42,6 +42,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="split the model's layers into N stages, one process each (torch.distributed send/recv)")
 
 
+    sp = p.add_argument_group("speculative decoding (exact: greedy output is token-identical)")
+    sp.add_argument("--speculative", default=None, metavar="METHOD",
+                    help="ngram (prompt lookup) | self (the packed weights draft for a float target: with --quantization "
+                         "none) | draft (another model with the same tokenizer, --draft-model)")
+    sp.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K", help="tokens proposed per step (default 4)")
+    sp.add_argument("--draft-model", default=None, metavar="PATH", help="the draft model of --speculative draft")
+
+
+def speculative_from_args(args: argparse.Namespace) -> dict | None:
+    """--speculative / --num-speculative-tokens / --draft-model -> LLM's `speculative` dict (checked by LLM)."""
+    if args.speculative is None:
+        for flag, value in (("--num-speculative-tokens", args.num_speculative_tokens), ("--draft-model", args.draft_model)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --speculative (got {flag} {value} alone)")
+        return None
+    spec: dict = {"method": args.speculative}
+    if args.num_speculative_tokens is not None:
+        spec["num_tokens"] = args.num_speculative_tokens
+    if args.draft_model is not None:
+        spec["model"] = args.draft_model
+    return spec
+
+
 def _logit_bias(text: str) -> dict[int, float]:
     out = {}
     for part in filter(None, text.split(",")):
@@ -120,7 +143,8 @@ def load_llm(args: argparse.Namespace):
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
                    compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress,
-                   tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
+                   tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                   speculative=speculative_from_args(args))
     finally:
         bar.close()
 

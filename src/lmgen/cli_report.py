@@ -35,9 +35,19 @@ def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.std
         f"decode: {max(gen - 1, 0) / decode_s if decode_s else 0:.1f} tok/s ({gen} tokens) | "
         f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {rss:.0f} MiB (peak {peak:.0f}) | "
         f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved | "
-        f"threads {torch.get_num_threads()}",
+        f"threads {torch.get_num_threads()}" + _spec_stats(llm),
         file=file,
     )
+
+
+def _spec_stats(llm) -> str:
+    """Speculative decoding's acceptance since start, when the engine speculates."""
+    spec = llm.engine.speculator
+    if spec is None:
+        return ""
+    st = spec.stats
+    rate = st.accepted_tokens / st.draft_tokens if st.draft_tokens else 0.0
+    return f" | speculative {spec.config.method}: {st.accepted_tokens}/{st.draft_tokens} proposed tokens accepted ({rate:.0%})"
 
 
 def print_logprobs(llm, token_ids: list[int], logprobs: list[dict[int, float]] | None, file=sys.stderr) -> None:

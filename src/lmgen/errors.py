@@ -92,3 +92,11 @@ class WorkerLostError(EngineStepError):
     def __init__(self, message: str, *, rank: int | None = None):
         super().__init__(message)
         self.rank = rank
+class SpeculativeConfigError(ValueError):
+    """A `speculative` option lmgen cannot honour (an unknown method, a bad token count, a draft model whose
+    vocabulary differs from the target's); `param` names the option and `value` holds what was given."""
+
+    def __init__(self, message: str, *, param: str, value: object = None):
+        super().__init__(message)
+        self.param = param
+        self.value = value

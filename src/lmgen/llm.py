@@ -23,6 +23,8 @@ from lmgen.parallel.worker import WorkerSpec
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.structured.backend import GrammarBackend
+from lmgen.spec.build import build_speculator
+from lmgen.spec.config import SpeculativeConfig
 
 Prompt = Union[str, Sequence[int]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,9 +81,11 @@ class LLM:
         batch_invariant: bool = True,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        speculative: dict | SpeculativeConfig | None = None,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
+        spec_config = SpeculativeConfig.parse(speculative)  # fail before loading anything
         if threads is not None:
             if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
                 raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -134,6 +138,11 @@ class LLM:
         self.chat_template = chat_template
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        num_blocks = math.ceil(tokens / block_size)
+        # speculative decoding: a draft model (or this file packed) with its own KV cache, or n-gram lookup
+        self.speculative = spec_config
+        speculator = build_speculator(spec_config, loaded, quantization, self.dtype, self.device, num_blocks, block_size,
+                                      batch_invariant)
         self.engine = Engine(
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
@@ -141,6 +150,7 @@ class LLM:
             # masks overlap the forward pass only on a GPU: on the CPU the model's threads already use every core
             grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids,
                                            overlap=self.device.type == "cuda"),
+            speculator=speculator,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.sampler import Sampler
 from lmgen.sampling.structured.backend import GrammarBackend
 from lmgen.sampling.metadata import SamplingMetadata
+from lmgen.spec.speculator import Speculator
 
 
 @dataclass
@@ -61,6 +62,9 @@ class EngineSnapshot:
     steps: int
     new_ttft: tuple[float, ...]  # latency samples since the previous draining snapshot
     new_itl: tuple[float, ...]
+    spec_draft_tokens: int | None = None  # speculative decoding (None: off): tokens proposed, accepted, steps skipped
+    spec_accepted_tokens: int | None = None
+    spec_stepped_back: int | None = None
 
 
 class Engine:
@@ -79,6 +83,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         kv_cache: KVCache | None = None,
         grammar_backend: GrammarBackend | None = None,
+        speculator: Speculator | None = None,
     ):
         cfg = model.config
         self.model, self.context_length = model, context_length
@@ -91,6 +96,7 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
         self.grammar_backend = grammar_backend  # structured output: compiles each request's grammar, computes masks
+        self.speculator = speculator  # speculative decoding (lmgen.spec), None: one token per step
         self.sequences: dict[str, Request] = {}  # every live sequence (n > 1 siblings included), by sequence id
         self.requests: dict[str, list[str]] = {}  # user request id -> its live sequence ids
         self.beam_groups: dict[str, BeamGroup] = {}  # beam-search requests, by user request id
@@ -217,6 +223,8 @@ class Engine:
         if req is not None and status is not None and not req.is_finished:
             self.scheduler.finish(req, status)
         self.last_token_time.pop(seq_id, None)
+        if self.speculator is not None:
+            self.speculator.release(seq_id)
         seqs = self.requests.get(request_id)
         if seqs is not None and seq_id in seqs:
             seqs.remove(seq_id)
@@ -239,6 +247,8 @@ class Engine:
                 raise RuntimeError(f"request {req.parent_id!r} needs more KV-cache blocks than exist")
             return []
         t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.extend(sched, self.block_manager, self.scheduler.max_num_batched_tokens, self._min_tokens_stop_ids)
         prefill = sum(min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens)) for req, n in sched.scheduled)
         masks = self._start_grammar_masks(sched)  # structured output (on a worker thread while the model runs, on GPU)
         sampled = self._sample(self.runner.run(sched), masks)
@@ -288,8 +298,10 @@ class Engine:
         reqs = out.sample_requests
         prompt_lp = {seq_id: _prompt_logprobs(logits, targets, self.sequences[seq_id].params.prompt_logprobs)
                      for seq_id, (logits, targets) in out.prompt_logits.items()}
+        spec = self._verify(out)
         if not reqs:
-            return SampledTokens({}, prompt_logprobs=prompt_lp)
+            return SampledTokens(spec.get("token_ids", {}), spec.get("logprobs", {}), spec.get("chosen_logprobs", {}),
+                                 prompt_lp, spec.get("accepted", {}))
         meta = SamplingMetadata.build(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], [self._min_tokens_stop_ids(r) for r in reqs], out.logits.shape[-1], out.logits.device,
@@ -308,7 +320,28 @@ class Engine:
                     entry = dict(zip(top[0][row][:k], top[1][row][:k])) if top is not None else {}
                     entry[token] = chosen[row]
                     entries[req.request_id] = entry
-        return SampledTokens({r.request_id: t for r, t in zip(reqs, tokens)}, entries, chosen_by_seq, prompt_lp)
+        token_ids = {r.request_id: t for r, t in zip(reqs, tokens)}
+        if spec:  # the speculating sequences' final tokens (their accepted proposals go in `accepted`)
+            token_ids.update(spec["token_ids"])
+            entries.update(spec["logprobs"])
+            chosen_by_seq.update(spec["chosen_logprobs"])
+        return SampledTokens(token_ids, entries, chosen_by_seq, prompt_lp, spec.get("accepted", {}))
+
+    def _verify(self, out: ModelRunnerOutput) -> dict[str, dict]:
+        """SampledTokens fields for the sequences that scored proposals this step (empty without speculation)."""
+        if not out.spec_logits:
+            return {}
+        verdicts = self.speculator.verify(out.spec_logits, self.sequences, self._min_tokens_stop_ids)
+        fields = dict(token_ids={}, logprobs={}, chosen_logprobs={}, accepted={})
+        for seq_id, v in verdicts.items():
+            # logprobs count toward cumulative_logprob only where asked for, as on the one-token path
+            chosen = v.chosen if self.sequences[seq_id].params.logprobs is not None else [0.0] * len(v.tokens)
+            fields["token_ids"][seq_id] = v.tokens[-1]
+            fields["chosen_logprobs"][seq_id] = chosen[-1]
+            if v.entries is not None:
+                fields["logprobs"][seq_id] = v.entries[-1]
+            fields["accepted"][seq_id] = (v.tokens[:-1], None if v.entries is None else v.entries[:-1], chosen[:-1])
+        return fields
 
     def _min_tokens_stop_ids(self, req: Request) -> set[int]:
         ids = set(req.params.stop_token_ids or ())
@@ -334,8 +367,10 @@ class Engine:
         if drain_latencies:
             st.ttft.clear()
             st.itl.clear()
+        spec = self.speculator.stats if self.speculator is not None else None
         return EngineSnapshot(len(sched.running), len(sched.waiting), bm.num_used_blocks, bm.num_blocks, bm.prefix_hits,
-                              bm.prefix_queries, st.prompt_tokens, st.prefill_tokens, st.generation_tokens, st.steps, ttft, itl)
+                              bm.prefix_queries, st.prompt_tokens, st.prefill_tokens, st.generation_tokens, st.steps, ttft, itl,
+                              *((spec.draft_tokens, spec.accepted_tokens, spec.stepped_back) if spec else ()))
 
 
 def _row_masks(reqs: list[Request], masks: tuple[list[str], Future] | None) -> list[torch.Tensor | None] | None:

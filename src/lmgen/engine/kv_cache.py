@@ -198,6 +198,15 @@ class BlockManager:
         req.num_released_blocks = 0
         req.num_hashed_blocks = 0
 
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Speculative decoding's rollback: gives back the trailing blocks past the first `num_tokens` slots (they
+        held only rejected proposals; never hashed, since only blocks of accepted tokens are)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(req.block_table) > keep:
+            block = req.block_table.pop()
+            if block:
+                self._unref(block)
+
     def release_out_of_window(self, req: Request, window: int) -> None:
         """Sliding-window attention: gives back the leading blocks that no later query can see (the next
         position p = num_computed_tokens sees positions > p - window, so blocks wholly at or below p - window

@@ -23,6 +23,8 @@ class _Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     score: float | None = None
+    num_draft_tokens: int = 0  # speculative decoding
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -107,14 +109,20 @@ class OutputProcessor:
             seq.cumulative_logprob = out.cumulative_logprob
         seq.score = out.score
         seq.finish_reason, seq.stop_reason = finish, stop_reason
+        seq.num_draft_tokens, seq.num_accepted_tokens = out.num_draft_tokens, out.num_accepted_tokens
         return StepOutput(out.request_id, out.index, out.new_token_ids, delta, out.new_logprobs, finish, stop_reason,
                           out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens, out.cumulative_logprob,
                           tuple(state.prompt_logprobs) if out.prompt_logprobs is not None and out.index == 0 else None,
-                          out.score)
+                          out.score, out.num_draft_tokens, out.num_accepted_tokens)
 
     @staticmethod
     def _result(request_id: str, state: _RequestState) -> RequestOutput:
         outs = [CompletionOutput(i, "".join(s.text), s.token_ids, s.cumulative_logprob, s.logprobs, s.finish_reason,
                                  s.stop_reason, s.score) for i, s in sorted(state.sequences.items())]
-        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outs, True, state.prompt_logprobs,
-                             state.num_cached_tokens)
+        result = RequestOutput(request_id, state.prompt, state.prompt_token_ids, outs, True, state.prompt_logprobs,
+                               state.num_cached_tokens)
+        drafts = sum(s.num_draft_tokens for s in state.sequences.values())
+        if drafts:
+            result.metrics["spec_draft_tokens"] = drafts
+            result.metrics["spec_accepted_tokens"] = sum(s.num_accepted_tokens for s in state.sequences.values())
+        return result

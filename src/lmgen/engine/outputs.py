@@ -25,6 +25,9 @@ class EngineCoreOutput:
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # sent with a sequence's first output only
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
     last_token_is_text: bool = False  # "stop" at a grammar's end: the last token is output text, not an end token
+    # speculative decoding, so far in this sequence: tokens proposed, and accepted by the target
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -49,6 +52,8 @@ class StepOutput:
     cumulative_logprob: float
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # with the first output of sequence 0 only
     score: float | None = None  # beam search's score of a finished hypothesis
+    num_draft_tokens: int = 0  # speculative decoding, so far in this sequence
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -82,4 +87,5 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     dropped_messages: int = 0  # chat only: oldest history messages dropped to fit the context window
+    # speculative decoding adds spec_draft_tokens / spec_accepted_tokens (all its sequences together)
     metrics: dict[str, float] = field(default_factory=dict)

@@ -69,6 +69,12 @@ class Request:
         self.leader = leader
         self.grammar = None  # structured output: its GrammarMatcher, advanced with every accepted token
         self.beam_group = None  # a beam-search request's BeamGroup: it, not the sampler, picks this sequence's tokens
+        # speculative decoding (lmgen.spec): this step's proposed tokens (scored after the newest token), the draft's
+        # distributions they were drawn from ((k, vocab), None: greedy / deterministic), and counters
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: torch.Tensor | None = None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,8 @@ class ModelRunnerOutput:
     logits: torch.Tensor  # (len(sample_requests), vocab) float32
     # request -> (positions' logits (chunk_len, vocab), the token ids those positions predict) for prompt_logprobs
     prompt_logits: dict[str, tuple[torch.Tensor, list[int]]]
+    # speculative decoding: request -> logits (k + 1, vocab) at its newest token and each of its k proposed tokens
+    spec_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -48,7 +50,7 @@ class ModelRunner:
         token_seq, token_kv_start, token_kv_len = [], [], []  # per token: its sequence, the span of it that it sees
         for b, (req, n) in enumerate(sched.scheduled):
             start = req.num_computed_tokens
-            tokens = req.all_token_ids
+            tokens = req.all_token_ids + req.spec_token_ids  # proposed tokens are scored after the newest one
             ids.extend(tokens[start:start + n])
             positions.append(torch.arange(start, start + n))
             kv_slots = self._slots(req.block_table, 0, start + n)  # (context,)
@@ -171,7 +173,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         hidden = self.forward(sched)  # (tokens, hidden)
-        rows, sample_requests, prompt_logits = [], [], {}
+        rows, sample_requests, prompt_logits, spec_logits = [], [], {}, {}
         offset = 0
         for req, n in sched.scheduled:
             end_pos = req.num_computed_tokens + n
@@ -182,7 +184,10 @@ class ModelRunner:
                     chunk = hidden[offset:offset + last - req.num_computed_tokens]
                     targets = req.prompt_token_ids[req.num_computed_tokens + 1:last + 1]
                     prompt_logits[req.request_id] = (self.model.compute_logits(chunk), targets)
-            if end_pos == req.num_tokens:  # reached the newest token: its logits give the next one
+            if req.spec_token_ids:  # the newest token and k proposals: logits at all k + 1 positions
+                k1 = len(req.spec_token_ids) + 1
+                spec_logits[req.request_id] = self.model.compute_logits(hidden[offset + n - k1:offset + n])
+            elif end_pos == req.num_tokens:  # reached the newest token: its logits give the next one
                 rows.append(offset + n - 1)
                 sample_requests.append(req)
             offset += n
@@ -190,7 +195,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
         else:
             logits = hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-        return ModelRunnerOutput(sample_requests, logits, prompt_logits)
+        return ModelRunnerOutput(sample_requests, logits, prompt_logits, spec_logits)
 
 
 def split_schedule(sched: SchedulerOutput, parts: int) -> list[SchedulerOutput]:

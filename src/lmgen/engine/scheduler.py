@@ -42,6 +42,9 @@ class SampledTokens:
     logprobs: dict[str, Logprobs] = field(default_factory=dict)  # top-k + chosen, for those that asked
     chosen_logprobs: dict[str, float] = field(default_factory=dict)  # the drawn token's logprob, when computed
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # prompt positions computed this step
+    # speculative decoding: sequence -> proposed tokens accepted this step (they come before `token_ids`' token),
+    # with their logprob entries (when asked for) and chosen logprobs
+    accepted: dict[str, tuple[list[int], list[Logprobs] | None, list[float]]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -124,7 +127,8 @@ class Scheduler:
         for req, n in sched.scheduled:
             if req.params.prompt_logprobs is not None and req.num_computed_tokens == 0:
                 req.prompt_logprobs = [None]  # (re)computing the prompt from its start; the first token has no prediction
-            req.num_computed_tokens += n
+            num_spec = len(req.spec_token_ids)
+            req.num_computed_tokens += n - num_spec  # proposals count once accepted (below)
             if req.request_id in sampled.prompt_logprobs:
                 req.prompt_logprobs.extend(sampled.prompt_logprobs[req.request_id])
             self.block_manager.cache_full_blocks(req)
@@ -136,26 +140,42 @@ class Scheduler:
             if req.beam_group is not None:  # a beam: its group picks the continuations from the scores
                 req.beam_group.report(req, sampled.logprobs[req.request_id])
                 continue
-            req.output_token_ids.append(token)
-            entry = sampled.logprobs.get(req.request_id)
-            if req.logprobs is not None and entry is not None:
-                req.logprobs.append(entry)
-            req.cumulative_logprob += sampled.chosen_logprobs.get(req.request_id, 0.0)
-            grammar = req.grammar.advance(token) if req.grammar is not None else None  # structured output
-            status = self._finish_status(req, token)
-            text_end = grammar == "end" and status != RequestStatus.FINISHED_STOPPED  # ended on a text token, not EOS
-            if text_end:
-                status = RequestStatus.FINISHED_STOPPED
-            elif grammar == "error":  # the constraint can no longer be enforced: never hand out unchecked text
-                status = RequestStatus.FINISHED_ABORTED
-            if status is not None:
-                self.finish(req, status)
+            accepted, acc_entries, acc_chosen = sampled.accepted.get(req.request_id, ((), None, ()))
+            tokens = [*accepted, token]
+            entries = [*acc_entries, sampled.logprobs.get(req.request_id)] if acc_entries is not None else \
+                [None] * len(accepted) + [sampled.logprobs.get(req.request_id)]
+            chosen = [*acc_chosen, sampled.chosen_logprobs.get(req.request_id, 0.0)]
+            new_tokens, new_entries, text_end = [], [], False
+            for token, entry, lp in zip(tokens, entries, chosen):
+                req.output_token_ids.append(token)
+                new_tokens.append(token)
+                if req.logprobs is not None and entry is not None:
+                    req.logprobs.append(entry)
+                    new_entries.append(entry)
+                req.cumulative_logprob += lp
+                grammar = req.grammar.advance(token) if req.grammar is not None else None  # structured output
+                status = self._finish_status(req, token)
+                text_end = grammar == "end" and status != RequestStatus.FINISHED_STOPPED  # ended on a text token
+                if text_end:
+                    status = RequestStatus.FINISHED_STOPPED
+                elif grammar == "error":  # the constraint can no longer be enforced: never hand out unchecked text
+                    status = RequestStatus.FINISHED_ABORTED
+                if status is not None:
+                    self.finish(req, status)
+                    break
+            if num_spec and not req.is_finished:  # keep the accepted proposals' KV, roll the rejected ones back
+                req.num_computed_tokens = req.num_tokens - 1
+                self.block_manager.cache_full_blocks(req)
+                self.block_manager.trim(req, req.num_tokens)
             outputs.append(EngineCoreOutput(
-                req.parent_id, req.index, (token,), (entry,) if entry is not None and req.logprobs is not None else None,
+                req.parent_id, req.index, tuple(new_tokens), tuple(new_entries) if new_entries else None,
                 req.cumulative_logprob, req.finish_reason, req.stop_reason, req.num_prompt_tokens, req.num_cached_tokens,
                 len(req.output_token_ids),
-                tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == 1 else None,
+                # with the sequence's first output (a speculative step may bring several tokens at once)
+                tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == len(new_tokens)
+                else None,
                 last_token_is_text=text_end,
+                num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
             ))
         return outputs
 

@@ -174,7 +174,8 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
                     body = text + body
                 choices.append(R.CompletionChoice(index=pi * req.n + j, text=body, logprobs=logprobs,
                                                   finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        usage = srv.usage([len(ids) for _, ids in prompts], [r.num_cached_tokens for r in results], completion_tokens)
+        usage = srv.usage([len(ids) for _, ids in prompts], [r.num_cached_tokens for r in results], completion_tokens,
+                          srv.spec_counts(results))
         return R.CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
     # ---- chat completions -----------------------------------------------------------------------
@@ -218,7 +219,8 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
             choices.append(R.ChatChoice(index=j, message=R.AssistantMessage(
                 content=content, tool_calls=[c.to_openai() for c in calls] or None), logprobs=logprobs,
                 finish_reason=finish, stop_reason=seq.stop_reason))
-        usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs))
+        usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs),
+                          srv.spec_counts([result]))
         return R.ChatCompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
     return app

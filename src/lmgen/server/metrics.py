@@ -125,6 +125,14 @@ class ServerMetrics:
                    [(None, snap.prefill_tokens)])
             metric("lmgen_generation_tokens_total", "counter", "Generated tokens.", [(None, snap.generation_tokens)])
             metric("lmgen_engine_steps_total", "counter", "Engine steps run.", [(None, snap.steps)])
+            if snap.spec_draft_tokens is not None:
+                metric("lmgen_spec_draft_tokens_total", "counter", "Speculative decoding: tokens proposed.",
+                       [(None, snap.spec_draft_tokens)])
+                metric("lmgen_spec_accepted_tokens_total", "counter", "Speculative decoding: proposed tokens accepted.",
+                       [(None, snap.spec_accepted_tokens)])
+                metric("lmgen_spec_stepped_back_steps_total", "counter",
+                       "Speculative decoding: steps run without proposals because the batch was too large.",
+                       [(None, snap.spec_stepped_back)])
         with self.lock:
             metric("lmgen_requests_finished_total", "counter", "User requests finished, by finish reason.",
                    [({"finish_reason": k}, v) for k, v in sorted(self.finished.items())])

@@ -108,10 +108,25 @@ class ServerContext:
                 s.abort()
 
     @staticmethod
-    def usage(prompt_lens: list[int], cached: list[int], completion_tokens: int) -> R.Usage:
+    def usage(prompt_lens: list[int], cached: list[int], completion_tokens: int,
+              spec: tuple[int, int] = (0, 0)) -> R.Usage:
+        """OpenAI usage; `spec` = (tokens proposed, tokens accepted) adds spec_acceptance_rate when any were proposed."""
         prompt = sum(prompt_lens)
         return R.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
-                       prompt_tokens_details=R.PromptTokensDetails(cached_tokens=sum(cached)))
+                       prompt_tokens_details=R.PromptTokensDetails(cached_tokens=sum(cached)),
+                       spec_acceptance_rate=round(spec[1] / spec[0], 4) if spec[0] else None)
+
+    @staticmethod
+    def spec_counts(results: list) -> tuple[int, int]:
+        """(tokens proposed, tokens accepted) over RequestOutputs' metrics or StepOutputs (speculative decoding)."""
+        draft = accepted = 0
+        for r in results:
+            if hasattr(r, "metrics"):
+                draft += int(r.metrics.get("spec_draft_tokens", 0))
+                accepted += int(r.metrics.get("spec_accepted_tokens", 0))
+            else:
+                draft, accepted = draft + r.num_draft_tokens, accepted + r.num_accepted_tokens
+        return draft, accepted
 
     # ---- logprobs -------------------------------------------------------------------------------
     def completion_logprobs(self, pairs: list[tuple[int, dict | None]], k: int, offset: int) -> tuple[R.CompletionLogprobs, int]:

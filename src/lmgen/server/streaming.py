@@ -143,7 +143,8 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
             yield chunk(index, so.delta_text, logprobs, so.finish_reason, so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
             cached = [next((s.num_cached_tokens for i, s in last.items() if i // n == pi), 0) for pi in range(len(prompts))]
-            usage = srv.usage([len(ids) for _, ids in prompts], cached, sum(s.num_output_tokens for s in last.values()))
+            usage = srv.usage([len(ids) for _, ids in prompts], cached, sum(s.num_output_tokens for s in last.values()),
+                              srv.spec_counts(list(last.values())))
             yield _sse(R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
         yield _DONE
     except Exception as e:  # the engine failed this request after the stream had started
@@ -186,7 +187,8 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
                         so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
             cached = next(iter(last.values())).num_cached_tokens if last else 0
-            usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()))
+            usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()),
+                              srv.spec_counts(list(last.values())))
             yield _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
         yield _DONE
     except Exception as e:

@@ -19,6 +19,15 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: Optional[PromptTokensDetails] = None
+    # lmgen's extra field, with speculative decoding only: proposed tokens the target accepted / tokens proposed
+    spec_acceptance_rate: Optional[float] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_extra(self, handler):  # without speculation the body is OpenAI's exactly
+        body = handler(self)
+        if body.get("spec_acceptance_rate") is None:
+            body.pop("spec_acceptance_rate", None)
+        return body
 
 
 class CompletionLogprobs(BaseModel):

@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers (n-gram lookup, a draft model, the packed self-draft) and exact verification."""
