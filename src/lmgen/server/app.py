@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from lmgen.inspect.api import register_inspector
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
 from lmgen.server.protocol.api_error import APIError
@@ -212,6 +213,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs))
         return R.ChatCompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
+    register_inspector(app, srv, engine)  # GET /inspect (the page) and /v1/inspect/* (its JSON API)
     return app
 
 

@@ -1,0 +1,61 @@
+"""Attention weights of the newest token over its context, for one layer and head, recomputed on demand with plain
+PyTorch ops over the model's own modules (no KV cache, nothing written): the serving path never computes or keeps
+attention weights, so inspecting them costs normal serving nothing.  Call it on the thread that runs the model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmgen.errors import InvalidRequestError
+from lmgen.layers.rope import apply_rotary
+
+
+def _check(name: str, value, upper: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
+        raise InvalidRequestError(f"{name} must be an integer in [0, {upper}), got {value!r}", param=name, value=value)
+
+
+def _causal_mask(n: int, window: int | None) -> torch.Tensor:
+    """(n, n) bool: query i sees keys j <= i (and j > i - window)."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= j > i - window
+    return mask
+
+
+@torch.inference_mode()
+def attention_weights(model, ids: list[int], layer: int, head: int) -> list[float]:
+    """Softmax(q_last . K^T * scale) of query head `head` at layer `layer` over the context `ids` ->
+    one weight per context token (sums to 1; 0 outside a sliding window)."""
+    cfg = model.config
+    _check("layer", layer, cfg.num_layers)
+    _check("head", head, cfg.num_heads)
+    n = len(ids)
+    if n < 1:
+        raise InvalidRequestError("the context is empty", param="ids", value=n)
+    group = cfg.num_heads // cfg.num_kv_heads  # query heads per K/V head (GQA)
+    dev = model.device
+    x = model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev))  # (n, hidden)
+    model.rotary.reserve(n)
+    cos, sin = model.rotary(torch.arange(n, device=dev))  # (n, head_dim) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    mask = _causal_mask(n, cfg.sliding_window).to(dev)
+    for i, block in enumerate(model.layers):
+        attn = block.self_attn
+        qkv = attn.qkv_proj(block.input_layernorm(x))  # (n, q + 2 kv)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = apply_rotary(q.reshape(n, attn.num_heads, attn.head_dim), cos, sin)  # (n, heads, head_dim)
+        k = apply_rotary(k.reshape(n, attn.num_kv_heads, attn.head_dim), cos, sin)  # (n, kv_heads, head_dim)
+        if i == layer:
+            scores = (k[:, head // group, :].float() @ q[-1, head, :].float()) * attn.head_dim ** -0.5  # (n,)
+            scores = scores.masked_fill(~mask[-1], float("-inf"))
+            return torch.softmax(scores, dim=-1).tolist()
+        v = v.reshape(n, attn.num_kv_heads, attn.head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                             scale=attn.head_dim ** -0.5, enable_gqa=True)  # (heads, n, head_dim)
+        x = x + attn.o_proj(out.transpose(0, 1).reshape(n, attn.q_size))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    raise AssertionError("unreachable: layer was checked")

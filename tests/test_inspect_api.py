@@ -1,0 +1,192 @@
+"""The inspector's JSON API against real oracles: the server's own /v1/completions logprobs, lmgen's Sampler on the
+same logits (kept sets and draws), LLM.generate with the same seed, the engine's beam search, and transformers'
+output_attentions for the attention weights."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from lmgen.inspect.filters import filter_step, step_generator
+from lmgen.sampling.metadata import SamplingMetadata
+from lmgen.sampling.params import SamplingParams
+from lmgen.sampling.sampler import Sampler
+from tests.server_process import KEY, MODEL, ServerProcess
+
+PROMPT = "The capital of France is"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("inspect-api"))
+    yield srv
+    srv.stop()
+
+
+def post(server, path, body, status=200):
+    r = httpx.post(server.base + path, json=body, headers=HEADERS, timeout=120)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def logits_of(server, sid, step=-1) -> torch.Tensor:
+    r = httpx.get(f"{server.base}/v1/inspect/sessions/{sid}/logits", params={"step": step}, headers=HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    return torch.from_numpy(np.frombuffer(base64.b64decode(r.json()["data_base64"]), dtype=np.float32).copy())
+
+
+def sampler_kept(logits: torch.Tensor, params: SamplingParams, prompt, outputs) -> set[int]:
+    """The token ids lmgen's Sampler may draw from these logits with these params."""
+    x = logits.reshape(1, -1)
+    meta = SamplingMetadata.build([params], [prompt], [outputs], [None], [set()], x.shape[-1], x.device)
+    y = Sampler.apply_penalties_bias_min_tokens(x, meta)
+    if params.greedy:
+        return {int(torch.argmax(y))}
+    return set(torch.isfinite(Sampler.apply_warpers(y, meta))[0].nonzero()[:, 0].tolist())
+
+
+def test_probabilities_equal_the_servers_logprobs(server):
+    s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT, "params": {"temperature": 0}})
+    s = post(server, f"/v1/inspect/sessions/{s['id']}/step", {"count": 4})
+    assert len(s["steps"]) == 5 and s["prompt_token_count"] == len(s["prompt_tokens"]) == 5
+    c = post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                          "logprobs": 20})
+    lp = c["choices"][0]["logprobs"]
+    assert [st["chosen"]["text"] for st in s["steps"]] == lp["tokens"]
+    for st, top in zip(s["steps"], lp["top_logprobs"]):
+        by_text = {cand["text"]: cand for cand in st["candidates"]}
+        assert len(st["candidates"]) >= 20
+        for text, logprob in top.items():
+            assert by_text[text]["raw_prob"] == pytest.approx(np.exp(logprob), abs=1e-4)
+            assert by_text[text]["raw_logprob"] == pytest.approx(logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("controls", [{"temperature": 0.7, "top_p": 0.8}, {"temperature": 1.6, "top_k": 12},
+                                      {"temperature": 1.0, "min_p": 0.05, "repetition_penalty": 1.3},
+                                      {"temperature": 2.0, "top_p": 0.95, "top_k": 30, "min_p": 0.01}])
+def test_refilter_keeps_exactly_the_samplers_set(server, controls):
+    s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT, "params": {"temperature": 1.0, "seed": 5}})
+    s = post(server, f"/v1/inspect/sessions/{s['id']}/step", {"count": 2})
+    before = s["steps"][-1]
+    r = post(server, f"/v1/inspect/sessions/{s['id']}/filter", controls)
+    step = r["step"]
+    logits = logits_of(server, s["id"])
+    prompt = [t["id"] for t in s["prompt_tokens"]]
+    outputs = [t["id"] for t in s["output_tokens"]]
+    params = SamplingParams(max_tokens=None, **{**r["params"]})
+    kept = sampler_kept(logits, params, prompt, outputs)
+    assert step["kept_count"] == len(kept)
+    for cand in step["candidates"]:
+        assert cand["kept"] == (cand["id"] in kept), cand
+    assert step["sampler_token"]["id"] in kept
+    assert [c["raw_prob"] for c in before["candidates"][:5]] == \
+        [c["raw_prob"] for c in sorted(step["candidates"], key=lambda c: -c["raw_prob"])[:5]]  # same logits, no forward
+
+
+def test_a_seeded_sampled_session_is_llm_generate(server):
+    """The tokens the inspector takes are the engine's own draws: the same seed and controls give LLM.generate's."""
+    controls = {"temperature": 1.3, "top_k": 40, "top_p": 0.95, "seed": 11}
+    s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT, "params": controls})
+    s = post(server, f"/v1/inspect/sessions/{s['id']}/step", {"count": 5})
+    c = post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, **controls,
+                                          "logprobs": 0})
+    assert "".join(t["text"] for t in s["output_tokens"]) == c["choices"][0]["text"]
+
+
+def test_forcing_a_candidate_continues_from_it(server):
+    s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT, "params": {"temperature": 0}})
+    cands = s["steps"][0]["candidates"]
+    forced = cands[3]["id"]  # not the top one
+    assert forced != s["steps"][0]["chosen"]["id"]
+    s = post(server, f"/v1/inspect/sessions/{s['id']}/step", {"force": forced})
+    s = post(server, f"/v1/inspect/sessions/{s['id']}/step", {"count": 3})
+    assert s["output_tokens"][0]["id"] == forced and s["steps"][0]["chosen"]["forced"]
+    prompt = [t["id"] for t in s["prompt_tokens"]]
+    c = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt + [forced], "max_tokens": 3,
+                                          "temperature": 0, "logprobs": 1})
+    assert "".join(t["text"] for t in s["output_tokens"][1:]) == c["choices"][0]["text"]
+    # branch again at step 0 with another candidate: the later steps are replaced
+    other = cands[5]["id"]
+    s = post(server, f"/v1/inspect/sessions/{s['id']}/step", {"at": 0, "force": other})
+    assert [t["id"] for t in s["output_tokens"]] == [other] and len(s["steps"]) == 2
+
+
+def test_beam_tree_best_equals_the_engines_beam_search(server):
+    s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT})
+    for width in (2, 4):
+        tree = post(server, f"/v1/inspect/sessions/{s['id']}/beams", {"beam_width": width, "max_tokens": 6})
+        c = post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "beam_width": width,
+                                              "n": width, "temperature": 0})
+        assert len(tree["results"]) == width
+        assert tree["results"][0]["text"] == c["choices"][0]["text"]
+        assert [r["text"] for r in tree["results"]] == [ch["text"] for ch in c["choices"]]
+        statuses = {n["status"] for n in tree["nodes"]}
+        assert "pruned" in statuses and "finished" in statuses
+        assert all(len(st["live"]) == width for st in tree["steps"][:-1])
+
+
+def test_chat_prompt_shows_the_template_with_special_tokens(server):
+    s = post(server, "/v1/inspect/sessions", {"messages": [{"role": "user", "content": "你好，世界"}]})
+    assert "<|im_start|>" in s["prompt_text"] and "你好，世界" in s["prompt_text"]
+    assert any(t["special"] and t["text"] == "<|im_start|>" for t in s["prompt_tokens"])
+    assert any(t["text"].startswith("<0x") for t in s["prompt_tokens"])  # byte pieces of a split character, readable
+
+
+def test_bad_input_is_a_400_naming_the_value(server):
+    s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT})
+    sid = s["id"]
+    assert post(server, f"/v1/inspect/sessions/{sid}/filter", {"top_p": 1.5}, 400)["error"]["param"] == "top_p"
+    assert post(server, f"/v1/inspect/sessions/{sid}/step", {"force": 10**9}, 400)["error"]["param"] == "force"
+    assert post(server, f"/v1/inspect/sessions/{sid}/step", {"count": 10**6}, 400)["error"]["param"] == "count"
+    assert post(server, f"/v1/inspect/sessions/{sid}/beams", {"beam_width": 9}, 400)["error"]["param"] == "beam_width"
+    assert post(server, f"/v1/inspect/sessions/{sid}/attention", {"layer": 99, "head": 0}, 400)["error"]["param"] == "layer"
+    assert post(server, "/v1/inspect/sessions", {"prompt": PROMPT, "params": {"top_q": 1}}, 400)["error"]["param"] == "top_q"
+    assert post(server, "/v1/inspect/sessions/insp-nope/step", {}, 404)["error"]["code"] == "session_not_found"
+    assert httpx.post(server.base + "/v1/inspect/sessions", json={"prompt": PROMPT}, timeout=30).status_code == 401
+    assert httpx.get(server.base + "/inspect/static/..%2Fapi.py", timeout=30).status_code == 404
+    assert httpx.get(server.base + "/health", timeout=30).status_code == 200
+
+
+def test_filter_step_draws_what_the_sampler_draws():
+    """On random logits: the verdicts, kept set and drawn token of filter_step are the Sampler's, draw by draw."""
+    torch.manual_seed(0)
+    logits = torch.randn(200) * 3
+    for temperature, top_k, top_p, min_p in [(0.5, 0, 0.9, 0.0), (1.5, 20, 1.0, 0.02), (1.0, 5, 0.5, 0.1)]:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=3)
+        for draw in range(3):
+            view = filter_step(logits, params, [1, 2], [], set(), draw, top_n=200)
+            kept = sampler_kept(logits, params, [1, 2], [])
+            assert {c["id"] for c in view.candidates if c["kept"]} == kept and view.kept_count == len(kept)
+            meta = SamplingMetadata.build([params], [[1, 2]], [[]], [step_generator(3, draw, "cpu")], [set()], 200, "cpu")
+            assert view.sampler_token == int(Sampler()(logits.reshape(1, -1), meta).token_ids[0])
+            for c in view.candidates:  # each verdict is that filter's own decision, in the sampler's order
+                if top_k == 0:
+                    assert c["top_k"] == "off"
+                if c["kept"]:
+                    assert all(c[f] in ("kept", "off") for f in ("top_k", "top_p", "min_p"))
+                else:
+                    assert "cut" in (c["top_k"], c["top_p"], c["min_p"])
+
+
+def test_attention_weights_equal_transformers(tiny_model_dirs, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    from lmgen import LLM
+    from lmgen.inspect.attention import attention_weights
+
+    folder = tiny_model_dirs["llama"]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    llm = LLM(model=str(folder), quantization="none", dtype="float32")
+    ids = llm.tokenizer.encode("Attention is all you need, 注意力", add_special_tokens=False)
+    with torch.no_grad():
+        att = hf(torch.tensor([ids]), output_attentions=True).attentions  # per layer (1, heads, n, n)
+    for layer in range(2):
+        for head in range(4):
+            ours = torch.tensor(attention_weights(llm.model, ids, layer, head))
+            torch.testing.assert_close(ours, att[layer][0, head, -1, :], atol=1e-5, rtol=1e-4)
+            assert ours.sum().item() == pytest.approx(1.0, abs=1e-5)
