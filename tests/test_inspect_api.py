@@ -190,3 +190,41 @@ def test_attention_weights_equal_transformers(tiny_model_dirs, one_thread):
             ours = torch.tensor(attention_weights(llm.model, ids, layer, head))
             torch.testing.assert_close(ours, att[layer][0, head, -1, :], atol=1e-5, rtol=1e-4)
             assert ours.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lmgen_inspect_serves_the_page_and_prints_its_url(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmgen.cli", "inspect", "--port", "0", "--quantization", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("lmgen inspector: http://127.0.0.1:") and line.rstrip().endswith("/inspect"), line
+        url = line.split(": ", 1)[1].strip()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                page = httpx.get(url, timeout=5)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.3)
+        assert page.status_code == 200 and "<title>lmgen inspector</title>" in page.text
+        base = url.rsplit("/inspect", 1)[0]
+        assert "lmgenInspector" in httpx.get(base + "/inspect/static/inspector.js", timeout=10).text
+        s = httpx.post(base + "/v1/inspect/sessions", json={"prompt": "你好"}, timeout=60).json()
+        assert s["steps"][0]["pending"] and len(s["steps"][0]["candidates"]) >= 20
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_lmgen_inspect_bad_port_is_one_error_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lmgen.cli", "inspect", "--port", "70000"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("lmgen: error: ") and "70000" in r.stderr
