@@ -23,7 +23,7 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("inspect-api"))
+    srv = ServerProcess(tmp_path_factory.mktemp("inspect-api"), api_key=None)
     yield srv
     srv.stop()
 
@@ -147,9 +147,19 @@ def test_bad_input_is_a_400_naming_the_value(server):
     assert post(server, f"/v1/inspect/sessions/{sid}/attention", {"layer": 99, "head": 0}, 400)["error"]["param"] == "layer"
     assert post(server, "/v1/inspect/sessions", {"prompt": PROMPT, "params": {"top_q": 1}}, 400)["error"]["param"] == "top_q"
     assert post(server, "/v1/inspect/sessions/insp-nope/step", {}, 404)["error"]["code"] == "session_not_found"
-    assert httpx.post(server.base + "/v1/inspect/sessions", json={"prompt": PROMPT}, timeout=30).status_code == 401
     assert httpx.get(server.base + "/inspect/static/..%2Fapi.py", timeout=30).status_code == 404
     assert httpx.get(server.base + "/health", timeout=30).status_code == 200
+
+
+def test_a_server_with_an_api_key_guards_the_inspector_api(tmp_path):
+    srv = ServerProcess(tmp_path)  # --api-key KEY
+    try:
+        assert httpx.post(srv.base + "/v1/inspect/sessions", json={"prompt": PROMPT}, timeout=30).status_code == 401
+        assert httpx.get(srv.base + "/v1/inspect/info", timeout=30).status_code == 401
+        assert post(srv, "/v1/inspect/sessions", {"prompt": PROMPT})["prompt_token_count"] == 5  # with the key
+        assert httpx.get(srv.base + "/inspect", timeout=30).status_code == 200  # the page itself is public
+    finally:
+        srv.stop()
 
 
 def test_filter_step_draws_what_the_sampler_draws():
@@ -173,21 +183,25 @@ def test_filter_step_draws_what_the_sampler_draws():
                     assert "cut" in (c["top_k"], c["top_p"], c["min_p"])
 
 
-def test_attention_weights_equal_transformers(tiny_model_dirs, one_thread):
+@pytest.mark.parametrize("kind", ["llama", "mistral"])  # GQA with llama3 RoPE; a sliding window of 8 positions
+def test_attention_weights_equal_transformers(kind, tiny_model_dirs, one_thread):
     from transformers import AutoModelForCausalLM
 
     from lmgen import LLM
     from lmgen.inspect.attention import attention_weights
 
-    folder = tiny_model_dirs["llama"]
+    folder = tiny_model_dirs[kind]
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     llm = LLM(model=str(folder), quantization="none", dtype="float32")
     ids = llm.tokenizer.encode("Attention is all you need, 注意力", add_special_tokens=False)
     with torch.no_grad():
         att = hf(torch.tensor([ids]), output_attentions=True).attentions  # per layer (1, heads, n, n)
+    assert len(ids) > 8
     for layer in range(2):
         for head in range(4):
             ours = torch.tensor(attention_weights(llm.model, ids, layer, head))
+            if kind == "mistral":
+                assert (ours[:-8] == 0).all() and (ours[-8:] > 0).all()
             torch.testing.assert_close(ours, att[layer][0, head, -1, :], atol=1e-5, rtol=1e-4)
             assert ours.sum().item() == pytest.approx(1.0, abs=1e-5)
 
@@ -228,3 +242,19 @@ def test_lmgen_inspect_bad_port_is_one_error_line():
     r = subprocess.run([sys.executable, "-m", "lmgen.cli", "inspect", "--port", "70000"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("lmgen: error: ") and "70000" in r.stderr
+
+
+def test_readme_notebook_snippet_runs_against_a_server(server, tmp_path):
+    """The README's inspector snippet (a ```py block: it needs a server) runs verbatim but for the port."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (code,) = [b for b in re.findall(r"^```py\n(.*?)^```", readme, flags=re.S | re.M) if "/v1/inspect/" in b]
+    code = code.replace("http://127.0.0.1:8000", server.base)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) >= 6 and lines[0].startswith("' Paris'") and "kept" in lines[0]

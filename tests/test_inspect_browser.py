@@ -58,6 +58,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     binary, driver_path = chromium_paths()
+    os.environ["SE_AVOID_STATS"] = "true"  # Selenium Manager must not phone home (the driver path is given anyway)
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1900",

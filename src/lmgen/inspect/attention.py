@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from lmgen.errors import InvalidRequestError
 from lmgen.layers.rope import apply_rotary
 
+MAX_CONTEXT = 4096  # tokens the recompute takes (its activations are (tokens, hidden) per layer, never (tokens, tokens))
+
 
 def _check(name: str, value, upper: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
@@ -34,15 +36,17 @@ def attention_weights(model, ids: list[int], layer: int, head: int) -> list[floa
     _check("layer", layer, cfg.num_layers)
     _check("head", head, cfg.num_heads)
     n = len(ids)
-    if n < 1:
-        raise InvalidRequestError("the context is empty", param="ids", value=n)
+    if not 1 <= n <= MAX_CONTEXT:
+        raise InvalidRequestError(f"attention is shown for contexts of 1 to {MAX_CONTEXT} tokens, this one has {n}",
+                                  param="step", value=n)
     group = cfg.num_heads // cfg.num_kv_heads  # query heads per K/V head (GQA)
     dev = model.device
     x = model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev))  # (n, hidden)
     model.rotary.reserve(n)
     cos, sin = model.rotary(torch.arange(n, device=dev))  # (n, head_dim) each
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    mask = _causal_mask(n, cfg.sliding_window).to(dev)
+    window = cfg.sliding_window if cfg.sliding_window is not None and n > cfg.sliding_window else None
+    mask = _causal_mask(n, window).to(dev) if window is not None else None  # None: SDPA's causal kernel, no n x n mask
     for i, block in enumerate(model.layers):
         attn = block.self_attn
         qkv = attn.qkv_proj(block.input_layernorm(x))  # (n, q + 2 kv)
@@ -51,11 +55,12 @@ def attention_weights(model, ids: list[int], layer: int, head: int) -> list[floa
         k = apply_rotary(k.reshape(n, attn.num_kv_heads, attn.head_dim), cos, sin)  # (n, kv_heads, head_dim)
         if i == layer:
             scores = (k[:, head // group, :].float() @ q[-1, head, :].float()) * attn.head_dim ** -0.5  # (n,)
-            scores = scores.masked_fill(~mask[-1], float("-inf"))
+            if window is not None:
+                scores[: n - window] = float("-inf")  # outside the newest token's window
             return torch.softmax(scores, dim=-1).tolist()
         v = v.reshape(n, attn.num_kv_heads, attn.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                             scale=attn.head_dim ** -0.5, enable_gqa=True)  # (heads, n, head_dim)
+                                             is_causal=mask is None, scale=attn.head_dim ** -0.5, enable_gqa=True)  # (heads, n, head_dim)
         x = x + attn.o_proj(out.transpose(0, 1).reshape(n, attn.q_size))
         x = x + block.mlp(block.post_attention_layernorm(x))
     raise AssertionError("unreachable: layer was checked")

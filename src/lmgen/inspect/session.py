@@ -20,7 +20,7 @@ from lmgen.errors import InvalidRequestError
 from lmgen.inspect.filters import StepFilter, filter_step
 from lmgen.sampling.params import SamplingParams
 
-MAX_STEPS = 128  # generated tokens per session (each keeps its (vocab,) float32 logits: 192 KiB for 49k tokens)
+MAX_STEPS = 64  # generated tokens per session (each keeps its (vocab,) float32 logits: 192 KiB for 49k tokens)
 MAX_TOP_N = 100
 CONTROLS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 

@@ -106,7 +106,7 @@
       for (const [value, cls] of [[c.raw_prob, "raw"], [c.adjusted_prob, "adj"]]) {
         const td = el("td", "num prob-" + cls);
         const bar = el("span", "bar " + cls);
-        bar.style.width = Math.max(1, Math.round(value * 80)) + "px";
+        bar.style.width = Math.max(1, Math.round(value * 50)) + "px";
         td.appendChild(bar);
         td.appendChild(el("span", "p", value.toFixed(6)));
         tr.appendChild(td);
@@ -224,8 +224,14 @@
       $("beam-tree").replaceChildren(...tree.steps.map((st) => {
         const col = el("div", "beam-col");
         col.appendChild(el("b", null, `step ${st.index}`));
+        let lastParent = null;
         for (const id of st.nodes) {
           const n = byId.get(id);
+          if (n.parent !== lastParent && st.index > 0) {  // the beam these continuations extend
+            const p = byId.get(n.parent);
+            col.appendChild(el("div", "beam-parent", `after ${visible(p.text)}`));
+            lastParent = n.parent;
+          }
           const node = el("div", "beam-node " + n.status, `${visible(n.text)} ${n.cumulative_logprob.toFixed(2)}`);
           const parent = byId.get(n.parent);
           node.title = `${n.status}; after ${parent && parent.text !== null ? JSON.stringify(parent.text) : "the prompt"}; ` +
