@@ -116,10 +116,13 @@ def test_forcing_a_candidate_continues_from_it(server):
     assert [t["id"] for t in s["output_tokens"]] == [other] and len(s["steps"]) == 2
 
 
-def test_beam_tree_best_equals_the_engines_beam_search(server):
+def test_beam_tree_best_equals_the_engines_beam_search(server, smol_llm):
     s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT})
     for width in (2, 4):
         tree = post(server, f"/v1/inspect/sessions/{s['id']}/beams", {"beam_width": width, "max_tokens": 6})
+        (local,) = smol_llm.generate(PROMPT, SamplingParams(beam_width=width, n=width, max_tokens=6))
+        assert [r["token_ids"] for r in tree["results"]] == [o.token_ids for o in local.outputs]
+        assert [r["score"] for r in tree["results"]] == pytest.approx([o.score for o in local.outputs], abs=1e-5)
         c = post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "beam_width": width,
                                               "n": width, "temperature": 0})
         assert len(tree["results"]) == width

@@ -194,6 +194,20 @@ def test_watch_a_token_being_chosen(server, browser):
     assert len(weights) == s["steps"][-1]["kv"]["context_tokens"] and sum(weights) == pytest.approx(1.0, abs=1e-4)
     drv.save_screenshot(str(ARTIFACTS / "inspector-beams-attention.png"))
 
+    # chat mode: the template's rendered text with its special tokens, Chinese included
+    drv.find_element(By.ID, "mode-chat").click()
+    prompt = drv.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("你好，世界")
+    act(drv, lambda: drv.find_element(By.ID, "start").click())
+    rendered = drv.find_element(By.ID, "rendered").text
+    assert "<|im_start|>user" in rendered and "你好，世界" in rendered
+    specials = drv.find_elements(By.CSS_SELECTOR, "#prompt-tokens .tok.special")
+    assert specials and specials[0].find_element(By.CLASS_NAME, "t").text == "<|im_start|>"
+    count = drv.find_element(By.ID, "prompt-count").text
+    assert count == f"{len(drv.find_elements(By.CSS_SELECTOR, '#prompt-tokens .tok'))} tokens"
+    drv.save_screenshot(str(ARTIFACTS / "inspector-chat.png"))
+
     # the page talked to this server only
     urls = []
     for entry in drv.get_log("performance"):

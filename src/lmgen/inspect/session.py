@@ -94,14 +94,12 @@ class InspectSession:
         """The last token taken was an end-of-sequence token."""
         return bool(self.steps) and self.steps[-1].token is not None and self.steps[-1].token in self.stop_ids
 
-    def _draw_index(self, index: int) -> int:
-        return index  # the engine draws one uniform per sampled step: step i uses the i-th
-
     async def _filter(self, logits: torch.Tensor, index: int, params: SamplingParams, outputs: list[int],
                       extra: list[int]) -> tuple[StepFilter, float]:
         t0 = time.perf_counter()
+        # draw index = step index: a sampled request consumes one uniform per step, so step i uses the i-th
         view = await asyncio.to_thread(filter_step, logits, params, self.prompt_ids, outputs, self.stop_ids,
-                                       self._draw_index(index), self.top_n, extra)
+                                       index, self.top_n, extra)
         return view, (time.perf_counter() - t0) * 1000.0
 
     async def _new_step(self) -> Step:

@@ -232,7 +232,8 @@ class AsyncEngine:
             stream.put(ValueError(f"request id {stream.request_id!r} is already running"))
             return
         try:
-            self.engine.add_request(ids, params, stream.request_id, observer)
+            extra = {} if observer is None else {"observer": observer}  # the inspector's requests only
+            self.engine.add_request(ids, params, stream.request_id, **extra)
         except Exception as e:  # invalid for the engine: only this request hears about it
             self.metrics.request_rejected("invalid")
             stream.put(e)
