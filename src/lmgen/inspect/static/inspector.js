@@ -4,7 +4,7 @@
   const $ = (id) => document.getElementById(id);
   const CONTROLS = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty"];
   const key = new URLSearchParams(location.hash.slice(1)).get("key");  // #key=... when the server needs an API key
-  const state = { session: null, selected: null, info: null, filterSeq: 0, lastRenderMs: null, renders: 0, errors: 0 };
+  const state = { session: null, selected: null, info: null, filtering: false, filterAgain: false, lastRenderMs: null, renders: 0, errors: 0 };
   window.lmgenInspector = state;
 
   async function api(method, path, body) {
@@ -59,7 +59,7 @@
   }
 
   // ---- rendering ------------------------------------------------------------------------------
-  function renderSession() {
+  function renderSession(syncControls = true) {
     const s = state.session;
     $("prompt-count").textContent = `${s.prompt_token_count} tokens`;
     $("rendered").hidden = s.mode !== "chat";
@@ -77,7 +77,7 @@
     const done = s.finished;
     $("step").disabled = $("run").disabled = done;
     $("beams").disabled = $("attention").disabled = false;
-    showControls(s.params);
+    if (syncControls) showControls(s.params);  // not while a control is moving
     renderStep(s.steps.find((st) => st.index === state.selected) || s.steps[s.steps.length - 1]);
     renderKV();
   }
@@ -197,16 +197,27 @@
       $(name + "-value").textContent = name === "top_k" && $(name).value <= 0 ? "off" : $(name).value;
     }
     if (!state.session) return;
-    const seq = ++state.filterSeq;
-    await timed("filter", async () => {
-      const r = await api("POST", `/v1/inspect/sessions/${state.session.id}/filter`, params());
-      if (seq !== state.filterSeq) return;  // a newer move of a control is on its way
-      state.session.params = r.params;
-      const steps = state.session.steps;
-      steps[steps.length - 1] = r.step;
-      state.selected = null;
-      renderSession();
-    });
+    if (state.filtering) {  // a drag sends many events: one request at a time, the latest values next
+      state.filterAgain = true;
+      return;
+    }
+    state.filtering = true;
+    try {
+      await timed("filter", async () => {
+        const r = await api("POST", `/v1/inspect/sessions/${state.session.id}/filter`, params());
+        state.session.params = r.params;
+        const steps = state.session.steps;
+        steps[steps.length - 1] = r.step;
+        state.selected = null;
+        renderSession(false);
+      });
+    } finally {
+      state.filtering = false;
+    }
+    if (state.filterAgain) {
+      state.filterAgain = false;
+      await refilter();
+    }
   }
 
   async function beams() {
