@@ -261,3 +261,34 @@ def test_readme_notebook_snippet_runs_against_a_server(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) >= 6 and lines[0].startswith("' Paris'") and "kept" in lines[0]
+
+
+def test_inspecting_beside_serving_changes_nothing_and_leaves_nothing(smol_llm):
+    """In-process server: a completion streams while a session steps, beams and reads attention; the completion is
+    the same as alone (the inspector's passes run on the engine thread, batched like any request), and afterwards
+    the engine holds no observer, sequence or KV block of the inspector's."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from lmgen.server.app import create_app
+
+    body = {"model": "smol", "prompt": "Once upon a time, in a land far away,", "max_tokens": 48, "temperature": 0}
+    with TestClient(create_app(smol_llm, "smol")) as c:
+        alone = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        beside = {}
+        worker = threading.Thread(target=lambda: beside.update(c.post("/v1/completions", json=body).json()))
+        worker.start()
+        s = c.post("/v1/inspect/sessions", json={"prompt": PROMPT, "params": {"temperature": 0}}).json()
+        s = c.post(f"/v1/inspect/sessions/{s['id']}/step", json={"count": 4}).json()
+        assert c.post(f"/v1/inspect/sessions/{s['id']}/beams", json={"beam_width": 2, "max_tokens": 3}).status_code == 200
+        assert c.post(f"/v1/inspect/sessions/{s['id']}/attention", json={"layer": 0, "head": 0}).status_code == 200
+        worker.join(timeout=300)
+        assert beside["choices"][0]["text"] == alone
+        solo = c.post("/v1/inspect/sessions", json={"prompt": PROMPT, "params": {"temperature": 0}}).json()
+        solo = c.post(f"/v1/inspect/sessions/{solo['id']}/step", json={"count": 4}).json()
+        assert solo["output_text"] == s["output_text"]
+        for a, b in zip(s["steps"], solo["steps"]):  # batched beside a stream or alone: the same bits
+            assert [x["raw_prob"] for x in a["candidates"]] == [x["raw_prob"] for x in b["candidates"]]
+        engine = smol_llm.engine
+        assert engine.observers == {} and not engine.sequences and engine.block_manager.num_used_blocks == 0
