@@ -215,3 +215,20 @@ def test_watch_a_token_being_chosen(server, browser):
         if msg["method"] == "Network.requestWillBeSent":
             urls.append(msg["params"]["request"]["url"])
     assert urls and all(u.startswith(server.base + "/") for u in urls), [u for u in urls if not u.startswith(server.base)]
+
+
+def test_the_page_carries_the_api_key_from_its_url(browser, tmp_path):
+    """`lmgen inspect --api-key KEY` prints /inspect#key=KEY: the page sends it; without it the page says why."""
+    from tests.server_process import KEY
+
+    srv = ServerProcess(tmp_path)  # --api-key KEY
+    try:
+        browser.get(srv.base + "/inspect")
+        WebDriverWait(browser, 60).until(lambda d: "API key" in d.find_element(By.ID, "status").text)
+        browser.get(f"{srv.base}/inspect#key={KEY}")
+        browser.refresh()  # a new fragment alone does not reload the page
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text == "ready")
+        act(browser, lambda: browser.find_element(By.ID, "start").click())
+        assert len(rows(browser)) >= 20
+    finally:
+        srv.stop()
