@@ -143,6 +143,8 @@ def test_chat_prompt_shows_the_template_with_special_tokens(server):
 def test_bad_input_is_a_400_naming_the_value(server):
     s = post(server, "/v1/inspect/sessions", {"prompt": PROMPT})
     sid = s["id"]
+    att = post(server, f"/v1/inspect/sessions/{sid}/attention", {"layer": 2, "head": 3})
+    assert att["check"]["max_abs_prob_diff"] < 1e-4 and len(att["weights"]) == 5  # float weights: the engine's numbers
     assert post(server, f"/v1/inspect/sessions/{sid}/filter", {"top_p": 1.5}, 400)["error"]["param"] == "top_p"
     assert post(server, f"/v1/inspect/sessions/{sid}/step", {"force": 10**9}, 400)["error"]["param"] == "force"
     assert post(server, f"/v1/inspect/sessions/{sid}/step", {"count": 10**6}, 400)["error"]["param"] == "count"
@@ -202,11 +204,14 @@ def test_attention_weights_equal_transformers(kind, tiny_model_dirs, one_thread)
     assert len(ids) > 8
     for layer in range(2):
         for head in range(4):
-            ours = torch.tensor(attention_weights(llm.model, ids, layer, head))
+            weights, logits = attention_weights(llm.model, ids, layer, head)
+            ours = torch.tensor(weights)
             if kind == "mistral":
                 assert (ours[:-8] == 0).all() and (ours[-8:] > 0).all()
             torch.testing.assert_close(ours, att[layer][0, head, -1, :], atol=1e-5, rtol=1e-4)
             assert ours.sum().item() == pytest.approx(1.0, abs=1e-5)
+        with torch.no_grad():  # and the recompute's next-token logits are transformers' too
+            torch.testing.assert_close(logits, hf(torch.tensor([ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_lmgen_inspect_serves_the_page_and_prints_its_url(tmp_path):

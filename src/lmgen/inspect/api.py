@@ -18,6 +18,7 @@ import uuid
 from importlib import resources
 from typing import Any, Literal, Optional, Union
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
@@ -35,7 +36,8 @@ from lmgen.server.protocol.requests import Role
 
 # the files the page needs, by name -> media type; nothing else under /inspect/static is served
 STATIC = {"inspector.js": "text/javascript", "inspector.css": "text/css"}
-FORWARD_PARAMS = SamplingParams(max_tokens=1, temperature=0.0)  # the token it draws is not used; the logits are
+FORWARD_PARAMS = SamplingParams(max_tokens=1, temperature=0.0)
+ATTENTION_CHECK = 0.1  # largest difference of next-token probabilities between the recompute and the engine  # the token it draws is not used; the logits are
 
 
 class _Body(BaseModel):
@@ -227,7 +229,14 @@ def register_inspector(app: FastAPI, srv, engine) -> None:
         index = len(s.steps) - 1 if body.step is None else body.step
         if not 0 <= index < len(s.steps):
             raise InvalidRequestError(f"step must be in [0, {len(s.steps)}), got {index}", param="step", value=index)
-        ids = (s.prompt_ids + s.output_ids)[:s.steps[index].fwd.context_tokens]
-        weights = await engine.call(lambda: attention_weights(llm.model, ids, body.layer, body.head))
+        fwd = s.steps[index].fwd
+        ids = (s.prompt_ids + s.output_ids)[:fwd.context_tokens]
+        weights, logits = await engine.call(lambda: attention_weights(llm.model, ids, body.layer, body.head))
+        # the recompute must give the engine's next-token distribution (packed weights: the engine rounds activations
+        # to 8-bit blocks, the recompute does not, so they differ by ~1e-2); far off means blocks shaped otherwise
+        diff = float((torch.softmax(logits.float(), -1) - torch.softmax(fwd.logits.float(), -1)).abs().max())
+        if diff > ATTENTION_CHECK:
+            raise APIError(501, f"the attention view cannot recompute this model faithfully (its next-token "
+                                f"probabilities differ from the engine's by {diff:.3f})", type="not_implemented")
         return {"step": index, "layer": body.layer, "head": body.head, "tokens": [tv.token(t) for t in ids],
-                "weights": weights}
+                "weights": weights, "check": {"max_abs_prob_diff": diff}}

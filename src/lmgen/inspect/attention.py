@@ -29,9 +29,10 @@ def _causal_mask(n: int, window: int | None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def attention_weights(model, ids: list[int], layer: int, head: int) -> list[float]:
-    """Softmax(q_last . K^T * scale) of query head `head` at layer `layer` over the context `ids` ->
-    one weight per context token (sums to 1; 0 outside a sliding window)."""
+def attention_weights(model, ids: list[int], layer: int, head: int) -> tuple[list[float], torch.Tensor]:
+    """Softmax(q_last . K^T * scale) of query head `head` at layer `layer` over the context `ids` -> one weight per
+    context token (sums to 1; 0 outside a sliding window), and the logits (vocab,) this recompute gives for the next
+    token: the caller compares them with the engine's, so a model whose blocks are shaped otherwise is caught."""
     cfg = model.config
     _check("layer", layer, cfg.num_layers)
     _check("head", head, cfg.num_heads)
@@ -47,6 +48,7 @@ def attention_weights(model, ids: list[int], layer: int, head: int) -> list[floa
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     window = cfg.sliding_window if cfg.sliding_window is not None and n > cfg.sliding_window else None
     mask = _causal_mask(n, window).to(dev) if window is not None else None  # None: SDPA's causal kernel, no n x n mask
+    weights: list[float] = []
     for i, block in enumerate(model.layers):
         attn = block.self_attn
         qkv = attn.qkv_proj(block.input_layernorm(x))  # (n, q + 2 kv)
@@ -57,10 +59,11 @@ def attention_weights(model, ids: list[int], layer: int, head: int) -> list[floa
             scores = (k[:, head // group, :].float() @ q[-1, head, :].float()) * attn.head_dim ** -0.5  # (n,)
             if window is not None:
                 scores[: n - window] = float("-inf")  # outside the newest token's window
-            return torch.softmax(scores, dim=-1).tolist()
+            weights = torch.softmax(scores, dim=-1).tolist()
         v = v.reshape(n, attn.num_kv_heads, attn.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                              is_causal=mask is None, scale=attn.head_dim ** -0.5, enable_gqa=True)  # (heads, n, head_dim)
         x = x + attn.o_proj(out.transpose(0, 1).reshape(n, attn.q_size))
         x = x + block.mlp(block.post_attention_layernorm(x))
-    raise AssertionError("unreachable: layer was checked")
+    logits = model.compute_logits(model.norm(x[-1:]))[0]  # (vocab,)
+    return weights, logits

@@ -260,6 +260,8 @@
       const r = await api("POST", `/v1/inspect/sessions/${state.session.id}/attention`,
                           { layer: parseInt($("att-layer").value, 10), head: parseInt($("att-head").value, 10) });
       const max = Math.max(...r.weights);
+      $("attention-note").textContent = `layer ${r.layer}, head ${r.head}, step ${r.step}: recomputed with plain ` +
+        `PyTorch; its next-token probabilities are within ${r.check.max_abs_prob_diff.toExponential(1)} of the engine's`;
       $("attention-view").replaceChildren(...r.tokens.map((t, i) => {
         const chip = tokenChip(t);
         const w = r.weights[i];
