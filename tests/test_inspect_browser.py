@@ -116,7 +116,7 @@ def completion(server, prompt, **kw) -> dict:
     return r.json()
 
 
-def test_watch_a_token_being_chosen(server, browser):
+def test_watch_a_token_being_chosen(browser, server):  # browser first: a skip starts no server
     drv = browser
     drv.get(server.base + "/inspect")
     WebDriverWait(drv, 60).until(lambda d: d.find_element(By.ID, "status").text == "ready")
