@@ -7,6 +7,17 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 py="${PYTHON:-python3}"
 stamp=".venv/.lmgen-installed-${extras:-base}"
+# The inspector's browser tests (tests/test_inspect_browser.py) drive Debian's chromium through chromium-driver:
+# installed here with apt, only when missing (without it those tests skip and say why).
+if [[ ",$extras," == *",test,"* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "lmgen: installing chromium + chromium-driver with apt (the inspector's browser tests)"
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        chromium chromium-driver; } >/dev/null || echo "lmgen: WARNING: could not install chromium; the browser tests will skip" >&2
+  else
+    echo "lmgen: chromium is not installed and apt-get as root is not available: the browser tests will skip" >&2
+  fi
+fi
 want="$(cat pyproject.toml setup.py src/lmgen/csrc/*.cpp src/lmgen/csrc/*.h | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0

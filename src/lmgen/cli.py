@@ -1,4 +1,4 @@
-"""lmgen command line: generate | chat | tokenize | serve | doctor. Every error, usage errors included, prints one
+"""lmgen command line: generate | chat | tokenize | serve | inspect | doctor. Every error, usage errors included, prints one
 `lmgen: error: ...` line on stderr and exits 1."""
 
 from __future__ import annotations
@@ -252,6 +252,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args, load_llm(args))
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`lmgen serve` on loopback, announcing the inspector page's URL (port 0: a free one)."""
+    import socket
+
+    if args.port == 0:
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            args.port = s.getsockname()[1]
+    check_port_free(args.host, args.port)
+    from lmgen.server.app import serve
+
+    llm = load_llm(args)
+    key = f"#key={args.api_key}" if args.api_key else ""
+    print(f"lmgen inspector: http://{args.host}:{args.port}/inspect{key}", flush=True)
+    return serve(args, llm)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lmgen.doctor import run
 
@@ -312,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-bytes", type=int, default=None,
                    help="request bodies over this many bytes get 413 (default 4 MiB)")
     s.set_defaults(func=cmd_serve)
+
+    i = sub.add_parser("inspect", help="serve the generation inspector (a browser page) and print its URL")
+    _add_model_args(i)
+    i.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    i.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    i.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (the printed URL carries it)")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("doctor", help="report versions, CPU features, the C++ kernels and threads (exit 1: no kernels)")
     d.set_defaults(func=cmd_doctor)

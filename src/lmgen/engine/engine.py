@@ -8,6 +8,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -101,14 +102,20 @@ class Engine:
         self.requests: dict[str, list[str]] = {}  # user request id -> its live sequence ids
         self.beam_groups: dict[str, BeamGroup] = {}  # beam-search requests, by user request id
         self.last_token_time: dict[str, float] = {}
+        # sequence id -> a callback handed that sequence's raw logits row (vocab,) each step (the inspector); empty
+        # unless someone inspects, so the step pays one dict check
+        self.observers: dict[str, Callable[[torch.Tensor], None]] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    observer: Callable[[torch.Tensor], None] | None = None) -> str:
         """Queues a request as its n sequences; raises ValueError (ContextOverflowError) for inputs it can never serve.
 
-        n > 1: the siblings wait until the first has computed the prompt, then share its blocks via the prefix cache."""
+        n > 1: the siblings wait until the first has computed the prompt, then share its blocks via the prefix cache.
+        `observer` (n == 1, no beams): called on this thread with a copy of the request's raw logits (vocab,) each
+        time it samples (the inspector reads the full distribution this way)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = list(prompt_token_ids)
@@ -125,6 +132,8 @@ class Engine:
                 needed=len(ids) + 1, context_length=self.context_length, prompt_tokens=len(ids), max_tokens=params.max_tokens,
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if observer is not None and (params.n != 1 or params.beam_width > 1):
+            raise ValueError("an observer watches one sequence: n and beam_width must be 1")
         if params.beam_width > 1:
             return self._add_beam_request(ids, params, request_id)
         n = params.n
@@ -144,6 +153,8 @@ class Engine:
             self.sequences[seq_id] = req
             leader = leader or (req if shares else None)
         self.requests[request_id] = seq_ids
+        if observer is not None:
+            self.observers[request_id] = observer
         self.stats.prompt_tokens += len(ids) * n
         return request_id
 
@@ -225,6 +236,7 @@ class Engine:
         self.last_token_time.pop(seq_id, None)
         if self.speculator is not None:
             self.speculator.release(seq_id)
+        self.observers.pop(seq_id, None)
         seqs = self.requests.get(request_id)
         if seqs is not None and seq_id in seqs:
             seqs.remove(seq_id)
@@ -302,6 +314,10 @@ class Engine:
         if not reqs:
             return SampledTokens(spec.get("token_ids", {}), spec.get("logprobs", {}), spec.get("chosen_logprobs", {}),
                                  prompt_lp, spec.get("accepted", {}))
+        if self.observers:
+            for row, req in enumerate(reqs):
+                if req.request_id in self.observers:
+                    self.observers[req.request_id](out.logits[row].clone())
         meta = SamplingMetadata.build(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], [self._min_tokens_stop_ids(r) for r in reqs], out.logits.shape[-1], out.logits.device,

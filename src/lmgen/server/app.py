@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from lmgen.errors import WorkerLostError
 from lmgen.chat.tool_calls import parse_tool_calls
 from lmgen.chat.tools import Tools
+from lmgen.inspect.api import register_inspector
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
 from lmgen.server.protocol.api_error import APIError
@@ -223,6 +224,7 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
                           srv.spec_counts([result]))
         return R.ChatCompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
+    register_inspector(app, srv, engine)  # GET /inspect (the page) and /v1/inspect/* (its JSON API)
     return app
 
 

@@ -97,10 +97,11 @@ class AsyncEngine:
         await asyncio.to_thread(self._thread.join, 30.0)
 
     # ---- requests (event loop side) ---------------------------------------------------------------
-    async def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+    async def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                          observer=None) -> RequestStream:
         """Hands a request to the engine and returns its stream once the engine accepted it. Raises what
         the engine raised on admission (ValueError / ContextOverflowError), QueueFullError, or
-        EngineClosedError."""
+        EngineClosedError. `observer`: see Engine.add_request (called on the engine thread)."""
         fan_out = max(params.n, params.beam_width)
         if fan_out > self.max_n:  # n sequences (or beams) per request: bounded, so one request cannot flood the queue
             which = "n" if params.n >= params.beam_width else "beam_width"
@@ -111,7 +112,7 @@ class AsyncEngine:
         self.start()
         stream = RequestStream(request_id, asyncio.get_running_loop(), lambda rid: self._submit(("abort", rid)))
         self._adds_submitted += 1
-        self._submit(("add", stream, list(prompt_ids), params))
+        self._submit(("add", stream, list(prompt_ids), params, observer))
         try:
             await stream.wait_accepted()
         except asyncio.CancelledError:
@@ -129,6 +130,22 @@ class AsyncEngine:
                 yield out
         finally:
             stream.abort()
+
+    async def call(self, fn):
+        """Runs `fn()` on the engine thread between two steps (so never at the same time as a step on the same
+        model) and returns its result or raises its exception; for the inspector's on-demand reads."""
+        if self._closed or self.dead is not None:
+            raise EngineClosedError("the server is shutting down" if self._closed else f"the engine stopped: {self.dead}")
+        self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def deliver(ok: bool, value) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+        self._submit(("call", fn, lambda ok, value: loop.call_soon_threadsafe(deliver, ok, value)))
+        return await future
 
     def _submit(self, command: tuple) -> None:
         self._commands.put(command)
@@ -166,6 +183,8 @@ class AsyncEngine:
                 if cmd[0] == "add":
                     self._adds_taken += 1
                     cmd[1].put(err)
+                elif cmd[0] == "call":
+                    cmd[2](False, err)
 
     def _guarded(self, fn, *args) -> None:
         """Runs one unit of the loop; an exception there (a bug, or an engine call failing outside a
@@ -182,9 +201,15 @@ class AsyncEngine:
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, stream, ids, params = cmd
+            _, stream, ids, params, observer = cmd
             self._adds_taken += 1
-            self._add(stream, ids, params)
+            self._add(stream, ids, params, observer)
+        elif kind == "call":
+            _, fn, reply = cmd
+            try:
+                reply(True, fn())
+            except Exception as e:  # the caller hears about it; the loop carries on
+                reply(False, e)
         elif kind == "abort":
             rid = cmd[1]
             if self._streams.pop(rid, None) is not None:
@@ -198,7 +223,7 @@ class AsyncEngine:
         free_seats = max(0, self.engine.max_num_seqs - self.engine.num_running)
         return self.engine.num_waiting >= self.max_queue + free_seats
 
-    def _add(self, stream: RequestStream, ids: list[int], params: SamplingParams) -> None:
+    def _add(self, stream: RequestStream, ids: list[int], params: SamplingParams, observer=None) -> None:
         if stream.finished:  # cancelled before the thread got to it
             return
         if self._queue_is_full():
@@ -211,7 +236,8 @@ class AsyncEngine:
             stream.put(ValueError(f"request id {stream.request_id!r} is already running"))
             return
         try:
-            self.engine.add_request(ids, params, stream.request_id)
+            extra = {} if observer is None else {"observer": observer}  # the inspector's requests only
+            self.engine.add_request(ids, params, stream.request_id, **extra)
         except Exception as e:  # invalid for the engine: only this request hears about it
             self.metrics.request_rejected("invalid")
             stream.put(e)
