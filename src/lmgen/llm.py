@@ -138,7 +138,6 @@ class LLM:
         self.chat_template = chat_template
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
-        num_blocks = math.ceil(tokens / block_size)
         # speculative decoding: a draft model (or this file packed) with its own KV cache, or n-gram lookup
         self.speculative = spec_config
         speculator = build_speculator(spec_config, loaded, quantization, self.dtype, self.device, num_blocks, block_size,
