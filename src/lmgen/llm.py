@@ -62,6 +62,7 @@ class LLM:
         quantization: str = "auto",
         context_length: int | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         block_size: int = 16,
@@ -107,6 +108,7 @@ class LLM:
 
             ChatTemplate.resolve(chat_template)  # fail now, not at the first chat
         self.chat_template = chat_template
+        self.chat_template_kwargs = self._check_template_kwargs(chat_template_kwargs)
         # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
         tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
@@ -217,11 +219,28 @@ class LLM:
 
     # ---- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        """Messages -> prompt token ids through the model's (or the given) chat template."""
+        """Messages -> prompt token ids through the model's (or the given) chat template; `kwargs` (e.g.
+        enable_thinking=False) over the LLM's `chat_template_kwargs`."""
         template = chat_template or self.chat_template
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=template, **kwargs
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=template,
+            **{**self.chat_template_kwargs, **kwargs}
         )
+
+    def _check_template_kwargs(self, kwargs: dict | None) -> dict:
+        """Template variables every chat render gets; `enable_thinking` is refused (ValueError) for a chat template
+        whose output does not depend on it, since it could not be honoured."""
+        kwargs = dict(kwargs or {})
+        if not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise ValueError(f"chat_template_kwargs keys must be identifiers, got {sorted(map(repr, kwargs))}")
+        if "enable_thinking" in kwargs:
+            probe = [{"role": "user", "content": "hi"}]
+            on, off = (self.tokenizer.apply_chat_template(probe, chat_template=self.chat_template, enable_thinking=v)
+                       for v in (True, False))
+            if on == off:
+                raise ValueError("enable_thinking: this model's chat template has no thinking switch (it renders the "
+                                 "same with thinking on and off)")
+        return kwargs
 
     def chat(self, messages, params: SamplingParams | None = None, chat_template: str | None = None,
              add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
