@@ -9,7 +9,7 @@ from lmgen.config import ModelConfig
 from lmgen.errors import UnsupportedModelError
 from lmgen.layers.rope import RotaryEmbedding, inv_frequencies
 from lmgen.layers.attention import AttentionMetadata
-from lmgen.layers.transformer import Transformer
+from lmgen.models.registry import build_model
 
 # meta-llama/Llama-3.1-8B-Instruct config.json (transformers 4.x layout: rope_theta + rope_scaling)
 LLAMA_31_8B = {
@@ -86,7 +86,7 @@ def test_llama3_8b_shape_builds_and_runs_on_meta_device():
                    p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
                    p + "post_attention_layernorm.weight": (h,)}
     weights = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in shapes.items()}
-    model = Transformer(cfg, weights, dtype=torch.bfloat16, device="meta")
+    model = build_model(cfg, weights.items(), dtype=torch.bfloat16, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == 8_030_261_248  # Llama-3-8B's published parameter count
     tokens, slots = 5, 64

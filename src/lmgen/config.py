@@ -6,19 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmgen.config_families import FAMILY_ARCHITECTURES, FAMILY_GGUF_ARCHITECTURES, FAMILY_MODEL_TYPES, gguf_family, hf_family
+from lmgen.config_families import FAMILY_MODEL_TYPES, gguf_family, hf_family
 from lmgen.errors import ModelFormatError, UnsupportedModelError
-
-# Architectures whose weights and forward pass lmgen implements (HF `architectures[0]` names).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-# GGUF `general.architecture` -> HF architecture name. Mistral GGUFs are written as "llama".
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+from lmgen.models.registry import ARCHITECTURES, GGUF_ARCHITECTURES
 
 
-# Every architecture whose config lmgen reads (its forward pass may still be missing: SUPPORTED_ARCHITECTURES runs)
-KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + FAMILY_ARCHITECTURES
-KNOWN_GGUF_ARCHITECTURES = {**GGUF_ARCHITECTURES, **FAMILY_GGUF_ARCHITECTURES}
 NORM_TYPES = ("rms", "rms_one_plus", "layer")  # x * w / rms(x); x * (1 + w) / rms(x) (Gemma); LayerNorm (GPT-2)
 HIDDEN_ACTS = ("silu", "gelu_tanh", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -94,9 +86,9 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # the same on attention scores
 
     def __post_init__(self) -> None:
-        if self.architecture not in KNOWN_ARCHITECTURES:
+        if self.architecture not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported architecture {self.architecture!r}; lmgen supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {self.architecture!r}; lmgen supports {', '.join(ARCHITECTURES)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             checked_int(getattr(self, name), name, "model config ")
@@ -160,22 +152,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
-        """Builds the config from a parsed `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)
-        of an architecture lmgen runs."""
-        config = cls.parse_hf_config(cfg, generation_config)
-        if config.architecture not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(f"unsupported architecture {config.architecture!r}; lmgen supports "
-                                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        return config
-
-    @classmethod
-    def parse_hf_config(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
-        """`from_hf_config` for every architecture whose config lmgen reads (KNOWN_ARCHITECTURES)."""
+        """Builds the config from a parsed `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`);
+        what a family adds to Llama's fields is read by lmgen.config_families."""
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                        **FAMILY_MODEL_TYPES}.get(cfg.get("model_type", ""), str(cfg.get("model_type")))
-        if arch not in KNOWN_ARCHITECTURES:
-            raise UnsupportedModelError(f"unsupported architecture {arch!r}; lmgen supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(f"unsupported architecture {arch!r}; lmgen supports {', '.join(ARCHITECTURES)}")
         cfg, extra = hf_family(arch, cfg)
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {cfg.get('hidden_act')!r}; lmgen implements SwiGLU (silu)")
@@ -236,20 +219,9 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int | None = None) -> "ModelConfig":
-        """Builds the config from GGUF key/values (`{arch}.block_count`, `{arch}.rope.freq_base`, ...) of an
-        architecture lmgen runs."""
-        if meta.get("general.architecture") not in GGUF_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"unsupported GGUF architecture {meta.get('general.architecture')!r}; lmgen supports "
-                f"{', '.join(GGUF_ARCHITECTURES)}"
-            )
-        return cls.parse_gguf_metadata(meta, vocab_size)
-
-    @classmethod
-    def parse_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int | None = None) -> "ModelConfig":
-        """`from_gguf_metadata` for every GGUF architecture whose metadata lmgen reads (KNOWN_GGUF_ARCHITECTURES)."""
+        """Builds the config from GGUF key/values (`{arch}.block_count`, `{arch}.rope.freq_base`, ...)."""
         gguf_arch = meta.get("general.architecture")
-        if gguf_arch not in KNOWN_GGUF_ARCHITECTURES:
+        if gguf_arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported GGUF architecture {gguf_arch!r}; lmgen supports {', '.join(GGUF_ARCHITECTURES)}"
             )
@@ -315,7 +287,7 @@ class ModelConfig:
 
         eos = token_id("eos_token_id")
         return cls(**{**dict(
-            architecture=KNOWN_GGUF_ARCHITECTURES[gguf_arch],
+            architecture=GGUF_ARCHITECTURES[gguf_arch],
             vocab_size=n_vocab,
             hidden_size=hidden,
             intermediate_size=size("feed_forward_length"),

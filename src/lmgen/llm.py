@@ -14,7 +14,7 @@ from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
-from lmgen.layers.transformer import Transformer
+from lmgen.models.registry import build_model
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
 
@@ -96,8 +96,8 @@ class LLM:
 
         # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
         self.quantization = quantization
-        self.model = Transformer(loaded.config, loaded.weights, self.dtype, self.device, quantization, tick, compile,
-                                 batch_invariant)
+        self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
+                                 compile, batch_invariant)
         loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         limit = loaded.config.max_position_embeddings
         if context_length is not None and not (isinstance(context_length, int) and 2 <= context_length <= limit):

@@ -17,7 +17,7 @@ from lmgen.engine.request import Request, RequestStatus
 from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
 from lmgen.engine.scheduler import SampledTokens, Scheduler
 from lmgen.errors import ContextOverflowError
-from lmgen.layers.transformer import Transformer
+from lmgen.models.base import CausalLM
 from lmgen.sampling.beam import BeamSearch, candidates_needed
 from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.sampler import Sampler
@@ -66,7 +66,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Transformer,
+        model: CausalLM,
         *,
         eos_token_ids: frozenset[int],
         context_length: int,

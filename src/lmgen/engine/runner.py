@@ -1,4 +1,4 @@
-"""ModelRunner: turns a SchedulerOutput into input tensors, runs the Transformer, returns logits."""
+"""ModelRunner: turns a SchedulerOutput into input tensors, runs the model, returns logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lmgen.engine.kv_cache import KVCache
 from lmgen.engine.request import Request
 from lmgen.engine.scheduler import SchedulerOutput
 from lmgen.layers.attention import AttentionMetadata
-from lmgen.layers.transformer import Transformer
+from lmgen.models.base import CausalLM
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache):
+    def __init__(self, model: CausalLM, kv_cache: KVCache):
         self.model, self.kv_cache = model, kv_cache
         self.device = model.device
         self.block_size = kv_cache.block_size

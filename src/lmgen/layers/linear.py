@@ -20,7 +20,7 @@ class PackedTensor:
     """A quantized GGUF matrix: raw blocks (rows, bytes_per_row) for a (out_features, in_features) weight.
 
     `source` is the blocks themselves or a function that reads them (the GGUF loader reads each tensor from the
-    file only when the model builder asks, so a tensor's bytes are resident only while it is being packed)."""
+    file only when the layer is built (lmgen.layers.weight_slots), so a tensor's bytes are resident only while it is being packed)."""
 
     qtype: object  # gguf.GGMLQuantizationType
     source: Union[np.ndarray, Callable[[], np.ndarray]]  # (rows, bytes_per_row) uint8, or a reader of them

@@ -77,7 +77,7 @@ class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables over positions, computed once; a step only looks its positions up (one index op each instead
     of the ~10 ops that build them), and every layer rotates its q and k with the same rows.
 
-    The tables cover `reserved` positions, grown (doubling) by `reserve`, which the Transformer calls with each
+    The tables cover `reserved` positions, grown (doubling) by `reserve`, which the model calls with each
     step's highest position (AttentionMetadata.max_position): a window of 128k positions would cost 128 MiB of
     tables if built up front."""
 

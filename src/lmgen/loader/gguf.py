@@ -1,6 +1,6 @@
 """GGUF -> ModelConfig, weights (by Hugging Face name), tokenizer and chat template, via the `gguf` package.
 
-Quantized tensors come back as `PackedTensor`s that read their blocks from the file when the model builder asks
+Quantized tensors come back as `PackedTensor`s that read their blocks from the file when their layer is built
 for them; whether they stay packed or are dequantized is the builder's choice (lmgen.layers.linear.build_linear).
 Resident memory while loading is kept near the packed model's own size: the header is parsed by `LeanReader`
 and a tensor's bytes exist in the process only while that tensor is being packed. Every count, length, offset and

@@ -48,7 +48,7 @@ def _safetensor_files(folder: Path) -> list[Path]:
 
 
 class LazyTensor:
-    """A safetensors tensor read only when the model builder asks for it, so the peak memory of loading a
+    """A safetensors tensor read only when its layer is built (lmgen.layers.weight_slots), so the peak memory of loading a
     large checkpoint (Llama-3-8B: 16 GB of bf16) is the model plus one layer, not the model twice."""
 
     def __init__(self, handle, name: str):

@@ -1,0 +1,100 @@
+"""What every model family shares: taking named checkpoint weights through its layers' `load_weight`, building
+the real layers from their slots, and the output layer.
+
+A family subclasses `CausalLM`, builds its modules from the config (linear layers and embeddings as slots of
+lmgen.layers.weight_slots) and names its fused projections in `packed_modules` (checkpoint name -> (module, shard)).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import torch
+
+from lmgen.config import ModelConfig
+from lmgen.errors import ModelLoadError
+from lmgen.layers.linear import WeightSource
+from lmgen.layers.rope import RotaryEmbedding
+
+logger = logging.getLogger("lmgen.model")
+
+
+class CausalLM(torch.nn.Module):
+    """A decoder-only model: `forward` gives hidden states, `compute_logits` the float32 logits of chosen rows."""
+
+    # checkpoint module name -> (this model's module name, shard index): fused QKV / gate-up (vLLM's mapping)
+    packed_modules: dict[str, tuple[str, int]] = {}
+    # prefix of the checkpoint's names for the decoder stack (transformers' `model.`), dropped when mapping names
+    checkpoint_prefix = "model."
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+
+    # ---- loading ----------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, WeightSource]]) -> None:
+        """Hands each named checkpoint tensor to the layer it belongs to; names no layer takes are skipped."""
+        for name, source in weights:
+            target = self._weight_target(name)
+            if target is None:
+                logger.debug("checkpoint tensor %s is not used by %s", name, type(self).__name__)
+                continue
+            module, kind, shard = target
+            module.load_weight(name, kind, source, shard)
+
+    def _weight_target(self, name: str) -> tuple[torch.nn.Module, str, int] | None:
+        """(module, "weight" | "bias", shard) taking checkpoint tensor `name`, or None."""
+        path = name[len(self.checkpoint_prefix):] if name.startswith(self.checkpoint_prefix) else name
+        path, _, kind = path.rpartition(".")
+        parent, _, leaf = path.rpartition(".")
+        shard = 0
+        if leaf in self.packed_modules:
+            leaf, shard = self.packed_modules[leaf]
+        try:
+            module = self.get_submodule(f"{parent}.{leaf}" if parent else leaf)
+        except AttributeError:
+            return None
+        return (module, kind, shard) if hasattr(module, "load_weight") else None
+
+    def finalize(self, progress: Callable[[], None] | None = None) -> None:
+        """Builds every slot's real layer in its place (a layer's tensors are read now), once per decoder layer
+        calling `progress`; a ModelLoadError names the first tensor the checkpoint lacked."""
+        tick = progress or (lambda: None)
+        for name, child in list(self.named_children()):
+            if isinstance(child, torch.nn.ModuleList):
+                for i, layer in enumerate(child):
+                    self._materialize(layer, f"{name}.{i}")
+                    tick()
+            else:
+                self._materialize(child, name, parent=self, attr=name)
+
+    def _materialize(self, module: torch.nn.Module, path: str, parent=None, attr: str = "") -> None:
+        if hasattr(module, "missing"):
+            lacking = module.missing()
+            if lacking:
+                shard, kind = lacking[0]
+                base = path.rpartition(".")[0] + "." + shard if shard else path
+                prefix = "" if base.startswith("lm_head") else self.checkpoint_prefix
+                raise ModelLoadError(f"checkpoint is missing the tensor {prefix + base.lstrip('.') + '.' + kind!r}")
+            if hasattr(module, "materialize"):
+                setattr(parent, attr, module.materialize())
+            return
+        for name, child in list(module.named_children()):
+            self._materialize(child, f"{path}.{name}", parent=module, attr=name)
+
+    # ---- running ----------------------------------------------------------------------------------
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (rows, hidden) -> logits (rows, vocab) float32."""
+        return self.lm_head(hidden).float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held (parameters and buffers, a shared matrix counted once): packed blocks stay at
+        the GGUF file's size, a float32 model at 4 bytes per parameter."""
+        storages = {}
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):  # its tables are a cache of the positions in use, not weights
+                continue
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
