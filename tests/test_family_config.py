@@ -20,7 +20,7 @@ def test_gemma3_hf_config_layer_pattern_rope_bases_and_scalars():
                 final_logit_softcapping=30.0, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                 num_key_value_heads=1, vocab_size=300)
     d["architectures"] = ["Gemma3ForCausalLM"]
-    c = ModelConfig.parse_hf_config(d)
+    c = ModelConfig.from_hf_config(d)
     assert c.architecture == "Gemma3ForCausalLM" and c.head_dim == 32 and c.num_kv_heads == 1
     assert c.layer_types == tuple(d["layer_types"])
     assert [c.layer_window(i) for i in range(7)] == [8, 8, 8, 8, 8, None, 8]
@@ -36,16 +36,16 @@ def test_gemma3_transformers4_style_config():
          "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
          "head_dim": 32, "rope_theta": 500000.0, "rope_local_base_freq": 20000.0, "sliding_window": 16,
          "sliding_window_pattern": 2, "hidden_activation": "gelu_pytorch_tanh"}
-    c = ModelConfig.parse_hf_config(d)
+    c = ModelConfig.from_hf_config(d)
     assert c.layer_types == ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
     assert [c.layer_rope_theta(i) for i in range(2)] == [20000.0, 500000.0]
     assert c.query_pre_attn_scalar == 32.0  # absent: head_dim
 
 
 def test_qwen3_and_gpt2_hf_configs():
-    q = ModelConfig.parse_hf_config({**hf_dict("qwen3", head_dim=40), "architectures": ["Qwen3ForCausalLM"]})
+    q = ModelConfig.from_hf_config({**hf_dict("qwen3", head_dim=40), "architectures": ["Qwen3ForCausalLM"]})
     assert q.qk_norm and q.head_dim == 40 and not q.attention_bias and q.norm_type == "rms" and q.layer_window(0) is None
-    g = ModelConfig.parse_hf_config({**hf_dict("gpt2", n_embd=96, n_layer=3, n_head=4), "architectures": ["GPT2LMHeadModel"]})
+    g = ModelConfig.from_hf_config({**hf_dict("gpt2", n_embd=96, n_layer=3, n_head=4), "architectures": ["GPT2LMHeadModel"]})
     assert (g.hidden_size, g.num_layers, g.num_heads, g.head_dim, g.intermediate_size) == (96, 3, 4, 24, 384)
     assert (g.norm_type, g.hidden_act, g.mlp_gated, g.position_embedding) == ("layer", "gelu_tanh", False, "learned")
     assert g.attention_bias and g.o_bias and g.mlp_bias and g.max_position_embeddings == 1024
@@ -57,7 +57,7 @@ def test_qwen3_and_gpt2_hf_configs():
 ])
 def test_qwen3_refusals(change, match):
     with pytest.raises(UnsupportedModelError, match=match):
-        ModelConfig.parse_hf_config({**hf_dict("qwen3"), "architectures": ["Qwen3ForCausalLM"], **change})
+        ModelConfig.from_hf_config({**hf_dict("qwen3"), "architectures": ["Qwen3ForCausalLM"], **change})
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -70,20 +70,20 @@ def test_qwen3_refusals(change, match):
 def test_gemma3_bad_values_are_refused_by_name(change, error, match):
     d = {**hf_dict("gemma3_text", num_hidden_layers=2, sliding_window=8), "architectures": ["Gemma3ForCausalLM"], **change}
     with pytest.raises(error, match=match):
-        ModelConfig.parse_hf_config(d)
+        ModelConfig.from_hf_config(d)
 
 
 def test_gpt2_unsupported_options_refused():
     d = {**hf_dict("gpt2", n_layer=2, scale_attn_by_inverse_layer_idx=True), "architectures": ["GPT2LMHeadModel"]}
     with pytest.raises(UnsupportedModelError, match="scale_attn_by_inverse_layer_idx"):
-        ModelConfig.parse_hf_config(d)
+        ModelConfig.from_hf_config(d)
 
 
 def test_real_gemma_gguf_metadata(gemma_gguf_path):
     from lmgen.loader.gguf_layout import read_layout
 
     meta = read_layout(gemma_gguf_path).metadata
-    c = ModelConfig.parse_gguf_metadata(meta, 262144)
+    c = ModelConfig.from_gguf_metadata(meta, 262144)
     assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
         "Gemma3ForCausalLM", 18, 640, 4, 1, 256)
     assert c.sliding_window == 512 and c.rope_theta == 1e6 and c.rope_local_theta == 10000.0
@@ -91,4 +91,4 @@ def test_real_gemma_gguf_metadata(gemma_gguf_path):
     assert c.query_pre_attn_scalar == 256.0 and c.final_logit_softcapping is None
     bad = {**meta, "gemma3.attention.sliding_window_pattern": 0}
     with pytest.raises(ModelFormatError, match="sliding_window_pattern"):
-        ModelConfig.parse_gguf_metadata(bad, 262144)
+        ModelConfig.from_gguf_metadata(bad, 262144)

@@ -12,9 +12,6 @@ from typing import Any
 
 from lmgen.errors import ModelFormatError, UnsupportedModelError
 
-# HF architecture names of the families this module reads, and their GGUF `general.architecture` names
-FAMILY_ARCHITECTURES = ("Gemma3ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel")
-FAMILY_GGUF_ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 # HF model_type -> architecture, for a config.json without `architectures`
 FAMILY_MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
@@ -121,8 +118,8 @@ def gguf_family(gguf_arch: str, meta: dict[str, Any]) -> dict[str, Any]:
         # llama.cpp: Gemma 3 27B (62 layers) scales queries by 1/sqrt(hidden / heads), the others by 1/sqrt(head_dim)
         scalar = hidden // heads if n_layers == 62 and isinstance(hidden, int) and isinstance(heads, int) and heads \
             else head_dim
-        return {
-            "norm_type": "rms_one_plus", "hidden_act": "gelu_tanh", "qk_norm": True, "sandwich_norm": True,
+        return {  # norm_type "rms": llama.cpp's converter stores Gemma's norm weights as 1 + w already
+            "norm_type": "rms", "hidden_act": "gelu_tanh", "qk_norm": True, "sandwich_norm": True,
             "embedding_scale": float(hidden) ** 0.5 if isinstance(hidden, int) else None,
             "layer_types": _pattern_types(n_layers, pattern) if isinstance(n_layers, int) else None,
             "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA, "query_pre_attn_scalar": scalar,
