@@ -123,3 +123,22 @@ def test_gemma3_batch_invariance(family_llms):
     mixed = llm.generate(fillers[:3] + [target] + fillers[3:], params)[3].outputs[0]
     assert mixed.token_ids == alone.token_ids
     assert mixed.logprobs == alone.logprobs
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gpt2"])
+def test_gguf_written_like_llama_cpp_loads_to_the_same_logits(kind, family_dirs, tmp_path, gguf_path, one_thread):
+    """The checkpoint written as a GGUF file with llama.cpp's names and layout (tests/family_gguf.py; no real small
+    Qwen3 / GPT-2 GGUF is available offline), F32 tensors: lmgen's logits from it equal transformers'."""
+    from family_gguf import write_gguf
+
+    _, hf = family_dirs[kind]
+    path = write_gguf(hf, kind, tmp_path / f"tiny-{kind}.gguf", gguf_path)
+    llm = LLM(str(path), dtype="float32", quantization="none", kv_cache_tokens=2048)
+    assert llm.config.architecture == FAMILIES[kind]["architectures"][0]
+    prompt = random_prompt(llm.config.vocab_size, 24, 11)
+    steps = lmgen_logits_per_step(llm, prompt, prompt[:4])
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + prompt[:4]])).logits[0]
+    torch.testing.assert_close(steps[0], ref[:24], atol=1e-4, rtol=0)
+    for i, step in enumerate(steps[1:]):
+        torch.testing.assert_close(step[0], ref[24 + i], atol=1e-4, rtol=0)
