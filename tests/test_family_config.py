@@ -92,3 +92,14 @@ def test_real_gemma_gguf_metadata(gemma_gguf_path):
     bad = {**meta, "gemma3.attention.sliding_window_pattern": 0}
     with pytest.raises(ModelFormatError, match="sliding_window_pattern"):
         ModelConfig.from_gguf_metadata(bad, 262144)
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    with pytest.raises(UnsupportedModelError) as hf:
+        ModelConfig.from_hf_config({"architectures": ["MambaForCausalLM"], "vocab_size": 10})
+    with pytest.raises(UnsupportedModelError) as gg:
+        ModelConfig.from_gguf_metadata({"general.architecture": "mamba"})
+    for name in ("LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"):
+        assert name in str(hf.value)
+    for name in ("llama", "gemma3", "qwen3", "gpt2"):
+        assert name in str(gg.value)

@@ -21,13 +21,13 @@ from typing import Callable
 import torch
 
 from lmgen.config import ModelConfig
+from lmgen.errors import UnsupportedModelError
 from lmgen.layers.attention import Attention, AttentionMetadata
 from lmgen.layers.mlp import GeGLU
 from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rope import RotaryEmbedding
 from lmgen.layers.weight_slots import EmbeddingSlot, LayerFactory, LinearSlot
 from lmgen.models.base import CausalLM, attention_backend, fused_float_ops
-from lmgen.errors import UnsupportedModelError
 
 logger = logging.getLogger("lmgen.model")
 
@@ -56,6 +56,9 @@ class Gemma3ForCausalLM(CausalLM):
             raise UnsupportedModelError("attn_logit_softcapping (Gemma 2) is not supported")
         fused = fused_float_ops(self.device, self.dtype, compile, factory.batch_invariant)
         backend = attention_backend(config, fused, factory.batch_invariant)
+        if fused is not None:
+            logger.info("Gemma 3: the layers run one by one (q/k norms between the projection and RoPE, sandwich "
+                        "norms), with the fused RMSNorm and attention ops; GeGLU in PyTorch ops")
         self.rotary = RotaryEmbedding(config, self.device, self.dtype)  # global layers
         local = dataclasses.replace(config, rope_theta=config.rope_local_theta or config.rope_theta,
                                     rope_scaling={"rope_type": "default"})
