@@ -103,3 +103,15 @@ def test_unsupported_architecture_lists_the_supported_ones():
         assert name in str(hf.value)
     for name in ("llama", "gemma3", "qwen3", "gpt2"):
         assert name in str(gg.value)
+
+
+def test_parallelism_refused_for_the_single_process_families():
+    from lmgen.errors import ParallelConfigError
+    from lmgen.parallel.check import check_pipeline_parallel, check_tensor_parallel
+
+    c = ModelConfig.from_hf_config({**hf_dict("qwen3", num_hidden_layers=2), "architectures": ["Qwen3ForCausalLM"]})
+    assert check_tensor_parallel(c, 1) == 1 and check_pipeline_parallel(c, 1) == 1
+    with pytest.raises(ParallelConfigError, match="Qwen3ForCausalLM runs in one process only"):
+        check_tensor_parallel(c, 2)
+    with pytest.raises(ParallelConfigError, match="pipeline_parallel_size 2"):
+        check_pipeline_parallel(c, 2)

@@ -32,6 +32,7 @@ INVALID = {
     "beam_width": [0, -1, 2.0, "4", None],
     "length_penalty": [float("nan"), float("inf"), "1", None],
     "early_stopping": ["always", 1, None, "Never"],
+    "structured": ["json", {"regex": "a"}, 3],
 }
 
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from lmgen.cli_structured import add_structured_args
 from lmgen.sampling.params import PRESETS
 
 
@@ -37,6 +38,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
     g.add_argument("--no-batch-invariant", action="store_true",
                    help="allow results to depend on what shares a step (faster float prefill; see README)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N processes (torch.distributed; under torchrun, ranks > 0 become its "
+                        "workers); the model's heads must divide by N")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the model's layers into N stages, one process each (torch.distributed send/recv)")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -88,6 +94,7 @@ _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "rep
 
 
 def sampling_params_from_args(args: argparse.Namespace):
+    from lmgen.cli_structured import structured_from_args
     from lmgen.sampling.params import SamplingParams
 
     base = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
@@ -95,7 +102,9 @@ def sampling_params_from_args(args: argparse.Namespace):
         value = getattr(args, name, None)
         if value is not None:
             base[name] = value
+    base["structured"] = structured_from_args(args)
     return SamplingParams(**base)
+
 
 
 def load_llm(args: argparse.Namespace):
@@ -114,7 +123,8 @@ def load_llm(args: argparse.Namespace):
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
                    chat_template_kwargs={"enable_thinking": False} if getattr(args, "no_thinking", False) else None,
-                   compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress)
+                   compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress,
+                   tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
     finally:
         bar.close()
 
@@ -244,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
     _add_model_args(g)
     _add_sampling_args(g, 256)
+    add_structured_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat (REPL); piped stdin: one user turn per line")
@@ -294,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "tensor_parallel_size", 1) * getattr(args, "pipeline_parallel_size", 1) > 1:
+            from lmgen.parallel.worker import serve_torchrun_worker
+
+            if serve_torchrun_worker(args.device):  # a rank > 0 under torchrun: a worker of rank 0's engine
+                return 0
         return args.func(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

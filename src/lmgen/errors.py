@@ -73,3 +73,22 @@ class ModelFormatError(ModelLoadError):
         self.key = key
         self.value = value
         self.offset = offset
+
+
+class ParallelConfigError(ValueError):
+    """A tensor- or pipeline-parallel size the model cannot be split by (heads, layers, vocabulary or a packed
+    block not dividing evenly); `param` names the option, `value` what was given."""
+
+    def __init__(self, message: str, *, param: str, value: object):
+        super().__init__(message)
+        self.param = param
+        self.value = value
+
+
+class WorkerLostError(EngineStepError):
+    """A model worker process died or stopped answering; the engine cannot go on (the server answers 503 and
+    exits). `rank` is the worker's, where known."""
+
+    def __init__(self, message: str, *, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank

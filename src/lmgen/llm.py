@@ -8,15 +8,21 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
+from lmgen.chat.tool_calls import parse_tool_calls
+from lmgen.chat.tools import Tools, template_source
 from lmgen.engine.engine import Engine
 from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
 from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
-from lmgen.errors import ContextOverflowError
+from lmgen.errors import ContextOverflowError, InvalidRequestError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
 from lmgen.models.registry import build_model
+from lmgen.parallel.check import check_pipeline_parallel, check_tensor_parallel
+from lmgen.parallel.driver import DriverModel, MirroredKVCache, local_spec, start_workers
+from lmgen.parallel.worker import WorkerSpec
 from lmgen.loader.resolve import resolve_model
 from lmgen.sampling.params import SamplingParams
+from lmgen.sampling.structured.backend import GrammarBackend
 
 Prompt = Union[str, Sequence[int]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +78,8 @@ class LLM:
         compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
         batch_invariant: bool = True,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
@@ -94,32 +102,62 @@ class LLM:
             if progress:
                 progress(done[0], loaded.config.num_layers)
 
-        # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
-        self.quantization = quantization
-        self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
-                                 compile, batch_invariant)
-        loaded.weights = {}  # the model owns its tensors now; drop the loader's references
         limit = loaded.config.max_position_embeddings
         if context_length is not None and not (isinstance(context_length, int) and 2 <= context_length <= limit):
             raise ValueError(f"context_length must be an integer in [2, {limit}] (the model's window), got {context_length!r}")
         self.context_length = context_length or limit
+        # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
+        num_blocks = math.ceil((kv_cache_tokens or max(2 * self.context_length, 16384)) / block_size)
+        # batch_invariant: a request's tokens and logprobs do not depend on what shares its steps (float32 CPU)
+        self.quantization = quantization
+        self.workers, kv_cache, tp = None, None, check_tensor_parallel(loaded.config, tensor_parallel_size)
+        pp = check_pipeline_parallel(loaded.config, pipeline_parallel_size)
+        if tp * pp > 1:  # ranks 1.. in their own processes; this one is rank 0, the driver (lmgen.parallel)
+            if threads is None:
+                torch.set_num_threads(1)  # one thread per rank by default
+            spec = local_spec(WorkerSpec(str(loaded.path), tp, pp, str(self.dtype).removeprefix("torch."),
+                                         str(self.device), quantization, batch_invariant, num_blocks, block_size,
+                                         torch.get_num_threads()))
+            self.workers = start_workers(spec, loaded.config.num_layers)
+        layout = self.workers.layout if self.workers is not None else (None, None)  # rank 0's slice / stage
+        self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
+                                 compile, batch_invariant, *layout)
+        loaded.weights = {}  # the model owns its tensors now; drop the loader's references
+        if self.workers is not None:
+            self.model = DriverModel(self.model, self.workers)
+            cfg = self.model.config  # this rank's heads
+            kv_cache = MirroredKVCache(self.workers, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+                                       cfg.head_dim, self.model.dtype, self.model.device)
         if chat_template is not None:
             from lmgen.tokenizer.chat_template.template import ChatTemplate
 
             ChatTemplate.resolve(chat_template)  # fail now, not at the first chat
         self.chat_template = chat_template
         self.chat_template_kwargs = self._check_template_kwargs(chat_template_kwargs)
-        # Room for a couple of full-window sequences, and at least 16k tokens for concurrent requests.
-        tokens = kv_cache_tokens or max(2 * self.context_length, 16384)
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         self.engine = Engine(
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
-            num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching, kv_cache=kv_cache,
+            # masks overlap the forward pass only on a GPU: on the CPU the model's threads already use every core
+            grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids,
+                                           overlap=self.device.type == "cuda"),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (a single-process LLM holds nothing to release)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- prompts --------------------------------------------------------------------------------
     def _to_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -243,19 +281,37 @@ class LLM:
         return kwargs
 
     def chat(self, messages, params: SamplingParams | None = None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True, **template_kwargs) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of {role, content}) or a list of conversations.
 
         The model has no memory: the whole history is the prompt. If it does not fit the context window with
         `max_tokens` left for the answer, the oldest turns are dropped whole (never the system prompt) and
         `RequestOutput.dropped_messages` says how many; a last message too long alone raises ContextOverflowError.
+        `tools` (OpenAI's shape) with `tool_choice` none / auto / required / {"type": "function", "function":
+        {"name": ...}}, `parallel_tool_calls` (False: at most one call): the output is constrained to calls (lmgen.chat.tools), read into each output's `tool_calls`
+        (finish_reason "tool_calls").
         """
         params = params or SamplingParams()
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        spec = Tools(tools, tool_choice, parallel_tool_calls) if tools is not None or tool_choice is not None else None
+        if spec is not None:
+            source = template_source(self.tokenizer, chat_template or self.chat_template)
+            prepared = [spec.messages_for(list(m), source) for m in convs]
+            convs, template_kwargs = [m for m, _ in prepared], {**template_kwargs, **(prepared[0][1] if prepared else {})}
+            if spec.active:
+                if params.structured is not None:
+                    raise InvalidRequestError("params.structured cannot be combined with tools unless tool_choice is "
+                                              "'none'", param="tool_choice", value=spec.choice)
+                params = params.replace(structured=spec.structured())
         fitted = [self.fit_chat(m, params.max_tokens, chat_template, add_generation_prompt, **template_kwargs) for m in convs]
         outs = self.generate([ids for ids, _ in fitted], params)
         for out, (_, dropped) in zip(outs, fitted):
             out.dropped_messages = dropped
+            for c in out.outputs if spec is not None and spec.active else ():
+                _, c.tool_calls = parse_tool_calls(c.text)
+                if c.tool_calls and c.finish_reason == "stop":
+                    c.finish_reason = "tool_calls"
         return outs
 
     def fit_chat(self, messages: list[dict], max_tokens: int | None, chat_template: str | None = None,

@@ -6,6 +6,7 @@ import itertools
 import os
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +17,12 @@ from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.engine.request import Request, RequestStatus
 from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
 from lmgen.engine.scheduler import SampledTokens, Scheduler
-from lmgen.errors import ContextOverflowError
+from lmgen.errors import ContextOverflowError, InvalidRequestError
 from lmgen.models.base import CausalLM
 from lmgen.sampling.beam import BeamSearch, candidates_needed
 from lmgen.sampling.params import SamplingParams
 from lmgen.sampling.sampler import Sampler
+from lmgen.sampling.structured.backend import GrammarBackend
 from lmgen.sampling.metadata import SamplingMetadata
 
 
@@ -75,11 +77,15 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        kv_cache: KVCache | None = None,
+        grammar_backend: GrammarBackend | None = None,
     ):
         cfg = model.config
         self.model, self.context_length = model, context_length
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+        # kv_cache: a cache built by the caller (tensor parallelism: one that mirrors block copies on every rank)
+        self.kv_cache = kv_cache or KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                            model.dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         # blocks behind the sliding window are released only when every layer slides (Mistral); Gemma 3's global
         # layers need the whole context
@@ -87,6 +93,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.eos_token_ids, window)
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
+        self.grammar_backend = grammar_backend  # structured output: compiles each request's grammar, computes masks
         self.sequences: dict[str, Request] = {}  # every live sequence (n > 1 siblings included), by sequence id
         self.requests: dict[str, list[str]] = {}  # user request id -> its live sequence ids
         self.beam_groups: dict[str, BeamGroup] = {}  # beam-search requests, by user request id
@@ -125,15 +132,26 @@ class Engine:
         bm = self.block_manager
         shares = bm.enable_prefix_caching and params.prompt_logprobs is None and (len(ids) - 1) // bm.block_size > 0
         leader = None
+        grammar = self._grammar(params)
         for i, seq_id in enumerate(seq_ids):
             req = Request(seq_id, ids, params, self._generator(params.seed, i), max_total_tokens=self.context_length,
                           index=i, parent_id=request_id, leader=leader)
+            req.grammar = grammar.fork() if grammar is not None and i else grammar
             self.scheduler.add(req)
             self.sequences[seq_id] = req
             leader = leader or (req if shares else None)
         self.requests[request_id] = seq_ids
         self.stats.prompt_tokens += len(ids) * n
         return request_id
+
+    def _grammar(self, params: SamplingParams):
+        """The request's compiled grammar matcher (structured output), or None."""
+        if params.structured is None:
+            return None
+        if self.grammar_backend is None:
+            raise InvalidRequestError("structured output needs a grammar backend; this engine has none",
+                                      param="structured", value=params.structured.kind)
+        return self.grammar_backend.matcher(params.structured)
 
     def _add_beam_request(self, ids: list[int], params: SamplingParams, request_id: str) -> str:
         """A beam search as one root sequence (the prompt); its group forks the beams as they survive."""
@@ -225,7 +243,8 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill = sum(min(n, max(0, req.num_prompt_tokens - req.num_computed_tokens)) for req, n in sched.scheduled)
-        sampled = self._sample(self.runner.run(sched))
+        masks = self._start_grammar_masks(sched)  # structured output (on a worker thread while the model runs, on GPU)
+        sampled = self._sample(self.runner.run(sched), masks)
         outputs = self.scheduler.update_from_output(sched, sampled)
         outputs += self._advance_beams({r.parent_id for r, _ in sched.scheduled if r.beam_group is not None})
         now, dt = time.monotonic(), time.perf_counter() - t0
@@ -261,7 +280,14 @@ class Engine:
                 outputs += group.outputs(group.search.prompt_len, gone[0].num_cached_tokens if gone else 0)
         return outputs
 
-    def _sample(self, out: ModelRunnerOutput) -> SampledTokens:
+    def _start_grammar_masks(self, sched) -> tuple[list[str], Future] | None:
+        """Structured rows that draw a token this step (their chunk reaches the newest token): start their masks."""
+        reqs = [r for r, n in sched.scheduled if r.grammar is not None and r.num_computed_tokens + n >= r.num_tokens]
+        if not reqs:
+            return None
+        return [r.request_id for r in reqs], self.grammar_backend.start_masks([r.grammar for r in reqs])
+
+    def _sample(self, out: ModelRunnerOutput, masks: tuple[list[str], Future] | None = None) -> SampledTokens:
         reqs = out.sample_requests
         prompt_lp = {seq_id: _prompt_logprobs(logits, targets, self.sequences[seq_id].params.prompt_logprobs)
                      for seq_id, (logits, targets) in out.prompt_logits.items()}
@@ -270,6 +296,7 @@ class Engine:
         meta = SamplingMetadata.build(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], [self._min_tokens_stop_ids(r) for r in reqs], out.logits.shape[-1], out.logits.device,
+            _row_masks(reqs, masks),
         )
         sampled = self.sampler(out.logits, meta)
         tokens = sampled.token_ids.tolist()
@@ -312,6 +339,15 @@ class Engine:
             st.itl.clear()
         return EngineSnapshot(len(sched.running), len(sched.waiting), bm.num_used_blocks, bm.num_blocks, bm.prefix_hits,
                               bm.prefix_queries, st.prompt_tokens, st.prefill_tokens, st.generation_tokens, st.steps, ttft, itl)
+
+
+def _row_masks(reqs: list[Request], masks: tuple[list[str], Future] | None) -> list[torch.Tensor | None] | None:
+    """Each sampled row's grammar mask ((vocab,) bool), None for unconstrained rows; None when no row has one."""
+    if masks is None:
+        return None
+    ids, future = masks
+    by_id = dict(zip(ids, future.result()))
+    return [by_id.get(r.request_id) for r in reqs]
 
 
 def _seq_id(request_id: str, index: int) -> str:

@@ -91,7 +91,7 @@ class OutputProcessor:
         finish, stop_reason = out.finish_reason, out.stop_reason
         detok = seq.detokenizer
         # an EOS / stop token that ended the sequence never reaches the text
-        text_ids = out.new_token_ids[:-1] if finish == "stop" else out.new_token_ids
+        text_ids = out.new_token_ids[:-1] if finish == "stop" and not out.last_token_is_text else out.new_token_ids
         delta = detok.add_tokens(list(text_ids)) if text_ids else ""
         if detok.stop_string is not None:
             finish, stop_reason = "stop", detok.stop_string

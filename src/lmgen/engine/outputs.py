@@ -24,6 +24,7 @@ class EngineCoreOutput:
     num_output_tokens: int
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None  # sent with a sequence's first output only
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
+    last_token_is_text: bool = False  # "stop" at a grammar's end: the last token is output text, not an end token
 
     @property
     def finished(self) -> bool:
@@ -66,6 +67,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
+    tool_calls: list | None = None  # LLM.chat(tools=...): the ToolCalls read from `text` (then "tool_calls" finishes)
 
 
 @dataclass

@@ -67,6 +67,7 @@ class Request:
         self.num_hashed_blocks = 0  # leading blocks already registered in (or found in) the prefix cache
         # n > 1: the first sibling, whose prompt prefill the others wait for so that they share its blocks
         self.leader = leader
+        self.grammar = None  # structured output: its GrammarMatcher, advanced with every accepted token
         self.beam_group = None  # a beam-search request's BeamGroup: it, not the sampler, picks this sequence's tokens
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -162,10 +162,19 @@ class ModelRunner:
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), meta
 
+    def forward(self, sched: SchedulerOutput) -> torch.Tensor:
+        """The step's hidden states (tokens, hidden); a pipeline-parallel model gets the step in micro-batches of
+        whole sequences (one per stage), so that its stages overlap."""
+        parts = getattr(self.model, "micro_batches", 1)
+        if parts > 1 and len(sched.scheduled) > 1:
+            return self.model.forward_micro_batches([self.prepare(p) for p in split_schedule(sched, parts)],
+                                                    self.kv_cache.layers)
+        input_ids, positions, meta = self.prepare(sched)
+        return self.model(input_ids, positions, self.kv_cache.layers, meta)
+
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, meta = self.prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)  # (tokens, hidden)
+        hidden = self.forward(sched)  # (tokens, hidden)
         rows, sample_requests, prompt_logits = [], [], {}
         offset = 0
         for req, n in sched.scheduled:
@@ -186,3 +195,17 @@ class ModelRunner:
         else:
             logits = hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
         return ModelRunnerOutput(sample_requests, logits, prompt_logits)
+
+
+def split_schedule(sched: SchedulerOutput, parts: int) -> list[SchedulerOutput]:
+    """The step's sequences in up to `parts` consecutive groups of about equal token counts (batch order kept)."""
+    total, groups, current, count = sched.num_tokens, [], [], 0
+    for req, n in sched.scheduled:
+        current.append((req, n))
+        count += n
+        if count * parts >= total * (len(groups) + 1) and len(groups) < parts - 1:
+            groups.append(SchedulerOutput(current))
+            current = []
+    if current:
+        groups.append(SchedulerOutput(current))
+    return groups

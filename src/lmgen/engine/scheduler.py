@@ -141,7 +141,13 @@ class Scheduler:
             if req.logprobs is not None and entry is not None:
                 req.logprobs.append(entry)
             req.cumulative_logprob += sampled.chosen_logprobs.get(req.request_id, 0.0)
+            grammar = req.grammar.advance(token) if req.grammar is not None else None  # structured output
             status = self._finish_status(req, token)
+            text_end = grammar == "end" and status != RequestStatus.FINISHED_STOPPED  # ended on a text token, not EOS
+            if text_end:
+                status = RequestStatus.FINISHED_STOPPED
+            elif grammar == "error":  # the constraint can no longer be enforced: never hand out unchecked text
+                status = RequestStatus.FINISHED_ABORTED
             if status is not None:
                 self.finish(req, status)
             outputs.append(EngineCoreOutput(
@@ -149,6 +155,7 @@ class Scheduler:
                 req.cumulative_logprob, req.finish_reason, req.stop_reason, req.num_prompt_tokens, req.num_cached_tokens,
                 len(req.output_token_ids),
                 tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and len(req.output_token_ids) == 1 else None,
+                last_token_is_text=text_end,
             ))
         return outputs
 

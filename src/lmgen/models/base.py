@@ -27,6 +27,8 @@ class CausalLM(torch.nn.Module):
     packed_modules: dict[str, tuple[str, int]] = {}
     # prefix of the checkpoint's names for the decoder stack (transformers' `model.`), dropped when mapping names
     checkpoint_prefix = "model."
+    # index of this model's first decoder layer in the checkpoint (a pipeline stage holds layers [offset, ...))
+    layer_offset = 0
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -46,6 +48,11 @@ class CausalLM(torch.nn.Module):
     def _weight_target(self, name: str) -> tuple[torch.nn.Module, str, int] | None:
         """(module, "weight" | "bias", shard) taking checkpoint tensor `name`, or None."""
         path = name[len(self.checkpoint_prefix):] if name.startswith(self.checkpoint_prefix) else name
+        if path.startswith("layers."):  # the checkpoint's layer index -> this model's (a pipeline stage's)
+            index, _, rest = path[len("layers."):].partition(".")
+            if not index.isdigit() or not 0 <= int(index) - self.layer_offset < len(getattr(self, "layers", ())):
+                return None
+            path = f"layers.{int(index) - self.layer_offset}.{rest}"
         path, _, kind = path.rpartition(".")
         parent, _, leaf = path.rpartition(".")
         shard = 0
@@ -64,7 +71,7 @@ class CausalLM(torch.nn.Module):
         for name, child in list(self.named_children()):
             if isinstance(child, torch.nn.ModuleList):
                 for i, layer in enumerate(child):
-                    self._materialize(layer, f"{name}.{i}")
+                    self._materialize(layer, f"{name}.{i + self.layer_offset}")
                     tick()
             else:
                 self._materialize(child, name, parent=self, attr=name)

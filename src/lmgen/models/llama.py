@@ -31,6 +31,7 @@ from lmgen.layers.attention import Attention, AttentionMetadata, FusedCPUAttenti
 from lmgen.layers.kernels import fused_ops
 from lmgen.layers.mlp import SwiGLU
 from lmgen.layers.norm import RMSNorm
+from lmgen.layers.pipeline import run_pipelined
 from lmgen.layers.rope import RotaryEmbedding
 from lmgen.layers.weight_slots import EmbeddingSlot, LayerFactory, LinearSlot
 from lmgen.models.base import CausalLM
@@ -58,7 +59,15 @@ class LlamaForCausalLM(CausalLM):
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, config: ModelConfig, factory: LayerFactory, compile: bool = False):
+        full, tp = config, factory.tp  # under tensor parallelism this rank holds a slice of every layer
+        split = tp is not None and tp.size > 1
+        config = tp.local_config(full) if split else full
+        # under pipeline parallelism this rank holds layers [first, end); the first stage (the driver) also the
+        # embedding and the output layer, the last the final norm (lmgen.layers.pipeline)
+        pp = factory.pp if factory.pp is not None and factory.pp.size > 1 else None
+        config = pp.local_config(config) if pp else config
         super().__init__(config, factory.dtype, factory.device)
+        self.pp, self.layer_offset = pp, pp.first if pp else 0
         self.batch_invariant = factory.batch_invariant
         # The compiled fused float32 ops (csrc/fused_ops.h) on CPU: the whole decode step, and RMSNorm / SwiGLU of
         # every step; None: plain PyTorch only (other devices / dtypes, or no compiler).  Decode of a small model
@@ -78,27 +87,48 @@ class LlamaForCausalLM(CausalLM):
         def norm() -> RMSNorm:
             return RMSNorm(h, config.rms_norm_eps, self.dtype, self.device, self._fused)
 
-        self.embed_tokens = EmbeddingSlot(factory, config.vocab_size, h)
+        # this rank's rows / columns of each whole tensor (None without tensor parallelism; layers.parallel)
+        vocab = full.vocab_size // tp.size if split else full.vocab_size
+        kv_rows = tp.kv_rows(full.num_kv_heads, full.head_dim) if split else None
+        qkv_rows = [tp.split(full.q_size), kv_rows, kv_rows] if split else None
+        gate_up_rows = [tp.split(full.intermediate_size)] * 2 if split else None
+        vocab_rows = tp.split(full.vocab_size) if split else None
+        first, last = pp is None or pp.is_first, pp is None or pp.is_last
+        self.embed_tokens = EmbeddingSlot(factory, vocab, h, vocab_rows) if first else None
         self.layers = torch.nn.ModuleList()
         for _ in range(config.num_layers):
-            qkv = LinearSlot(factory, h, [q, kv, kv], config.attention_bias, ("q_proj", "k_proj", "v_proj"))
-            o = LinearSlot(factory, q, [h], config.o_bias)
-            gate_up = LinearSlot(factory, h, [inter, inter], config.mlp_bias, ("gate_proj", "up_proj"))
-            down = LinearSlot(factory, inter, [h], config.mlp_bias)
+            qkv = LinearSlot(factory, h, [q, kv, kv], config.attention_bias, ("q_proj", "k_proj", "v_proj"), qkv_rows)
+            o, down = self._output_projections(factory, full, split)
+            gate_up = LinearSlot(factory, h, [inter, inter], config.mlp_bias, ("gate_proj", "up_proj"), gate_up_rows)
             self.layers.append(LlamaBlock(Attention(config, qkv, o, self._attention_backend),
                                           SwiGLU(gate_up, down, inter, self._fused), norm(), norm()))
-        self.norm = norm()
-        self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
+        self.norm = norm() if last else None
+        self.lm_head = LinearSlot(factory, h, [vocab], False, rows=[vocab_rows] if split else None,
+                                  combine="gather") if first else None
         self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_layer_plan`
         # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
         # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
         # quantized layers stay opaque calls between compiled pieces.
         self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
 
+    @staticmethod
+    def _output_projections(factory: LayerFactory, full: ModelConfig, split: bool) -> tuple[LinearSlot, LinearSlot]:
+        """o_proj and down_proj slots: whole, or this rank's rows over gathered inputs (exact, the batch-invariant
+        default), or Megatron's row-parallel columns with an all-reduce (lmgen.layers.parallel)."""
+        tp, h, q, inter = factory.tp, full.hidden_size, full.q_size, full.intermediate_size
+        if not split:
+            return (LinearSlot(factory, q, [h], full.o_bias), LinearSlot(factory, inter, [h], full.mlp_bias))
+        if factory.batch_invariant:
+            rows = [tp.split(h)]
+            return (LinearSlot(factory, q, [h // tp.size], full.o_bias, rows=rows, combine="gather_both"),
+                    LinearSlot(factory, inter, [h // tp.size], full.mlp_bias, rows=rows, combine="gather_both"))
+        return (LinearSlot(factory, q // tp.size, [h], full.o_bias, cols=tp.split(q), combine="reduce"),
+                LinearSlot(factory, inter // tp.size, [h], full.mlp_bias, cols=tp.split(inter), combine="reduce"))
+
     def finalize(self, progress: Callable[[], None] | None = None) -> None:
         """Builds the layers; the output layer shares the embedding's matrix when the model ties them (or the
         checkpoint has no lm_head)."""
-        tied = self.config.tie_word_embeddings or bool(self.lm_head.missing())
+        tied = self.lm_head is not None and (self.config.tie_word_embeddings or bool(self.lm_head.missing()))
         if tied:
             self.lm_head = torch.nn.Identity()  # replaced below, once the embedding exists
         super().finalize(progress)
@@ -106,8 +136,25 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head = self.embed_tokens.as_linear()  # one (vocab, hidden) matrix for both
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
-        x = self.embed_tokens(input_ids)  # (tokens, hidden)
+        """input_ids, positions (tokens,) -> final hidden states (tokens, hidden); writes K/V into kv_caches.
+        A pipeline stage takes its input from the previous stage and hands its output on (lmgen.layers.pipeline);
+        the first stage returns the last stage's output, the others None."""
+        if self.pp is not None:
+            return run_pipelined(self.pp, self.stage_forward, [(input_ids, positions, meta)], kv_caches,
+                                 self.config.hidden_size, self.dtype, self.device)
+        return self.stage_forward(input_ids, positions, kv_caches, meta)
+
+    def forward_micro_batches(self, batches: list, kv_caches) -> torch.Tensor | None:
+        """A pipeline step in micro-batches [(input_ids, positions, meta), ...]: each stage starts the next one while
+        the following stage works on the previous one.  -> the hidden states of all, in order (first stage)."""
+        return run_pipelined(self.pp, self.stage_forward, batches, kv_caches, self.config.hidden_size, self.dtype,
+                             self.device)
+
+    def stage_forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, x=None) -> torch.Tensor:
+        """This model's (or stage's) layers: embeds input_ids unless `x` (the previous stage's output) is given.
+        -> (tokens, hidden): the final-normed hidden states, or a middle stage's residual stream."""
+        if x is None:
+            x = self.embed_tokens(input_ids)  # (tokens, hidden)
         self.rotary.reserve(meta.max_position + 1)
         cos, sin = self.rotary(positions)  # (tokens, head_dim) each
         if self._fused is not None and self._attention_backend.supports(meta):
@@ -115,10 +162,11 @@ class LlamaForCausalLM(CausalLM):
         return (self._compiled or self._run_layers)(x, cos, sin, kv_caches, meta)
 
     def _run_layers(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """The generic path: every block, then the final norm. x (tokens, hidden) -> (tokens, hidden)."""
+        """The generic path: every block, then the final norm (a pipeline stage before the last: none).
+        x (tokens, hidden) -> (tokens, hidden)."""
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def _forward_fused(self, x, cos, sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """A step with the compiled fused ops: per layer 8 calls (qkv, RoPE + cache write + attention, o_proj,
@@ -136,6 +184,8 @@ class LlamaForCausalLM(CausalLM):
             out = attend(qkv, cos, sin, k_cache, v_cache, meta)  # (tokens, heads * head_dim); writes K/V
             x, normed = ops.add_rms_norm(x, o_proj(out), post_norm, eps)
             act = ops.silu_mul(gate_up_proj(normed), inter)  # (tokens, intermediate)
+            if next_norm is None:  # the end of a pipeline stage: the residual stream goes on to the next one
+                return x + down_proj(act)
             x, normed = ops.add_rms_norm(x, down_proj(act), next_norm, eps)  # next layer's input norm / final norm
         return normed
 
@@ -152,7 +202,8 @@ class LlamaForCausalLM(CausalLM):
             attn, mlp = layer.self_attn, layer.mlp
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             plan.append((fn(attn.qkv_proj), attn.backend, fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj),
-                         layer.post_attention_layernorm.weight, next_norm.weight, mlp.intermediate_size))
+                         layer.post_attention_layernorm.weight, None if next_norm is None else next_norm.weight,
+                         mlp.intermediate_size))
         return self.layers[0].input_layernorm.weight, plan
 
     def _apply(self, fn, *args, **kwargs):

@@ -46,14 +46,15 @@ def model_class(architecture: str) -> type:
 
 def build_model(config, weights: Iterable[tuple[str, object]], dtype: torch.dtype, device: torch.device | str,
                 quantization: str = "none", progress: Callable[[], None] | None = None, compile: bool = False,
-                batch_invariant: bool = True) -> torch.nn.Module:
+                batch_invariant: bool = True, tp=None, pp=None) -> torch.nn.Module:
     """config -> modules (slots), then the named weights through the layers' loaders, then the real layers.
 
     quantization: "none" | "auto" | "int8" | "int4" (lmgen.layers.linear.build_linear); progress: called once per
-    decoder layer built."""
+    decoder layer built; tp: this process's lmgen.layers.parallel.TensorParallel, pp: its
+    lmgen.layers.pipeline.PipelineStage (None: the whole model)."""
     from lmgen.layers.weight_slots import LayerFactory
 
-    factory = LayerFactory(dtype, torch.device(device), quantization, bool(batch_invariant))
+    factory = LayerFactory(dtype, torch.device(device), quantization, bool(batch_invariant), tp, pp)
     model = model_class(config.architecture)(config, factory, compile=compile)
     model.load_weights(weights)
     model.finalize(progress)

@@ -12,6 +12,7 @@ repetition penalty     ``1.0``
 presence / frequency   ``0.0`` / ``0.0``
 logit bias             all-zero bias row
 min_tokens             no token to suppress
+grammar mask           every token allowed
 temperature            ``1.0`` (and ``0.0``: greedy rows are left alone)
 top-k                  ``k <= 0`` or ``k >= vocab``
 top-p                  ``1.0``
@@ -30,6 +31,7 @@ __all__ = [
     "apply_presence_frequency_penalties",
     "apply_logit_bias",
     "apply_min_tokens",
+    "apply_grammar_mask",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
@@ -130,6 +132,12 @@ def apply_min_tokens(logits: torch.Tensor, suppress: torch.Tensor) -> torch.Tens
     fewer than ``min_tokens`` tokens.
     """
     return logits.masked_fill(suppress.to(logits.device), _NEG_INF)
+
+
+def apply_grammar_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Structured output: set the logits of tokens the row's grammar forbids (``allowed``: ``(batch, vocab)`` bool,
+    all True for unconstrained rows) to -inf."""
+    return logits.masked_fill(~allowed.to(logits.device), _NEG_INF)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

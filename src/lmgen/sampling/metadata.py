@@ -33,6 +33,7 @@ class RowInputs(NamedTuple):
     suppressed: frozenset[int]  # ids set to -inf at this step (min_tokens)
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    grammar_row: int = -1  # structured output: this row's index in the batch (-1: unconstrained); never shared
 
     def key(self) -> Hashable:
         seen = None
@@ -41,7 +42,7 @@ class RowInputs(NamedTuple):
         counts = None
         if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
             counts = tuple(sorted(Counter(self.output_token_ids).items()))
-        return self[:10] + (seen, counts)
+        return self[:10] + (seen, counts, self.grammar_row)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SamplingMetadata:
     rows: list[RowInputs]
     vocab_size: int
     device: torch.device
+    grammar_mask: torch.Tensor | None = None  # (batch, vocab) bool: tokens the row's grammar allows; None: no grammar
 
     # -- summary (Python-side, no device sync) -----------------------------
     @property
@@ -160,6 +162,8 @@ class SamplingMetadata:
             rows=[self.rows[i] for i in rows],
             vocab_size=self.vocab_size,
             device=self.device,
+            grammar_mask=None if self.grammar_mask is None else self.grammar_mask.index_select(
+                0, idx.to(self.grammar_mask.device)),
         )
 
     @classmethod
@@ -172,6 +176,7 @@ class SamplingMetadata:
         stop_ids_for_min_tokens: list[set[int]],
         vocab_size: int,
         device,
+        grammar_masks: list[torch.Tensor | None] | None = None,
     ) -> "SamplingMetadata":
         """Build the metadata for a batch.
 
@@ -180,7 +185,8 @@ class SamplingMetadata:
         ``params[i].min_tokens`` tokens.  ``generators[i]`` is the row's random
         generator (seeded when ``params[i].seed`` is set); it must live on
         ``device``.  ``None`` means "use the sampler's own entropy-seeded
-        generator" (never the global RNG).  The token-id lists are read, not copied: do not change
+        generator" (never the global RNG).  ``grammar_masks[i]``: the ``(vocab,)``
+        bool tokens row ``i``'s grammar allows (``None``: unconstrained).  The token-id lists are read, not copied: do not change
         them while the metadata is in use.
         """
         batch = len(params)
@@ -214,8 +220,18 @@ class SamplingMetadata:
                     suppressed=suppressed,
                     prompt_token_ids=prompt_token_ids[i],
                     output_token_ids=output_token_ids[i],
+                    grammar_row=i if grammar_masks is not None and grammar_masks[i] is not None else -1,
                 )
             )
+        dense_mask = None
+        if grammar_masks is not None and any(m is not None for m in grammar_masks):
+            everything = None
+            rows_mask = []
+            for m in grammar_masks:
+                if m is None:
+                    everything = torch.ones(vocab_size, dtype=torch.bool) if everything is None else everything
+                rows_mask.append(everything if m is None else m)
+            dense_mask = torch.stack(rows_mask).to(device)  # (batch, vocab)
 
         def col(name, dtype):
             return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=device)
@@ -234,4 +250,5 @@ class SamplingMetadata:
             rows=rows,
             vocab_size=vocab_size,
             device=torch.device(device),
+            grammar_mask=dense_mask,
         )

@@ -33,6 +33,9 @@ Semantics of the less obvious fields:
   logprobs must stay off, or it is a ValueError); ``n`` must not exceed
   ``beam_width``.  ``length_penalty`` and ``early_stopping`` (``True``,
   ``False`` or ``"never"``) have Hugging Face transformers semantics.
+* ``structured``: a ``StructuredOutput`` (JSON object, JSON Schema, regex,
+  choice or grammar) the output must match, enforced token by token (a mask
+  after min_tokens, before temperature); not with beam search.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from lmgen.errors import InvalidRequestError
+from lmgen.sampling.structured.spec import StructuredOutput
 
 __all__ = ["SamplingParams", "PRESETS", "MAX_LOGPROBS"]
 
@@ -111,6 +115,7 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, Literal["never"]] = False
+    structured: StructuredOutput | None = None
 
     # ------------------------------------------------------------------ checks
     def _float(self, name: str) -> float:
@@ -204,6 +209,12 @@ class SamplingParams:
                 if value not in off:
                     raise InvalidRequestError(f"{name} must be left at its default with beam search (beam_width > 1), "
                                               f"got {value!r}", param=name, value=value)
+
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            _fail("structured", "a StructuredOutput or None", self.structured)
+        if self.structured is not None and beam_width > 1:
+            raise InvalidRequestError("structured output is not supported with beam search (beam_width > 1)",
+                                      param="structured", value=beam_width)
 
         self._float("length_penalty")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):

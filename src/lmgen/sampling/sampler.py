@@ -14,6 +14,7 @@ import torch
 
 from .draw import TokenDraw
 from .logits import (
+    apply_grammar_mask,
     apply_logit_bias,
     apply_min_p,
     apply_min_tokens,
@@ -53,12 +54,13 @@ class Sampler:
        semantics);
     2. logit_bias;
     3. min_tokens suppression (EOS / stop ids -> -inf while too short);
+    3b. grammar mask (structured output: tokens the row's grammar forbids -> -inf);
     4. temperature;
     5. top-k;
     6. top-p;
     7. min-p;
     8. draw: greedy rows (temperature 0 or beam search) take the argmax of the
-       logits after steps 1-3 (lowest id on ties); the other rows draw from
+       logits after steps 1-3b (lowest id on ties); the other rows draw from
        the softmax of the logits after step 7.
 
     Log-probabilities (``SamplerOutput.logprobs`` / ``top_logprobs``) are
@@ -85,7 +87,7 @@ class Sampler:
     # -- steps 1-7 --------------------------------------------------------
     @staticmethod
     def apply_penalties_bias_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Steps 1-3 (the logits greedy rows take their argmax of)."""
+        """Steps 1-3b (the logits greedy rows take their argmax of)."""
         x = logits
         if meta.seen_mask is not None:
             x = apply_repetition_penalty(x, meta.seen_mask, meta.repetition_penalty)
@@ -97,6 +99,8 @@ class Sampler:
             x = apply_logit_bias(x, meta.logit_bias)
         if meta.min_tokens_mask is not None:
             x = apply_min_tokens(x, meta.min_tokens_mask)
+        if meta.grammar_mask is not None:
+            x = apply_grammar_mask(x, meta.grammar_mask)
         return x
 
     @staticmethod

@@ -28,6 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from lmgen.errors import WorkerLostError
+from lmgen.chat.tool_calls import parse_tool_calls
+from lmgen.chat.tools import Tools
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
 from lmgen.server.protocol.api_error import APIError
@@ -133,12 +136,14 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, f"best_of is not supported (other than best_of == n), got {req.best_of}", param="best_of")
         prompts = await completion_prompts(srv, req)
+        structured = await srv.offload(srv.constraint, req)
         k = req.logprobs
         jobs = []
         for _, ids in prompts:
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), srv.context_length)
             jobs.append((ids, sampling_params(req, max_tokens, k, srv.vocab_size,
-                                                prompt_logprobs=k if (req.echo and k is not None) else None)))
+                                                prompt_logprobs=k if (req.echo and k is not None) else None,
+                                                structured=structured)))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await srv.admit(jobs, rid)
@@ -178,25 +183,26 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
         srv.auth(request)
         req: Q.ChatCompletionRequest = await parse_body(request, Q.ChatCompletionRequest)
         srv.check_model(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported (only 'text')",
-                             param="response_format")
+        for legacy in ("functions", "function_call"):
+            if getattr(req, legacy) is not None:
+                raise APIError(400, f"{legacy} (OpenAI's deprecated function calling) is not supported; use tools and "
+                                    "tool_choice", param=legacy)
+        tools = Tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         extra = dict(req.chat_template_kwargs or {})
-        if req.tools:
-            extra["tools"] = req.tools
-        ids = await srv.render_messages(req.messages, req.add_generation_prompt, req.chat_template, extra)
+        structured = await srv.offload(srv.constraint, req, tools)
+        ids = await srv.render_messages(req.messages, req.add_generation_prompt, req.chat_template, extra, tools=tools)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = resolve_max_tokens(requested, len(ids), srv.context_length, param, what="messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        sp = sampling_params(req, max_tokens, k, srv.vocab_size)
+        sp = sampling_params(req, max_tokens, k, srv.vocab_size, structured=structured)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await srv.admit([(ids, sp)], rid)
         if req.stream:
-            return SSEResponse(chat_stream(srv, req, rid, created, len(ids), streams[0]), streams[0].abort)
+            return SSEResponse(chat_stream(srv, req, rid, created, len(ids), streams[0], tools.active), streams[0].abort)
         try:
             result = (await unless_disconnected(request, srv.collect(streams)))[0]
         except ClientGone:
@@ -207,8 +213,11 @@ def create_app(llm, served_model_name: str | list[str] | None = None, api_key: s
             if k is not None:
                 pairs = visible_logprobs(seq.token_ids, seq.logprobs, seq.finish_reason, seq.stop_reason)
                 logprobs = srv.chat_logprobs(pairs, k)
-            choices.append(R.ChatChoice(index=j, message=R.AssistantMessage(content=seq.text), logprobs=logprobs,
-                                        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+            content, calls = parse_tool_calls(seq.text) if tools.active else (seq.text, [])
+            finish = "tool_calls" if calls and seq.finish_reason == "stop" else seq.finish_reason
+            choices.append(R.ChatChoice(index=j, message=R.AssistantMessage(
+                content=content, tool_calls=[c.to_openai() for c in calls] or None), logprobs=logprobs,
+                finish_reason=finish, stop_reason=seq.stop_reason))
         usage = srv.usage([len(ids)], [result.num_cached_tokens], sum(len(s.token_ids) for s in result.outputs))
         return R.ChatCompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=choices, usage=usage).model_dump(mode="json")
 
@@ -236,7 +245,11 @@ def serve(args, llm) -> int:
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on", access_log=bool(getattr(args, "access_log", False)))
     server = uvicorn.Server(config)
+    engine = app.state.engine
+    engine.on_fatal = lambda error: setattr(server, "should_exit", True)  # a lost worker: stop serving, exit 1
     logger.info("serving %s as %r on http://%s:%d (API key %s)", llm.model_name, name, host, args.port,
                 "required" if api_key else "not required")
     server.run()
+    if isinstance(engine.dead, WorkerLostError):
+        raise engine.dead
     return 0

@@ -18,11 +18,11 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from lmgen.engine.output_processor import OutputProcessor
 from lmgen.engine.outputs import StepOutput
-from lmgen.errors import EngineClosedError, EngineStepError, InvalidRequestError, QueueFullError
+from lmgen.errors import EngineClosedError, EngineStepError, InvalidRequestError, QueueFullError, WorkerLostError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.metrics import ServerMetrics
 from lmgen.server.request_stream import ACCEPTED, DONE, RequestStream
@@ -56,7 +56,10 @@ class AsyncEngine:
         self._start_lock = threading.Lock()
         self._closed = False
         self._stopping = False  # engine thread
-        self.dead: BaseException | None = None  # set if the engine thread itself crashed
+        self.dead: BaseException | None = None  # set if the engine thread itself crashed, or lost a worker
+        # called (on the engine thread) when the engine can never step again (a tensor-parallel worker died):
+        # `lmgen serve` uses it to stop the server, which then exits with status 1
+        self.on_fatal: Callable[[BaseException], None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,7 +153,8 @@ class AsyncEngine:
             self.dead = e
         finally:
             err = EngineClosedError("the server shut down before this request finished") if self.dead is None else \
-                EngineClosedError(f"the engine stopped: {self.dead!r}")
+                EngineClosedError(f"the engine stopped: {self.dead}" if isinstance(self.dead, WorkerLostError)
+                                  else f"the engine stopped: {self.dead!r}")
             for rid in list(self._streams):
                 self._fail(rid, err, abort=True)
             # anything still queued gets an answer too
@@ -240,6 +244,12 @@ class AsyncEngine:
         fails; otherwise the step's batch is unknown, so every live request fails with the error and the
         loop carries on with a clean engine."""
         self.metrics.engine_error()
+        if isinstance(error, WorkerLostError):  # the model cannot run any more: fail everything, take nothing new
+            logger.error("engine stopped: %s", error)
+            self.dead, self._stopping, self._closed = error, True, True
+            if self.on_fatal is not None:
+                self.on_fatal(error)
+            return
         stuck = self.engine.unschedulable_request()
         if stuck is not None:
             culprits = [stuck]

@@ -12,12 +12,15 @@ from typing import Any, Callable
 
 from fastapi import Request
 
-from lmgen.errors import ChatTemplateLimitError
+from lmgen.chat.tools import Tools, template_source
+from lmgen.errors import ChatTemplateLimitError, InvalidRequestError
 from lmgen.sampling.params import SamplingParams
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
 from lmgen.server.protocol.api_error import APIError
+from lmgen.sampling.structured.spec import StructuredOutput
 from lmgen.server.protocol.sampling import check_token_ids
+from lmgen.server.protocol.structured import structured_output
 from lmgen.server.async_engine import AsyncEngine
 from lmgen.server.request_stream import RequestStream
 from lmgen.engine.outputs import RequestOutput
@@ -147,7 +150,7 @@ class ServerContext:
     # ---- chat prompt ----------------------------------------------------------------------------
     async def render_messages(self, messages: list[Q.ChatMessage], add_generation_prompt: bool,
                               chat_template: str | None = None, extra: dict | None = None,
-                              fit_context: bool = True) -> list[int]:
+                              fit_context: bool = True, tools: Tools | None = None) -> list[int]:
         """Prompt ids of a conversation, rendered and tokenized in the prompt threads. A request's own
         `chat_template` is template text (or a built-in / the model's named template), never a file, and
         only taken when the server trusts request templates."""
@@ -175,8 +178,11 @@ class ServerContext:
         if not msgs:
             raise APIError(400, "messages must not be empty", param="messages")
         try:
+            if tools is not None:  # a template that takes `tools` gets them; another gets them described
+                msgs, more = tools.messages_for(msgs, await self.offload(self.template_source, chat_template))
+                extra = {**(extra or {}), **more}
             text = await self.offload(self._render, msgs, add_generation_prompt, chat_template, extra or {})
-        except APIError:
+        except (APIError, InvalidRequestError):
             raise
         except ChatTemplateLimitError as e:
             raise APIError(400, f"the chat template went over a limit: {e}",
@@ -188,6 +194,23 @@ class ServerContext:
         if fit_context:
             self.check_prompt_chars(text, "messages", "messages")
         return await self.offload(self.tok.encode, text, False)
+
+    def template_source(self, chat_template: str | None) -> str | None:
+        """The Jinja source a chat request renders with (to tell whether it takes `tools`)."""
+        return template_source(self.tok, chat_template or self.llm.chat_template, allow_files=chat_template is None)
+
+    def constraint(self, req: Any, tools: Tools | None = None) -> StructuredOutput | None:
+        """The request's output constraint (response_format / guided_* / tools), compiled for this model now, in a
+        prompt thread (bounded by the grammar limits; the engine thread then only copies the compiled matcher)."""
+        spec = structured_output(req)
+        tool_spec = tools.structured() if tools is not None else None
+        if spec is not None and tool_spec is not None:
+            raise InvalidRequestError(f"{spec.param} cannot be combined with tools unless tool_choice is 'none'",
+                                      param="tool_choice", value=tools.choice)
+        spec = spec or tool_spec
+        if spec is not None:
+            self.llm.engine.grammar_backend.matcher(spec)
+        return spec
 
     def _render(self, msgs: list[dict], add_generation_prompt: bool, chat_template: str | None, extra: dict) -> str:
         """The prompt text (runs in a prompt thread): the operator's / model's template, or the request's."""

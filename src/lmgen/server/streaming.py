@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from lmgen.chat.tool_calls import ToolCallStream
 from lmgen.engine.outputs import StepOutput
 from lmgen.server.protocol import requests as Q
 from lmgen.server.protocol import responses as R
@@ -154,8 +155,11 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
 
 
 async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str, created: int, prompt_len: int,
-                       stream: RequestStream) -> AsyncIterator[str]:
+                       stream: RequestStream, tool_calls: bool = False) -> AsyncIterator[str]:
+    """SSE chunks of a chat completion; with `tool_calls`, the output is read as it streams into content or
+    `delta.tool_calls` fragments (OpenAI's shape), and a sequence that made calls finishes with "tool_calls"."""
     k = (req.top_logprobs or 0) if req.logprobs else None
+    parsers: dict[int, ToolCallStream] = {}
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
     def chunk(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
@@ -171,9 +175,15 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
             pairs = step_logprob_pairs(so, k)
             if pairs:
                 logprobs = srv.chat_logprobs(pairs, k)
-            if not (so.delta_text or logprobs or so.finished):
+            content, calls, finish = so.delta_text, None, so.finish_reason
+            if tool_calls:
+                parser = parsers.setdefault(so.index, ToolCallStream())
+                content, calls = parser.feed(so.delta_text)
+                finish = "tool_calls" if parser.calls and finish == "stop" else finish
+            if not (content or calls or logprobs or so.finished):
                 continue
-            yield chunk(so.index, R.DeltaMessage(content=so.delta_text or None), logprobs, so.finish_reason, so.stop_reason)
+            yield chunk(so.index, R.DeltaMessage(content=content or None, tool_calls=calls or None), logprobs, finish,
+                        so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
             cached = next(iter(last.values())).num_cached_tokens if last else 0
             usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()))

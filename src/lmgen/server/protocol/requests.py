@@ -53,6 +53,14 @@ class SamplingFields(StrictModel):
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, Literal["never"]] = False
+    # structured output (vLLM's names); checked and compiled by protocol/structured.py
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     @field_validator("stop")
     @classmethod
@@ -66,6 +74,11 @@ class SamplingFields(StrictModel):
         return stop
 
 
+class ResponseFormat(StrictModel):
+    type: str
+    json_schema: Optional[dict[str, Any]] = None
+
+
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16
@@ -74,6 +87,7 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
     add_special_tokens: bool = True
+    response_format: Optional[ResponseFormat] = None  # vLLM takes it on completions too
 
 
 class ContentPart(BaseModel):
@@ -89,10 +103,6 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
 
 
-class ResponseFormat(StrictModel):
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
@@ -101,6 +111,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    # OpenAI's deprecated function calling: refused (400) rather than ignored, so a constraint is never dropped
+    functions: Optional[list[Any]] = None
+    function_call: Union[str, dict[str, Any], None] = None
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template: Optional[str] = None

@@ -5,7 +5,7 @@ logprobs, the model list and the tokenize/detokenize answers.
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_serializer
 
@@ -65,6 +65,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # [{id, type: "function", function: {name, arguments}}]
 
 
 class ChatChoice(BaseModel):
@@ -88,6 +89,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # [{index, id, type, function: {name, arguments}}] fragments
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):  # OpenAI sends {"content": "..."}, not {"role": null, ...}

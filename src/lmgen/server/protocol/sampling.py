@@ -6,6 +6,7 @@ from typing import Any
 
 from lmgen.errors import ContextOverflowError
 from lmgen.sampling.params import SamplingParams
+from lmgen.sampling.structured.spec import StructuredOutput
 from lmgen.server.protocol.api_error import APIError
 from lmgen.server.protocol.requests import SamplingFields
 
@@ -36,7 +37,7 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, context_length: i
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
     """Builds SamplingParams; their InvalidRequestError becomes a 400 with its `param`."""
     if req.logit_bias:
         bad = [k for k in req.logit_bias if not (k.strip().lstrip("+").isdigit() and int(k) < vocab_size)]
@@ -57,6 +58,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
         ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         beam_width=req.beam_width, length_penalty=req.length_penalty, early_stopping=req.early_stopping,
+        structured=structured,
     )
     try:
         return SamplingParams(**fields)
