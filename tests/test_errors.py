@@ -88,10 +88,11 @@ def test_shape_mismatch(tmp_path, tiny_model_dirs):
 
 def test_unsupported_architecture_lists_supported(tmp_path, tiny_model_dirs):
     folder = copy_folder(tiny_model_dirs["qwen2"], tmp_path / "m")
-    _edit_checkpoint(folder, config_changes={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    _edit_checkpoint(folder, config_changes={"architectures": ["MambaForCausalLM"], "model_type": "mamba"})
+    with pytest.raises(UnsupportedModelError, match="MambaForCausalLM.*LlamaForCausalLM, MistralForCausalLM, "
+                                                    "Qwen2ForCausalLM, Gemma3ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel"):
         LLM(str(folder))
-    assert_clean_cli_error(run_cli("generate", "hi", "--model", str(folder)), "GPT2LMHeadModel", "Qwen2ForCausalLM")
+    assert_clean_cli_error(run_cli("generate", "hi", "--model", str(folder)), "MambaForCausalLM", "Gemma3ForCausalLM")
 
 
 def test_folder_without_weights(tmp_path, tiny_model_dirs):

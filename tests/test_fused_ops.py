@@ -123,7 +123,7 @@ def test_decode_prepare_equals_general_prepare(tiny_model_dirs):
     runner = llm.engine.runner
     results = []
     for general, fused in ((False, True), (True, True), (False, False), (True, False)):
-        runner.prepare = runner._prepare_general if general else type(runner).prepare.__get__(runner)
+        runner.prepare = (lambda s: runner._prepare_general(s, None)) if general else type(runner).prepare.__get__(runner)
         plain_pytorch(llm.model, plain=not fused)
         results.append(llm.generate(prompts, params))
     for other in results[1:]:

@@ -1,7 +1,7 @@
 """lmgen.layers.quant: packed GGUF linear layers against gguf-py's reference dequantizer.
 
 Error model checked here (see quant.py's docstring):
-  * integer kernels (Q4_0 / Q4_1 / Q8_0, every batch by default): activations are rounded to int8 blocks of 32
+  * integer kernels (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, every batch by default): activations are rounded to int8 blocks of 32
     with scale d_x = max|x_block| / 127, so per output
         |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_{j in block} |W_deq[n, j]|   (+ fp32 rounding)
     (the AVX2 and the AVX-512 VNNI kernels are both checked where the CPU has VNNI)
@@ -39,7 +39,7 @@ def test_kernels_build_here():
     else:
         assert KERNELS, f"quant kernels unavailable: {kernels.extension_error()}"
 
-R8_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+R8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQ_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
 INT_PATH, DEQ_PATH = 1, 2  # PackedLinear.forward_path selectors
 FP32_RTOL = 2e-5  # fp32 rounding slack, relative to |x| @ |W|^T
@@ -120,7 +120,7 @@ def check_close(y, x, w, integer_path, bias=None):
 # ------------------------------------------------------------------------------------------------------------
 @needs_kernels
 def test_supported_qtypes():
-    assert {T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K} <= quant.supported_packed_qtypes()
+    assert {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K} <= quant.supported_packed_qtypes()
 
 
 @needs_kernels

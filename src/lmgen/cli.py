@@ -27,7 +27,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default: GGUF Q4_0/Q4_1/Q8_0/K-quant blocks stay packed) | none (dequantize to --dtype) | "
                         "int8 | int4 (also quantize float checkpoints at load)")
     g.add_argument("--context-length", type=int, default=None, help="cap the context window below the model's (tokens)")
-    g.add_argument("--chat-template", default=None, help="builtin name (llama3, llama2, chatml, mistral), a .jinja file, or template text")
+    g.add_argument("--no-thinking", action="store_true",
+                   help="chat prompts with enable_thinking=false (Qwen3-style templates; refused where the template has "
+                        "no such switch); a server request's chat_template_kwargs overrides it")
+    g.add_argument("--chat-template", default=None, help="builtin name (llama3, llama3.1, llama2, chatml, mistral, gemma), a .jinja file, or template text")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the layers (minutes of compiling at the first steps; meant for CUDA, slower than "
                         "the default fused kernels on CPU: see benchmarks/RESULTS.md)")
@@ -142,6 +145,7 @@ def load_llm(args: argparse.Namespace):
     try:
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
+                   chat_template_kwargs={"enable_thinking": False} if getattr(args, "no_thinking", False) else None,
                    compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress,
                    tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                    speculative=speculative_from_args(args))

@@ -6,8 +6,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmgen.config_families import FAMILY_MODEL_TYPES, gguf_family, hf_family
 from lmgen.errors import ModelFormatError, UnsupportedModelError
 from lmgen.models.registry import ARCHITECTURES, GGUF_ARCHITECTURES
+
+
+NORM_TYPES = ("rms", "rms_one_plus", "layer")  # x * w / rms(x); x * (1 + w) / rms(x) (Gemma); LayerNorm (GPT-2)
+HIDDEN_ACTS = ("silu", "gelu_tanh", "gelu")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 # A context window larger than any published model's (10M tokens): the value sizes the KV cache and RoPE tables.
@@ -63,6 +69,21 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # ---- what other families add (lmgen.config_families); the defaults are Llama's ----
+    norm_type: str = "rms"  # NORM_TYPES
+    hidden_act: str = "silu"  # HIDDEN_ACTS: the MLP's activation
+    mlp_gated: bool = True  # act(gate(x)) * up(x) (Llama, Gemma, Qwen); False: act(up(x)) (GPT-2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3)
+    sandwich_norm: bool = False  # norms after attention and after the MLP too, before the residual add (Gemma)
+    embedding_scale: float | None = None  # token embeddings times this (Gemma: sqrt(hidden_size))
+    position_embedding: str = "rope"  # "rope" | "learned" (GPT-2's absolute position table)
+    # per layer "full_attention" | "sliding_attention" (sliding_window applies to the latter); None: all full, or
+    # all sliding when sliding_window is set (Mistral)
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3: 10,000)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power instead of head_dim's (Gemma)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    attn_logit_softcapping: float | None = None  # the same on attention scores
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -84,9 +105,42 @@ class ModelConfig:
                                    key="head_dim", value=self.head_dim)
         if "factor" in self.rope_scaling:
             checked_float(self.rope_scaling["factor"], "rope scaling factor", "model config ")
+        self._check_family_fields()
         rope_type = self.rope_scaling.get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3", "yarn", "freq_factors"):
             raise UnsupportedModelError(f"unsupported rope scaling type {rope_type!r}; supported: default, linear, llama3, yarn")
+
+    def _check_family_fields(self) -> None:
+        where = "model config "
+        for name, allowed in (("norm_type", NORM_TYPES), ("hidden_act", HIDDEN_ACTS),
+                              ("position_embedding", ("rope", "learned"))):
+            if getattr(self, name) not in allowed:
+                raise UnsupportedModelError(f"{where}{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("embedding_scale", "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping",
+                     "attn_logit_softcapping"):
+            if getattr(self, name) is not None:
+                setattr(self, name, checked_float(getattr(self, name), name, where))
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ModelFormatError(f"{where}layer_types must name {' or '.join(LAYER_TYPES)} for each of the "
+                                       f"{self.num_layers} layers, got {str(self.layer_types)[:120]}",
+                                       key="layer_types", value=self.layer_types)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ModelFormatError(f"{where}has sliding_attention layers but no sliding_window",
+                                       key="sliding_window", value=None)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer` (None: it sees the whole context)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base of decoder layer `layer` (Gemma 3's sliding layers have their own)."""
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return self.rope_local_theta
+        return self.rope_theta
 
     @property
     def q_size(self) -> int:
@@ -98,13 +152,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
-        """Builds the config from a parsed `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        """Builds the config from a parsed `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`);
+        what a family adds to Llama's fields is read by lmgen.config_families."""
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            cfg.get("model_type", ""), str(cfg.get("model_type"))
-        )
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                       **FAMILY_MODEL_TYPES}.get(cfg.get("model_type", ""), str(cfg.get("model_type")))
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(f"unsupported architecture {arch!r}; lmgen supports {', '.join(ARCHITECTURES)}")
+        cfg, extra = hf_family(arch, cfg)
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {cfg.get('hidden_act')!r}; lmgen implements SwiGLU (silu)")
         where = "config.json: "
@@ -139,7 +194,7 @@ class ModelConfig:
         window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
         if is_qwen2 and cfg.get("use_sliding_window"):  # only on layers >= max_window_layers
             raise UnsupportedModelError("Qwen2 with use_sliding_window=true (a per-layer sliding window) is not supported")
-        return cls(
+        return cls(**{**dict(
             architecture=arch,
             vocab_size=size("vocab_size"),
             hidden_size=hidden,
@@ -160,7 +215,7 @@ class ModelConfig:
             sliding_window=size("sliding_window", window) if window else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-        )
+        ), **extra})
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int | None = None) -> "ModelConfig":
@@ -231,7 +286,7 @@ class ModelConfig:
             return value if 0 <= value < n_vocab else None
 
         eos = token_id("eos_token_id")
-        return cls(
+        return cls(**{**dict(
             architecture=GGUF_ARCHITECTURES[gguf_arch],
             vocab_size=n_vocab,
             hidden_size=hidden,
@@ -250,4 +305,4 @@ class ModelConfig:
             sliding_window=size("attention.sliding_window") if key("attention.sliding_window", 0) else None,
             bos_token_id=token_id("bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
-        )
+        ), **gguf_family(gguf_arch, meta)})

@@ -70,6 +70,7 @@ class LLM:
         quantization: str = "auto",
         context_length: int | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         block_size: int = 16,
@@ -136,6 +137,7 @@ class LLM:
 
             ChatTemplate.resolve(chat_template)  # fail now, not at the first chat
         self.chat_template = chat_template
+        self.chat_template_kwargs = self._check_template_kwargs(chat_template_kwargs)
         # the model's end tokens: the config's (GGUF / generation_config) and the tokenizer's, merged by LoadedModel
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         # speculative decoding: a draft model (or this file packed) with its own KV cache, or n-gram lookup
@@ -264,11 +266,28 @@ class LLM:
 
     # ---- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        """Messages -> prompt token ids through the model's (or the given) chat template."""
+        """Messages -> prompt token ids through the model's (or the given) chat template; `kwargs` (e.g.
+        enable_thinking=False) over the LLM's `chat_template_kwargs`."""
         template = chat_template or self.chat_template
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=template, **kwargs
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=template,
+            **{**self.chat_template_kwargs, **kwargs}
         )
+
+    def _check_template_kwargs(self, kwargs: dict | None) -> dict:
+        """Template variables every chat render gets; `enable_thinking` is refused (ValueError) for a chat template
+        whose output does not depend on it, since it could not be honoured."""
+        kwargs = dict(kwargs or {})
+        if not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise ValueError(f"chat_template_kwargs keys must be identifiers, got {sorted(map(repr, kwargs))}")
+        if "enable_thinking" in kwargs:
+            probe = [{"role": "user", "content": "hi"}]
+            on, off = (self.tokenizer.apply_chat_template(probe, chat_template=self.chat_template, enable_thinking=v)
+                       for v in (True, False))
+            if on == off:
+                raise ValueError("enable_thinking: this model's chat template has no thinking switch (it renders the "
+                                 "same with thinking on and off)")
+        return kwargs
 
     def chat(self, messages, params: SamplingParams | None = None, chat_template: str | None = None,
              add_generation_prompt: bool = True, tools: list[dict] | None = None, tool_choice: str | dict | None = None,

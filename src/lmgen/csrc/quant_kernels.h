@@ -9,16 +9,18 @@
 
 namespace lmgen_q {
 
-constexpr int64_t QK = 32;     // elements per Q4_0 / Q4_1 / Q8_0 block
+constexpr int64_t QK = 32;     // elements per Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 block
 constexpr int64_t QK_K = 256;  // elements per K-quant super-block
 
 // GGML type ids (gguf.GGMLQuantizationType values)
-enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 
 inline int64_t r8_block_bytes(int64_t qtype) {
   switch (qtype) {
     case T_Q4_0: return 144;
     case T_Q4_1: return 160;
+    case T_Q5_0: return 176;
+    case T_Q5_1: return 192;
     case T_Q8_0: return 272;
     default: return 0;
   }
@@ -106,37 +108,64 @@ struct ActQ8 {
 // ---------------------------------------------------------------------------------------------------------
 // r8 kernels: one group of 8 weight rows x MR activation rows; acc[r] lane i = output (act row r, weight row i)
 // ---------------------------------------------------------------------------------------------------------
-template <int MR, bool HAS_MIN>
-inline void r8_q4_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+// Byte layout of one r8 block (8 rows x 32 values) of the nibble types (see quant.py's _pack_r8):
+//   d[8] fp16 | m[8] fp16 (Q4_1, Q5_1) | hb[8] u32 (Q5_0, Q5_1) | q[4][8][4] nibbles
+// Q5 values are nibble | (high bit << 4), 0..31; the high bits of row r sit in hb[r] so that byte j of the
+// word has, at bit c, the high bit of value 4c+j (low nibble of q[c][r][j]) and, at bit 4+c, that of value
+// 16+4c+j (its high nibble): one shift and mask per chunk move them to bit 4 of each byte.
+template <int64_t QT>
+struct NibbleLayout {
+  static constexpr bool has_min = QT == T_Q4_1 || QT == T_Q5_1;
+  static constexpr bool five = QT == T_Q5_0 || QT == T_Q5_1;
+  static constexpr int64_t hoff = has_min ? 32 : 16;          // high-bit words (Q5)
+  static constexpr int64_t qoff = hoff + (five ? 32 : 0);     // nibbles
+  static constexpr int64_t bb = qoff + 128;                   // bytes per block of the 8-row group
+  static constexpr float offset = five ? -16.0f : -8.0f;      // Q4_0 / Q5_0: value = d (q - offset)
+};
+
+// chunk c of the nibbles v (32 bytes: 4 of each row) -> 5-bit (Q5) or 4-bit values, low and high halves
+template <bool FIVE>
+inline void nibble_chunk(__m256i v, __m256i hb, int c, __m256i* lo, __m256i* hi) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  *lo = _mm256_and_si256(v, m4);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if (FIVE) {
+    const __m256i b4 = _mm256_set1_epi8(0x10);
+    *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_sll_epi16(hb, _mm_cvtsi32_si128(4 - c)), b4));
+    *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(c)), b4));
+  }
+}
+
+template <int MR, int64_t QT>
+inline void r8_q4_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
+  using L = NibbleLayout<QT>;
   const __m256i ones = _mm256_set1_epi16(1);
-  constexpr int64_t bb = HAS_MIN ? 160 : 144;
-  constexpr int64_t qoff = HAS_MIN ? 32 : 16;
   __m256 accm[MR];  // min / offset term, kept apart to shorten the loop-carried FMA chain
   for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wg + b * bb;
+    const uint8_t* blk = wg + b * L::bb;
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 mw = HAS_MIN ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-                              : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-    const uint8_t* q = blk + qoff;
+    const __m256 mw = L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                                 : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
+    const __m256i hb = L::five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + L::hoff)) : _mm256_setzero_si256();
+    const uint8_t* q = blk + L::qoff;
     __m256i lo[4], hi[4];
-    for (int c = 0; c < 4; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-      lo[c] = _mm256_and_si256(v, m4);
-      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    }
+    for (int c = 0; c < 4; ++c)
+      nibble_chunk<L::five>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c)), hb, c, lo + c, hi + c);
     for (int r = 0; r < MR; ++r) {
       const int8_t* xa = act[r].q + b * QK;
-      // nibble (0..15) x int8 (|q| <= 127) pairs: |sum of 8 maddubs lanes| <= 8 * 2 * 15 * 127 = 30480, fits int16
+      // value (0..15 or 0..31) x int8 (|q| <= 127) pairs: |4 maddubs lanes| <= 4 * 2 * 31 * 127 = 31496, fits int16
+      // (4-bit: sa + sb <= 30480 fits too; 5-bit: widened apart)
       __m256i sa = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(load_i32(xa)));
       __m256i sb = _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(load_i32(xa + 16)));
       for (int c = 1; c < 4; ++c) {
         sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(load_i32(xa + 4 * c))));
         sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(load_i32(xa + 16 + 4 * c))));
       }
-      const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(sa, sb), ones));
-      // Q4_1: sum_j (d q_j + m) x_j ~= d dx sum(q qx) + m sx;  Q4_0: d dx sum(q qx) - 8 d sx
+      const __m256i s32 = L::five ? _mm256_add_epi32(_mm256_madd_epi16(sa, ones), _mm256_madd_epi16(sb, ones))
+                                  : _mm256_madd_epi16(_mm256_add_epi16(sa, sb), ones);
+      const __m256 p = _mm256_cvtepi32_ps(s32);
+      // with min: sum_j (d q_j + m) x_j ~= d dx sum(q qx) + m sx;  without: d dx sum(q qx) + offset d sx
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(act[r].d[b])), p, acc[r]);
       accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(act[r].s[b]), accm[r]);
     }
@@ -171,12 +200,13 @@ inline void r8_q8_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256*
 
 template <int MR>
 inline void r8_group(int64_t qtype, const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
-  if (qtype == T_Q8_0)
-    r8_q8_group<MR>(wg, nb, act, acc);
-  else if (qtype == T_Q4_1)
-    r8_q4_group<MR, true>(wg, nb, act, acc);
-  else
-    r8_q4_group<MR, false>(wg, nb, act, acc);
+  switch (qtype) {
+    case T_Q8_0: r8_q8_group<MR>(wg, nb, act, acc); break;
+    case T_Q4_1: r8_q4_group<MR, T_Q4_1>(wg, nb, act, acc); break;
+    case T_Q5_0: r8_q4_group<MR, T_Q5_0>(wg, nb, act, acc); break;
+    case T_Q5_1: r8_q4_group<MR, T_Q5_1>(wg, nb, act, acc); break;
+    default: r8_q4_group<MR, T_Q4_0>(wg, nb, act, acc);
+  }
 }
 
 // AVX-512 VNNI variants (256-bit vpdpbusd: u8 x s8, 4 products summed into each int32 lane, no int16
@@ -189,25 +219,21 @@ inline bool cpu_has_vnni() {
   return ok;
 }
 
-template <int MR, bool HAS_MIN>
+template <int MR, int64_t QT>
 LMGEN_VNNI inline void r8_q4_group_vnni(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  constexpr int64_t bb = HAS_MIN ? 160 : 144;
-  constexpr int64_t qoff = HAS_MIN ? 32 : 16;
+  using L = NibbleLayout<QT>;
   __m256 accm[MR];
   for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wg + b * bb;
+    const uint8_t* blk = wg + b * L::bb;
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 mw = HAS_MIN ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-                              : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-    const uint8_t* q = blk + qoff;
+    const __m256 mw = L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                                 : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
+    const __m256i hb = L::five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + L::hoff)) : _mm256_setzero_si256();
+    const uint8_t* q = blk + L::qoff;
     __m256i lo[4], hi[4];
-    for (int c = 0; c < 4; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-      lo[c] = _mm256_and_si256(v, m4);
-      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    }
+    for (int c = 0; c < 4; ++c)
+      nibble_chunk<L::five>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c)), hb, c, lo + c, hi + c);
     for (int r = 0; r < MR; ++r) {
       const int8_t* xa = act[r].q + b * QK;
       __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(load_i32(xa)));
@@ -252,12 +278,13 @@ LMGEN_VNNI inline void r8_q8_group_vnni(const uint8_t* wg, int64_t nb, const Act
 
 template <int MR>
 LMGEN_VNNI void r8_group_vnni(int64_t qtype, const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
-  if (qtype == T_Q8_0)
-    r8_q8_group_vnni<MR>(wg, nb, act, acc);
-  else if (qtype == T_Q4_1)
-    r8_q4_group_vnni<MR, true>(wg, nb, act, acc);
-  else
-    r8_q4_group_vnni<MR, false>(wg, nb, act, acc);
+  switch (qtype) {
+    case T_Q8_0: r8_q8_group_vnni<MR>(wg, nb, act, acc); break;
+    case T_Q4_1: r8_q4_group_vnni<MR, T_Q4_1>(wg, nb, act, acc); break;
+    case T_Q5_0: r8_q4_group_vnni<MR, T_Q5_0>(wg, nb, act, acc); break;
+    case T_Q5_1: r8_q4_group_vnni<MR, T_Q5_1>(wg, nb, act, acc); break;
+    default: r8_q4_group_vnni<MR, T_Q4_0>(wg, nb, act, acc);
+  }
 }
 
 // GEMM micro-kernels for batches (prefill), VNNI only: NG consecutive 8-row groups x MR activation rows.
@@ -290,25 +317,26 @@ LMGEN_VNNI inline void gemm_min_pass(const uint8_t* wg0, int64_t gbytes, int64_t
     for (int r = 0; r < MR; ++r) out[g * MR + r] = _mm256_add_ps(out[g * MR + r], accm[g][r]);
 }
 
-template <int NG, int MR, bool HAS_MIN>
+template <int NG, int MR, int64_t QT>
 LMGEN_VNNI inline void gemm_q4_vnni(const uint8_t* wg0, int64_t gbytes, int64_t nb, const ActQ8* act, __m256* out) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  constexpr int64_t bb = HAS_MIN ? 160 : 144, qoff = HAS_MIN ? 32 : 16;
+  using L = NibbleLayout<QT>;
   __m256 acc[NG][MR];
   for (int g = 0; g < NG; ++g)
     for (int r = 0; r < MR; ++r) acc[g][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk0 = wg0 + b * bb;
+    const uint8_t* blk0 = wg0 + b * L::bb;
     __m256i s[NG][MR];
     for (int g = 0; g < NG; ++g)
       for (int r = 0; r < MR; ++r) s[g][r] = _mm256_setzero_si256();
+    __m256i hb[NG];
+    for (int g = 0; g < NG; ++g)
+      hb[g] = L::five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk0 + g * gbytes + L::hoff))
+                      : _mm256_setzero_si256();
     for (int c = 0; c < 4; ++c) {
       __m256i lo[NG], hi[NG];
-      for (int g = 0; g < NG; ++g) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk0 + g * gbytes + qoff + 32 * c));
-        lo[g] = _mm256_and_si256(v, m4);
-        hi[g] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      }
+      for (int g = 0; g < NG; ++g)
+        nibble_chunk<L::five>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk0 + g * gbytes + L::qoff + 32 * c)),
+                              hb[g], c, lo + g, hi + g);
       for (int r = 0; r < MR; ++r) {
         const int8_t* xa = act[r].q + b * QK;
         const __m256i xl = _mm256_set1_epi32(load_i32(xa + 4 * c)), xh = _mm256_set1_epi32(load_i32(xa + 16 + 4 * c));
@@ -326,7 +354,7 @@ LMGEN_VNNI inline void gemm_q4_vnni(const uint8_t* wg0, int64_t gbytes, int64_t 
   }
   for (int g = 0; g < NG; ++g)
     for (int r = 0; r < MR; ++r) out[g * MR + r] = acc[g][r];
-  gemm_min_pass<NG, MR>(wg0, gbytes, nb, bb, HAS_MIN, -8.0f, act, out);
+  gemm_min_pass<NG, MR>(wg0, gbytes, nb, L::bb, L::has_min, L::offset, act, out);
 }
 
 template <int NG, int MR>
@@ -364,12 +392,13 @@ constexpr int GEMM_NG = 2, GEMM_MR = 6;
 
 LMGEN_VNNI inline void gemm_tile_vnni(int64_t qtype, const uint8_t* wg0, int64_t gbytes, int64_t nb, const ActQ8* act,
                                       __m256* out) {
-  if (qtype == T_Q8_0)
-    gemm_q8_vnni<GEMM_NG, GEMM_MR>(wg0, gbytes, nb, act, out);
-  else if (qtype == T_Q4_1)
-    gemm_q4_vnni<GEMM_NG, GEMM_MR, true>(wg0, gbytes, nb, act, out);
-  else
-    gemm_q4_vnni<GEMM_NG, GEMM_MR, false>(wg0, gbytes, nb, act, out);
+  switch (qtype) {
+    case T_Q8_0: gemm_q8_vnni<GEMM_NG, GEMM_MR>(wg0, gbytes, nb, act, out); break;
+    case T_Q4_1: gemm_q4_vnni<GEMM_NG, GEMM_MR, T_Q4_1>(wg0, gbytes, nb, act, out); break;
+    case T_Q5_0: gemm_q4_vnni<GEMM_NG, GEMM_MR, T_Q5_0>(wg0, gbytes, nb, act, out); break;
+    case T_Q5_1: gemm_q4_vnni<GEMM_NG, GEMM_MR, T_Q5_1>(wg0, gbytes, nb, act, out); break;
+    default: gemm_q4_vnni<GEMM_NG, GEMM_MR, T_Q4_0>(wg0, gbytes, nb, act, out);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -408,6 +437,17 @@ inline void r8_dequant_row(int64_t qtype, const uint8_t* wg, int64_t nb, int r, 
     if (qtype == T_Q8_0) {
       for (int c = 0; c < 8; ++c) std::memcpy(tmp + 4 * c, blk + 16 + 32 * c + 4 * r, 4);
       int8_to_f32(reinterpret_cast<const int8_t*>(tmp), d, o);
+    } else if (qtype == T_Q5_0 || qtype == T_Q5_1) {
+      const bool has_min = qtype == T_Q5_1;
+      const int64_t hoff = has_min ? 32 : 16, qoff = hoff + 32;
+      const float bias = has_min ? fp16_to_f32(blk + 16 + 2 * r) : -16.0f * d;
+      const uint8_t* hb = blk + hoff + 4 * r;  // byte j: bit c -> value 4c+j, bit 4+c -> value 16+4c+j
+      for (int c = 0; c < 4; ++c)
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t v = blk[qoff + 32 * c + 4 * r + j];
+          o[4 * c + j] = static_cast<float>((v & 0x0F) | (((hb[j] >> c) & 1) << 4)) * d + bias;
+          o[16 + 4 * c + j] = static_cast<float>((v >> 4) | (((hb[j] >> (4 + c)) & 1) << 4)) * d + bias;
+        }
     } else {
       const int64_t qoff = qtype == T_Q4_1 ? 32 : 16;
       for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, blk + qoff + 32 * c + 4 * r, 4);

@@ -93,7 +93,10 @@ class Engine:
         self.kv_cache = kv_cache or KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                             model.dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.eos_token_ids, cfg.sliding_window)
+        # blocks behind the sliding window are released only when every layer slides (Mistral); Gemma 3's global
+        # layers need the whole context
+        window = cfg.sliding_window if cfg.layer_types is None else None
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.eos_token_ids, window)
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
         self.grammar_backend = grammar_backend  # structured output: compiles each request's grammar, computes masks

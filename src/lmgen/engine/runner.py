@@ -38,15 +38,20 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """input_ids (tokens,), positions (tokens,) and the AttentionMetadata of one step."""
-        if all(n == 1 for _, n in sched.scheduled):
-            return self._prepare_decode(sched)
-        return self._prepare_general(sched)
+        """input_ids (tokens,), positions (tokens,) and the AttentionMetadata of one step.  A model that mixes
+        sliding-window and global layers (config.layer_types, Gemma 3) gets the windowed view in `meta.sliding`."""
+        config = self.model.config
+        mixed = config.layer_types is not None and "sliding_attention" in config.layer_types
+        window = config.sliding_window if config.layer_types is None else None
+        build = self._prepare_decode if all(n == 1 for _, n in sched.scheduled) else self._prepare_general
+        input_ids, positions, meta = build(sched, window)
+        if mixed:
+            meta.sliding = build(sched, config.sliding_window)[2]
+        return input_ids, positions, meta
 
-    def _prepare_general(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Any mix of prefill chunks and decode tokens."""
+    def _prepare_general(self, sched: SchedulerOutput, window: int | None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Any mix of prefill chunks and decode tokens; a query at p sees positions > p - window (None: all)."""
         ids, positions, slot_mapping, kv_rows, q_lens, kv_lens = [], [], [], [], [], []
-        window = self.model.config.sliding_window
         token_seq, token_kv_start, token_kv_len = [], [], []  # per token: its sequence, the span of it that it sees
         for b, (req, n) in enumerate(sched.scheduled):
             start = req.num_computed_tokens
@@ -105,7 +110,7 @@ class ModelRunner:
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta
 
-    def _prepare_decode(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare_decode(self, sched: SchedulerOutput, window: int | None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """`prepare` for a pure decode step (one new token per sequence), with the same tensors, built from Python
         ints and a handful of tensor ops: this runs once per generated token, where `prepare`'s per-sequence
         arange/index ops over the whole context cost about as much as a layer of the model."""
@@ -120,7 +125,6 @@ class ModelRunner:
             tables.append(req.block_table[: pos // bs + 1])
         batch, max_blocks = len(ids), max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # (batch, max_blocks)
-        window = self.model.config.sliding_window
         context_t = torch.tensor(positions) + 1  # (batch,) tokens of each sequence so far
         if window is None or max(positions) < window:
             kv_len_t = context_t

@@ -43,6 +43,14 @@ class AttentionMetadata:
     token_kv_start: torch.Tensor | None = None
     token_kv_len: torch.Tensor | None = None
     max_position: int = 0  # the step's highest position (the model's RoPE tables must cover it)
+    # the same step for the sliding-window layers of a model that mixes them with global ones (Gemma 3), with the
+    # window applied; None for other models (Mistral's window applies to every layer, so to this metadata itself)
+    sliding: "AttentionMetadata | None" = None
+
+
+def attention_scale(config: ModelConfig) -> float:
+    """The factor of q.k: head_dim^-1/2, or query_pre_attn_scalar^-1/2 where the config has one (Gemma)."""
+    return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
 class TorchAttentionBackend:
@@ -50,7 +58,7 @@ class TorchAttentionBackend:
 
     def __init__(self, config: ModelConfig):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_size, self.kv_size, self.scale = config.q_size, config.kv_size, config.head_dim**-0.5
+        self.q_size, self.kv_size, self.scale = config.q_size, config.kv_size, attention_scale(config)
 
     def supports(self, meta: AttentionMetadata) -> bool:
         return True
@@ -82,7 +90,7 @@ class FusedCPUAttentionBackend:
     (batch_invariant=False): it serves pure decode steps only, the PyTorch backend the others."""
 
     def __init__(self, config: ModelConfig, ops, all_steps: bool):
-        self.num_heads, self.num_kv_heads, self.scale = config.num_heads, config.num_kv_heads, config.head_dim**-0.5
+        self.num_heads, self.num_kv_heads, self.scale = config.num_heads, config.num_kv_heads, attention_scale(config)
         self._paged_attention, self.all_steps = ops.paged_attention, all_steps
 
     def supports(self, meta: AttentionMetadata) -> bool:
@@ -97,18 +105,39 @@ class FusedCPUAttentionBackend:
 
 class Attention(torch.nn.Module):
     """Grouped-query attention (num_heads query heads share num_kv_heads K/V heads): QKV projection, then the
-    backend's RoPE + K/V write + attention, then the output projection."""
+    backend's RoPE + K/V write + attention, then the output projection.
 
-    def __init__(self, config: ModelConfig, qkv: torch.nn.Module, o_proj: torch.nn.Module, backend):
+    q_norm / k_norm (Qwen3, Gemma 3): norms over each head of q and k, between the projection and RoPE.  sliding:
+    this layer attends within the sliding window of a model that mixes local and global layers (`meta.sliding`)."""
+
+    def __init__(self, config: ModelConfig, qkv: torch.nn.Module, o_proj: torch.nn.Module, backend,
+                 q_norm: torch.nn.Module | None = None, k_norm: torch.nn.Module | None = None, sliding: bool = False):
         super().__init__()
+        self.sliding = sliding
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.qkv_proj, self.o_proj = qkv, o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.backend = backend  # chosen at load (see the module docstring)
         self.torch_backend = backend if isinstance(backend, TorchAttentionBackend) else TorchAttentionBackend(config)
 
+    def set_qk_norms(self, q_norm: torch.nn.Module, k_norm: torch.nn.Module) -> None:
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (tokens, q + 2 kv) -> the same with each head of q and k normalized."""
+        tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(tokens * self.num_heads, self.head_dim)).view(tokens, self.q_size)
+        k = self.k_norm(k.reshape(tokens * self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
+        return torch.cat([q, k, v], dim=-1)
+
     def attend(self, qkv, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """qkv (tokens, q + 2 kv) -> attention output (tokens, q_size) before o_proj; writes this step's K/V."""
+        if self.q_norm is not None:
+            qkv = self.norm_qk(qkv)
+        if self.sliding and meta.sliding is not None:
+            meta = meta.sliding
         backend = self.backend if self.backend.supports(meta) else self.torch_backend
         return backend(qkv, cos, sin, k_cache, v_cache, meta)
 

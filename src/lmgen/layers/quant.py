@@ -5,9 +5,9 @@ the speed.  Keeping GGUF's 4.5-8.5 bit blocks resident (instead of fp32) cuts th
 extension (`lmgen/csrc/`, AVX2 + FMA + F16C, AVX-512 VNNI where the CPU has it) multiplies them directly.
 benchmarks/matmul_candidates.py holds the measurements behind the choices below.
 
-Q4_0 / Q4_1 / Q8_0 (every batch size): like llama.cpp, each activation row is quantized to int8 blocks of 32
-(scale d_x = max|x_block| / 127, round to nearest) and every weight block contributes
-    d_w d_x sum(q_w q_x)        (+ m_w d_x sum(q_x) for Q4_1, - 8 d_w d_x sum(q_x) for Q4_0).
+Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 (every batch size): like llama.cpp, each activation row is quantized to int8
+blocks of 32 (scale d_x = max|x_block| / 127, round to nearest) and every weight block contributes
+    d_w d_x sum(q_w q_x)        (+ m_w d_x sum(q_x) for Q4_1 / Q5_1, - 8 (Q4_0) or - 16 (Q5_0) d_w d_x sum(q_x)).
 Load time re-packs the blocks of 8 consecutive rows so that one 256-bit register holds 4 quants of each of the
 8 rows ("r8" layout, same byte count as the file, see `_pack_r8`): one broadcast of 4 activation bytes feeds
 8 rows, results land in 8 lanes without horizontal sums (2-3x a llama.cpp-style row-at-a-time kernel on the
@@ -67,7 +67,7 @@ __all__ = [
     "configure",
 ]
 
-_R8_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+_R8_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 _KQ_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 
@@ -98,12 +98,15 @@ def _pack_r8(qt, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
       Q4_0: d[8] fp16                    | q[c][r][j] = qs[4c + j] of row r, c < 4, j < 4   (16 + 128 bytes)
       Q4_1: d[8] fp16 | m[8] fp16         | same 128 nibble bytes                           (32 + 128 bytes)
       Q8_0: d[8] fp16                    | q[c][r][j] = qs[4c + j] of row r, c < 8, j < 4   (16 + 256 bytes)
+      Q5_0 / Q5_1: as Q4_0 / Q4_1 with hb[8] u32 (the fifth bits, `_q5_high_bits`) before the nibbles (+32 bytes)
     """
+    if qt in (_QT.Q5_0, _QT.Q5_1):
+        data = _q5_high_bits(qt, data, rows, cols)
     _, type_size = gguf.GGML_QUANT_SIZES[qt]
     nb = cols // 32
     raw = np.asarray(data).reshape(rows, nb, type_size)  # a view when the data is contiguous
     groups = (rows + 7) // 8
-    head = 4 if qt == _QT.Q4_1 else 2  # bytes of fp16 scale (and min) per block
+    head = 4 if qt in (_QT.Q4_1, _QT.Q5_1) else 2  # bytes of fp16 scale (and min) per block
     chunks = (type_size - head) // 4
     # written in place (no full-size temporaries): out[g, b] = scales of the 8 rows | their quants interleaved
     out = np.zeros((groups, nb, 8 * type_size), np.uint8)
@@ -120,6 +123,20 @@ def _pack_r8(qt, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
         dst[..., 8 * head:].reshape(g1 - g0, nb, chunks, 8, 4)[...] = (
             src[..., head:].reshape(g1 - g0, 8, nb, chunks, 4).transpose(0, 2, 3, 1, 4))
     return out.reshape(-1)
+
+
+def _q5_high_bits(qt, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Q5_0 / Q5_1 GGUF blocks (rows, bytes_per_row) -> the same blocks with qh (bit k: fifth bit of value k)
+    permuted so that byte j has at bit c the fifth bit of value 4c+j and at bit 4+c that of value 16+4c+j: the
+    kernels then move a chunk's fifth bits next to its nibbles with one shift (quant_kernels.h, nibble_chunk)."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qt]
+    head = 4 if qt == _QT.Q5_1 else 2
+    blocks = np.array(data, dtype=np.uint8).reshape(rows, cols // 32, type_size)  # a copy
+    bits = np.unpackbits(blocks[..., head:head + 4], axis=-1, bitorder="little")  # (rows, nb, 32): value k
+    bits = bits.reshape(rows, cols // 32, 2, 4, 4)  # value 16h + 4c + j -> [h, c, j]
+    blocks[..., head:head + 4] = np.packbits(bits.transpose(0, 1, 4, 2, 3).reshape(rows, cols // 32, 32),
+                                             axis=-1, bitorder="little")  # bit 8j + 4h + c
+    return blocks.reshape(rows, -1)
 
 
 def _check_gguf_args(qt, data: np.ndarray, shape) -> tuple[int, int]:

@@ -40,6 +40,20 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# What other families name differently (convert_hf_to_gguf.py / tensor_mapping.py): Gemma's sandwich norms (its
+# ffn_norm is the pre-MLP norm), q/k norms, GPT-2's modules under lmgen's names (its Conv1D layout is transformers'
+# only: GGUF stores (out, in) as every other linear weight).
+_FAMILY_BLOCK_NAMES = {
+    "gemma3": {**_BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm"},
+    "qwen3": {**_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "gpt2": {"attn_norm": "ln_1", "attn_qkv": "attn.qkv_proj", "attn_output": "attn.o_proj", "ffn_norm": "ln_2",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
+}
+_FAMILY_GLOBAL_NAMES = {"gpt2": {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                                 "output_norm": "transformer.ln_f", "output": "lm_head"}}
+_BLOCK_PREFIX = {"gpt2": "transformer.h"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16}
 # Block-quantized types gguf-py can dequantize (lmgen's kernels pack some of them); the integer and F64 types
@@ -62,13 +76,15 @@ def read_metadata(reader) -> dict:
     return meta
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     m = _BLOCK_RE.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}" if part in _BLOCK_NAMES else None
+        names = _FAMILY_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
+        return f"{_BLOCK_PREFIX.get(arch, 'model.layers')}.{layer}.{names[part]}.{kind}" if part in names else None
     base, _, kind = gguf_name.rpartition(".")
-    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+    names = _FAMILY_GLOBAL_NAMES.get(arch, _GLOBAL_NAMES)
+    return f"{names[base]}.{kind}" if base in names else None
 
 
 def _unpermute_order(rows: int, n_head: int) -> torch.Tensor:
@@ -135,7 +151,7 @@ def _config(layout: GGUFLayout, path: Path) -> ModelConfig:
             raise ModelFormatError(f"{path}: rope_freqs.weight must be F32 of {config.head_dim // 2} values, got "
                                    f"{t.ggml_type.name} {list(t.dims)}", key=t.name, value=list(t.dims), offset=t.offset)
         kind = t.ggml_type.name
-        if _hf_name(t.name) and kind not in _FLOAT_TYPES and kind != "BF16" and kind not in _BLOCK_TYPES:
+        if _hf_name(t.name, layout.metadata["general.architecture"]) and kind not in _FLOAT_TYPES and kind != "BF16" and kind not in _BLOCK_TYPES:
             raise ModelFormatError(f"{path}: tensor {t.name!r} has type {kind}, which is not a weight type lmgen "
                                    f"reads", key=t.name, value=kind, offset=t.offset)
     return config
@@ -154,7 +170,7 @@ def load_gguf(path: Path) -> LoadedModel:
     gguf_arch = meta["general.architecture"]
     weights: dict = {}
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, gguf_arch)
         if name is None:
             if t.name == "rope_freqs.weight":  # Llama 3.1 GGUFs store the llama3 scaling as per-frequency divisors
                 config.rope_scaling = {"rope_type": "freq_factors", "factors": torch.from_numpy(np.array(t.data)).float()}

@@ -105,3 +105,22 @@ class CausalLM(torch.nn.Module):
             for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())
+
+
+def fused_float_ops(device: torch.device, dtype: torch.dtype, compile: bool, batch_invariant: bool):
+    """The compiled fused float32 ops (csrc/fused_ops.h) on a float32 CPU model without torch.compile, else None
+    (with a warning when batch invariance was asked for but cannot hold)."""
+    from lmgen.layers.kernels import fused_ops
+
+    fused = fused_ops() if torch.device(device).type == "cpu" and dtype == torch.float32 and not compile else None
+    if batch_invariant and fused is None:
+        logger.warning("batch invariance needs float32 on the CPU with the compiled kernels and no compile=True; "
+                       "here (%s, %s) a request's results may depend on the other requests in its step", device, dtype)
+    return fused
+
+
+def attention_backend(config: ModelConfig, fused, batch_invariant: bool):
+    """RoPE + K/V write + attention, chosen once: the compiled CPU op where `fused`, else PyTorch."""
+    from lmgen.layers.attention import FusedCPUAttentionBackend, TorchAttentionBackend
+
+    return TorchAttentionBackend(config) if fused is None else FusedCPUAttentionBackend(config, fused, all_steps=batch_invariant)

@@ -19,6 +19,9 @@ ARCHITECTURES = MappingProxyType({
     "LlamaForCausalLM": "lmgen.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmgen.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmgen.models.llama:LlamaForCausalLM",
+    "Gemma3ForCausalLM": "lmgen.models.gemma3:Gemma3ForCausalLM",
+    "Qwen3ForCausalLM": "lmgen.models.qwen3:Qwen3ForCausalLM",
+    "GPT2LMHeadModel": "lmgen.models.gpt2:GPT2LMHeadModel",
 })
 
 # GGUF `general.architecture` -> HF architecture name (Mistral GGUFs are mostly written as "llama")
@@ -26,6 +29,9 @@ GGUF_ARCHITECTURES = MappingProxyType({
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
 })
 
 

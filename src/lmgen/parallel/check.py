@@ -5,6 +5,16 @@ from __future__ import annotations
 from lmgen.errors import ParallelConfigError
 
 MAX_RANKS = 64
+# the families whose model file implements tensor / pipeline parallelism (models/llama.py); Gemma 3, Qwen3 and
+# GPT-2 run in one process only
+PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def check_family(config, size: int, param: str) -> None:
+    """A ParallelConfigError for size > 1 on a family without a parallel implementation."""
+    if size > 1 and config.architecture not in PARALLEL_ARCHITECTURES:
+        raise ParallelConfigError(f"{param} {size}: {config.architecture} runs in one process only (parallelism is "
+                                  f"implemented for {', '.join(PARALLEL_ARCHITECTURES)})", param=param, value=size)
 
 
 def check_tensor_parallel(config, size: object) -> int:
@@ -13,6 +23,7 @@ def check_tensor_parallel(config, size: object) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_RANKS:
         raise ParallelConfigError(f"tensor_parallel_size must be an integer in [1, {MAX_RANKS}], got {size!r}",
                                   param="tensor_parallel_size", value=size)
+    check_family(config, size, "tensor_parallel_size")
     problems = split_problems(config, size)
     if problems:
         valid = [n for n in range(1, min(MAX_RANKS, config.num_heads) + 1) if not split_problems(config, n)]
@@ -44,4 +55,5 @@ def check_pipeline_parallel(config, size: object) -> int:
         raise ParallelConfigError(f"pipeline_parallel_size must be an integer in [1, {min(MAX_RANKS, config.num_layers)}] "
                                   f"(the model has {config.num_layers} layers), got {size!r}",
                                   param="pipeline_parallel_size", value=size)
+    check_family(config, size, "pipeline_parallel_size")
     return size

@@ -229,6 +229,7 @@ class ServerContext:
 
     def _render(self, msgs: list[dict], add_generation_prompt: bool, chat_template: str | None, extra: dict) -> str:
         """The prompt text (runs in a prompt thread): the operator's / model's template, or the request's."""
+        extra = {**self.llm.chat_template_kwargs, **extra}  # the request's chat_template_kwargs over the server's
         if chat_template is None:
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                 chat_template=self.llm.chat_template, **extra)

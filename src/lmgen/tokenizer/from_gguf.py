@@ -4,12 +4,28 @@ maps the vocabulary's special ids and flags onto the `Tokenizer`."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
-from lmgen.tokenizer.gguf import vocab as gguf_vocab
 from lmgen.tokenizer.backends import SentencePieceBackend, TokenizersBackend
+from lmgen.tokenizer.chat_template.builtins import ARCHITECTURE_TEMPLATES, BUILTIN_TEMPLATES
+from lmgen.tokenizer.gguf import vocab as gguf_vocab
 
+logger = logging.getLogger(__name__)
+
+
+def default_chat_template(vocab: gguf_vocab.GGUFVocab) -> str | None:
+    """The file's chat template; for an architecture whose GGUFs often carry none (Gemma's base models), lmgen's
+    built-in template of that family, said in a log line."""
+    if vocab.chat_template is not None:
+        return vocab.chat_template
+    name = ARCHITECTURE_TEMPLATES.get(str(vocab.architecture))
+    if name is None:
+        return None
+    logger.info("%s has no chat template; using lmgen's built-in %r template (architecture %s)", vocab.source, name,
+                vocab.architecture)
+    return BUILTIN_TEMPLATES[name]
 
 
 def gguf_tokenizer(cls: type, reader: Any) -> "Tokenizer":  # cls(...): the Tokenizer class is passed in, not imported (no cycle)
@@ -32,7 +48,7 @@ def gguf_tokenizer(cls: type, reader: Any) -> "Tokenizer":  # cls(...): the Toke
         unk_token_id=vocab.unk_token_id,
         add_bos_token=vocab.default_add_bos(),
         add_eos_token=bool(vocab.add_eos_token),
-        chat_template=vocab.chat_template,
+        chat_template=default_chat_template(vocab),
         chat_templates=vocab.chat_templates,
         vocab_size=len(vocab.tokens),
         name=os.path.basename(vocab.source),

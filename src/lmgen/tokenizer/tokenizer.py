@@ -176,7 +176,7 @@ class Tokenizer:
         if chat_template is None and self.chat_template is None:
             raise ValueError(
                 f"this model ({self.name or 'tokenizer'}) has no chat template; pass --chat-template NAME "
-                "(llama3, llama2, chatml, mistral) or a Jinja template file"
+                "(llama3, llama3.1, llama2, chatml, mistral, gemma) or a Jinja template file"
             )
         from lmgen.tokenizer.chat_template.template import ChatTemplate
 

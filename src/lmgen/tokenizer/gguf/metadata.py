@@ -46,6 +46,7 @@ class GGUFVocab:
     chat_template: str | None = None
     chat_templates: dict[str, str] = field(default_factory=dict)  # the named ones
     source: str = "<gguf>"
+    architecture: str | None = None  # general.architecture (picks a built-in chat template when the file has none)
 
     def token_type(self, index: int) -> int:
         if self.token_types is None or index >= len(self.token_types):
@@ -139,4 +140,5 @@ def read_gguf_vocab(reader: Any) -> GGUFVocab:
         chat_template=_field(reader, "tokenizer.chat_template"),
         chat_templates=named,
         source=source,
+        architecture=_field(reader, "general.architecture"),
     )

@@ -1,0 +1,116 @@
+"""Gemma 3 (text): sandwich-normed blocks of q/k-normed attention, interleaved local (sliding window) and global
+layers with their own RoPE bases, and GeGLU.
+
+embedding * sqrt(hidden) -> [RMSNorm -> QKV -> q/k RMSNorm -> RoPE (local or global base) -> attention (the
+sliding window on local layers) -> out-proj -> RMSNorm (+residual) -> RMSNorm -> GeGLU -> RMSNorm (+residual)]
+x n_layers -> RMSNorm -> tied lm_head -> logits (soft-capped where the config says so)
+
+Gemma's norms multiply by (1 + w): transformers checkpoints store w (the norms add 1 at load), GGUF files
+store 1 + w already (llama.cpp's convert_hf_to_gguf adds it), see ModelConfig.norm_type.  Attention scores are
+scaled by query_pre_attn_scalar^-1/2.  Every step runs the layers one by one with the compiled float32 pieces
+where they exist (RMSNorm, the fused RoPE + K/V write + attention op); there is no whole-step fused loop as for
+Llama, since the q/k norms sit between the projection and RoPE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import torch
+
+from lmgen.config import ModelConfig
+from lmgen.errors import UnsupportedModelError
+from lmgen.layers.attention import Attention, AttentionMetadata
+from lmgen.layers.mlp import GeGLU
+from lmgen.layers.norm import RMSNorm
+from lmgen.layers.rope import RotaryEmbedding
+from lmgen.layers.weight_slots import EmbeddingSlot, LayerFactory, LinearSlot
+from lmgen.models.base import CausalLM, attention_backend, fused_float_ops
+
+logger = logging.getLogger("lmgen.model")
+
+
+class Gemma3Block(torch.nn.Module):
+    """x + norm(attn(norm(x))), then + norm(mlp(norm(x))): one decoder layer."""
+
+    def __init__(self, attn: Attention, mlp: GeGLU, norm: Callable[[], RMSNorm], sliding: bool):
+        super().__init__()
+        self.self_attn, self.mlp, self.sliding = attn, mlp, sliding
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3ForCausalLM(CausalLM):
+    packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config: ModelConfig, factory: LayerFactory, compile: bool = False):
+        super().__init__(config, factory.dtype, factory.device)
+        if config.attn_logit_softcapping is not None:
+            raise UnsupportedModelError("attn_logit_softcapping (Gemma 2) is not supported")
+        fused = fused_float_ops(self.device, self.dtype, compile, factory.batch_invariant)
+        backend = attention_backend(config, fused, factory.batch_invariant)
+        if fused is not None:
+            logger.info("Gemma 3: the layers run one by one (q/k norms between the projection and RoPE, sandwich "
+                        "norms), with the fused RMSNorm and attention ops; GeGLU in PyTorch ops")
+        self.rotary = RotaryEmbedding(config, self.device, self.dtype)  # global layers
+        local = dataclasses.replace(config, rope_theta=config.rope_local_theta or config.rope_theta,
+                                    rope_scaling={"rope_type": "default"})
+        self.rotary_local = RotaryEmbedding(local, self.device, self.dtype)
+        offset = 1.0 if config.norm_type == "rms_one_plus" else 0.0  # see the module docstring
+        h, q, kv, inter, d = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size, config.head_dim
+
+        def norm(size: int = h) -> RMSNorm:
+            return RMSNorm(size, config.rms_norm_eps, self.dtype, self.device, fused, offset)
+
+        self.embed_tokens = EmbeddingSlot(factory, config.vocab_size, h)
+        # transformers multiplies by sqrt(hidden) held as a tensor of the embedding's dtype
+        self.register_buffer("embed_scale", torch.tensor(config.embedding_scale or 1.0, dtype=self.dtype,
+                                                         device=self.device), persistent=False)
+        self.layers = torch.nn.ModuleList()
+        for i in range(config.num_layers):
+            qkv = LinearSlot(factory, h, [q, kv, kv], config.attention_bias, ("q_proj", "k_proj", "v_proj"))
+            o = LinearSlot(factory, q, [h], config.attention_bias)
+            gate_up = LinearSlot(factory, h, [inter, inter], False, ("gate_proj", "up_proj"))
+            down = LinearSlot(factory, inter, [h], False)
+            sliding = config.layer_window(i) is not None
+            attn = Attention(config, qkv, o, backend, q_norm=norm(d), k_norm=norm(d), sliding=sliding)
+            self.layers.append(Gemma3Block(attn, GeGLU(gate_up, down, inter), norm, sliding))
+        self.norm = norm()
+        self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
+        self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
+
+    def finalize(self, progress: Callable[[], None] | None = None) -> None:
+        """Builds the layers; the output layer is the embedding's matrix (Gemma ties them)."""
+        tied = self.config.tie_word_embeddings or bool(self.lm_head.missing())
+        if tied:
+            self.lm_head = torch.nn.Identity()
+        super().finalize(progress)
+        if tied:
+            self.lm_head = self.embed_tokens.as_linear()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
+        x = self.embed_tokens(input_ids) * self.embed_scale  # (tokens, hidden)
+        for rotary in (self.rotary, self.rotary_local):
+            rotary.reserve(meta.max_position + 1)
+        rope = (self.rotary(positions), self.rotary_local(positions))  # ((tokens, head_dim) cos, sin) x 2
+        return (self._compiled or self._run_layers)(x, rope, kv_caches, meta)
+
+    def _run_layers(self, x, rope, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            cos, sin = rope[1] if layer.sliding else rope[0]
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (rows, hidden) -> logits (rows, vocab) float32, soft-capped: cap * tanh(logits / cap)."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
