@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the default fused kernels on CPU: see benchmarks/RESULTS.md)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto | float32 | float16 | bfloat16: the KV cache's element type (auto: float16 for a float32 "
+                        "model on CPU, half the memory and bytes read per token; float32: exact)")
     g.add_argument("--no-batch-invariant", action="store_true",
                    help="allow results to depend on what shares a step (faster float prefill; see README)")
 
@@ -110,7 +113,8 @@ def load_llm(args: argparse.Namespace):
     try:
         return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                    context_length=args.context_length, chat_template=args.chat_template, threads=args.threads,
-                   compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress)
+                   compile=args.compile, batch_invariant=not args.no_batch_invariant,
+                   kv_cache_dtype=args.kv_cache_dtype, progress=progress)
     finally:
         bar.close()
 

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 
 from lmgen.engine.engine import Engine
+from lmgen.engine.kv_cache import resolve_kv_cache_dtype
 from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
 from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError
@@ -71,6 +72,7 @@ class LLM:
         compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
         batch_invariant: bool = True,
+        kv_cache_dtype: str = "auto",
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
@@ -82,6 +84,7 @@ class LLM:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)  # refuse a bad value before loading
         t0 = time.perf_counter()
         loaded: LoadedModel = load_model(resolve_model(model))
         self.model_name = model or "smollm2"
@@ -115,6 +118,7 @@ class LLM:
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmgen.engine.beam_group import BeamGroup
-from lmgen.engine.kv_cache import BlockManager, KVCache
+from lmgen.engine.kv_cache import BlockManager, KVCache, resolve_kv_cache_dtype
 from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.engine.request import Request, RequestStatus
 from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
@@ -75,11 +75,13 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
     ):
         cfg = model.config
         self.model, self.context_length = model, context_length
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+        cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype, model.device)
+        self.kv_cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, cache_dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.eos_token_ids, cfg.sliding_window)
         self.runner = ModelRunner(model, self.kv_cache)
