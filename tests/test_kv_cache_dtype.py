@@ -52,7 +52,7 @@ def test_auto_is_float16_on_cpu_and_the_cache_is_paged_per_block_and_head(tiny_m
     folder = str(tiny_model_dirs["llama"])
     llm = LLM(folder, dtype="float32", block_size=8, kv_cache_tokens=64)
     cfg, cache = llm.config, llm.engine.kv_cache
-    assert cache.dtype == torch.float16
+    assert cache.dtype == torch.float16 and llm.kv_cache_dtype == "float16"
     k, v = cache.layers[0]
     assert k.dtype == v.dtype == torch.float16
     assert k.shape == (64 // 8 + 1, cfg.num_kv_heads, 8, cfg.head_dim)  # (blocks + null block, kv_heads, bs, D)

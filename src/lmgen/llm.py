@@ -84,7 +84,8 @@ class LLM:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)  # refuse a bad value before loading
+        # the KV cache's element type, e.g. "float16" (refused here, before loading, when invalid)
+        self.kv_cache_dtype = str(resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)).removeprefix("torch.")
         t0 = time.perf_counter()
         loaded: LoadedModel = load_model(resolve_model(model))
         self.model_name = model or "smollm2"
@@ -118,7 +119,7 @@ class LLM:
             self.model, eos_token_ids=self.eos_token_ids, context_length=self.context_length,
             num_blocks=math.ceil(tokens / block_size), block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

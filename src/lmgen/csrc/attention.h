@@ -33,6 +33,7 @@
 
 #include "fused_ops.h"
 #include "kv_tile.h"
+#include "share_pool.h"
 
 namespace lmgen_attn {
 
@@ -116,24 +117,26 @@ void attend_tokens(const Cache<T>& c, const float* qr, int64_t T_, int64_t heads
     }
   const int64_t nitems = static_cast<int64_t>(item_tile.size()) * kvh;
   auto run = [&](int64_t i0, int64_t i1) {
-    std::vector<float> kt(kBlock * D), vt(kBlock * D), scratch(kBlock), local(2 * kTileQ * group * hs);
-    std::vector<float*> dst(kTileQ);
+    thread_local std::vector<float> kt, vt, scratch, local;  // per-thread scratch, kept between calls
+    kt.resize(kBlock * D);
+    vt.resize(kBlock * D);
+    scratch.resize(kBlock);
+    local.resize(2 * kTileQ * group * hs);
+    float* dst[kTileQ];
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = item_tile[it / kvh], g = it % kvh, t0 = tiles[b], nt = tiles[b + 1] - t0;
       const int64_t* idx = kvi + seq[t0] * max_kv + kv0[t0];
       if (by_split) {
         const int64_t s = item_split[it / kvh];
         for (int64_t i = 0; i < nt; ++i) dst[i] = parts.data() + ((poff[t0 + i] + s) * heads + g * group) * hs;
-        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst.data(), kt.data(), vt.data(),
-                   scratch.data());
+        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data());
         continue;
       }
       float *run_st = local.data(), *part = local.data() + kTileQ * group * hs;
       for (int64_t i = 0; i < nt * group; ++i) init_state(run_st + i * hs, D);
       for (int64_t i = 0; i < nt; ++i) dst[i] = part + i * group * hs;
       for (int64_t s = 0; s < tile_splits[b]; ++s) {
-        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst.data(), kt.data(), vt.data(),
-                   scratch.data());
+        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data());
         for (int64_t i = 0; i < nt; ++i)
           if (kvn[t0 + i] > s * kSplit)
             for (int64_t hl = 0; hl < group; ++hl) merge_state(run_st + (i * group + hl) * hs, dst[i] + hl * hs, D);
@@ -143,8 +146,10 @@ void attend_tokens(const Cache<T>& c, const float* qr, int64_t T_, int64_t heads
           finish_state(run_st + (i * group + hl) * hs, D, op + ((t0 + i) * heads + g * group + hl) * D);
     }
   };
-  // decode-size steps stay on the calling thread (waking helpers costs more than a few microseconds of work)
-  if (work * heads * D >= (int64_t{1} << 20)) at::parallel_for(0, nitems, 1, run);
+  // decode-size steps stay on the calling thread (waking helpers costs more than a few microseconds of work);
+  // larger ones share items through lmgen_q's pool (no OpenMP barrier: a helper descheduled on a busy machine
+  // costs nothing, see share_pool.h)
+  if (work * heads * D >= (int64_t{1} << 20)) lmgen_q::parallel_chunks(nitems, 1, at::get_num_threads(), run);
   else run(0, nitems);
   if (!by_split) return;
   std::vector<float> st(hs);
