@@ -6,6 +6,10 @@ peak RSS.
 
     .venv/bin/python benchmarks/cpu_bench.py [--model FILE.gguf] [--repeats 5] [--threads 2]
                                              [--engines lmgen:none,lmgen:auto,...] [--no-batch-invariant]
+    .venv/bin/python benchmarks/cpu_bench.py --depths 0,512,2048,8192 --prefills 512,2048,8192 [--rounds 3]
+        [--profile] [--baseline-src /work/main/src]      context depth (depth_bench.py): engines lmgen:auto (the
+        default float16 KV cache), lmgen:auto:float32 (float32 cache), main:auto (lmgen from --baseline-src) and
+        llama.cpp, interleaved round by round; medians over the rounds
 
 Each engine runs in its own subprocess (one after the other, same machine state) so that its peak RSS is
 its own; "+model" is the peak minus the RSS after importing the engine's runtime (torch etc.), i.e. what the
@@ -25,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import embedded_gguf, machine, workload_args  # noqa: E402
+from depth_bench import llama_cpp_depths, lmgen_depths  # noqa: E402
 
 ENGINES = ["lmgen:none", "lmgen:auto", "lmgen:int8", "lmgen:int4", "transformers", "llama.cpp"]
 
@@ -130,6 +135,18 @@ def child(engine: str, args) -> None:
     prompt, short = _prompts(args.prompt_tokens)
     path = Path(args.model) if args.model else embedded_gguf()
     if engine.startswith("lmgen:"):
+    if args.depths:
+        depths, prefills = _ints(args.depths), _ints(args.prefills)
+        if engine == "llama.cpp":
+            res = llama_cpp_depths(path, args.threads, depths, prefills, args.new_tokens, args.repeats)
+        else:
+            from lmgen import LLM
+
+            parts = engine.split(":")  # lmgen:QUANT[:KV_DTYPE] or main:QUANT (the baseline tree: no kv option)
+            kw = {"kv_cache_dtype": parts[2]} if len(parts) > 2 else {}
+            llm = LLM(str(path), quantization=parts[1], batch_invariant=not args.no_batch_invariant, **kw)
+            res = lmgen_depths(llm, depths, prefills, args.new_tokens, args.repeats, args.profile)
+    elif engine.startswith("lmgen:"):
         res = run_lmgen(engine.split(":", 1)[1], prompt, short, args.new_tokens, args.repeats,
                         not args.no_batch_invariant, path if args.model else None)
     elif engine == "transformers":
@@ -159,6 +176,60 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _run_child(engine: str, args, extra: list[str], env=None) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", engine, "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), *extra]
+    cmd += ["--no-batch-invariant"] if args.no_batch_invariant else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not line:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"{engine:<22} skipped: {tail}", flush=True)
+        return None
+    return json.loads(line[0][7:])
+
+
+def depth_main(args) -> None:
+    """Decode after each depth and prefill of each length, every engine once per round, medians over rounds."""
+    import os
+
+    engines = args.engines.split(",") if args.engines != ",".join(ENGINES) else \
+        ["lmgen:auto", "lmgen:auto:float32", "llama.cpp"] + (["main:auto"] if args.baseline_src else [])
+    extra = ["--depths", args.depths, "--prefills", args.prefills] + (["--profile"] if args.profile else [])
+    print(f"machine: {machine()}")
+    print(f"load average before: {os.getloadavg()} | {args.threads} threads | decode {args.new_tokens} tokens, "
+          f"median of {args.repeats} per round, {args.rounds} round(s)", flush=True)
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(args.rounds):
+        for engine in engines:
+            env = None
+            if engine.startswith("main:"):
+                env = dict(os.environ, PYTHONPATH=args.baseline_src)
+            res = _run_child(engine, args, extra, env)
+            if res:
+                runs[engine].append(res)
+                print(f"round {r + 1} {engine}: {json.dumps({k: res[k] for k in ('decode', 'prefill')})}", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    med = {e: {kind: {k: statistics.median(x[kind][k] for x in rs) for k in rs[0][kind]}
+               for kind in ("decode", "prefill")} for e, rs in runs.items() if rs}
+    ref = med.get("llama.cpp")
+    for kind, label in (("decode", "decode tok/s after depth"), ("prefill", "prefill tok/s of prompt")):
+        keys = list(next(iter(med.values()))[kind]) if med else []
+        print(f"\n{label:<28}" + "".join(f"{k:>16}" for k in keys))
+        for e, m in med.items():
+            cells = "".join(f"{m[kind][k]:>9.1f}" + (f" ({m[kind][k] / ref[kind][k]:.2f}x)" if ref and e != "llama.cpp"
+                                                     else " " * 8) for k in keys)
+            print(f"{e:<28}{cells}")
+    for e, rs in runs.items():
+        for d, shares in (rs[-1].get("profile") or {}).items() if rs else ():
+            parts = ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if k != "ms_per_token")
+            print(f"profile {e} depth {d}: {shares['ms_per_token']:.2f} ms/token: {parts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_args(ap)
@@ -166,10 +237,17 @@ def main() -> None:
     ap.add_argument("--no-batch-invariant", action="store_true",
                     help="lmgen engines with LLM(batch_invariant=False) (the faster non-invariant mode)")
     ap.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--depths", default=None, help="context depths to decode after, e.g. 0,512,2048,8192")
+    ap.add_argument("--prefills", default="512,2048,8192", help="prompt lengths to prefill (with --depths)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --depths: rounds of all engines, interleaved")
+    ap.add_argument("--profile", action="store_true", help="with --depths: lmgen's per-stage decode time per depth")
+    ap.add_argument("--baseline-src", default=None, help="with --depths: engine main:auto runs lmgen from this src/")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args)
+    if args.depths:
+        return depth_main(args)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -53,10 +53,11 @@ def hf_smol_model(gguf_path):
 
 @pytest.fixture(scope="session")
 def smol_llm():
-    """lmgen on the embedded model, dequantized to float32 so it can be compared with transformers."""
+    """lmgen on the embedded model, dequantized to float32 with a float32 KV cache, so it can be compared with
+    transformers."""
     from lmgen import LLM
 
-    return LLM(quantization="none", dtype="float32")
+    return LLM(quantization="none", dtype="float32", kv_cache_dtype="float32")  # the float32 cache: exact
 
 
 TINY_CONFIGS = {

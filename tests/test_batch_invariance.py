@@ -71,6 +71,7 @@ def fresh_engine(llm: LLM, **kw) -> Engine:
     """Another engine (own KV cache, scheduler) over the same loaded model."""
     kw.setdefault("max_num_batched_tokens", 2048)
     kw.setdefault("enable_prefix_caching", False)
+    kw.setdefault("kv_cache_dtype", llm.kv_cache_dtype)  # the same cache element type as llm's own engine
     return Engine(llm.model, eos_token_ids=llm.eos_token_ids, context_length=llm.context_length, num_blocks=512,
                   block_size=16, max_num_seqs=64, **kw)
 

@@ -33,18 +33,28 @@ def test_rms_norm_silu_mul_match_torch():
     torch.testing.assert_close(ops.silu_mul(gu, 40), F.silu(gu[:, :40]) * gu[:, 40:], atol=1e-6, rtol=1e-5)
 
 
+def flat_slots(cache: torch.Tensor) -> torch.Tensor:
+    """(blocks, kv_heads, block_size, D) paged cache -> (slots, kv_heads, D) float32, slot = block * bs + row."""
+    b, h, bs, d = cache.shape
+    return cache.permute(0, 2, 1, 3).reshape(b * bs, h, d).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
-def test_paged_attention_matches_sdpa(window):
-    """One call with a decode token (context 17) and a prefill chunk (positions 3..7): RoPE, the K/V write and
-    causal (optionally windowed) attention per token agree with PyTorch's SDPA."""
+def test_paged_attention_matches_sdpa(window, dtype):
+    """One call with a decode token (context 17), a prefill chunk (positions 3..7) and a long decode token (context
+    1,200: three splits of the span): RoPE, the K/V write (rounded to the cache dtype as torch rounds) and causal
+    (optionally windowed) attention per token agree with PyTorch's SDPA over the same cache."""
     gen = torch.Generator().manual_seed(1)
-    heads, kv_heads, D, slots = 6, 2, 16, 64
-    seqs = [(16, 1), (3, 5)]  # (first new position, new tokens) per sequence
+    heads, kv_heads, D, bs = 6, 2, 16, 4
+    seqs = [(16, 1), (3, 5), (1199, 1)]  # (first new position, new tokens) per sequence
+    slots = bs * (4 + sum(s + n for s, n in seqs) // bs)
     T = sum(n for _, n in seqs)
     qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=gen)
     ang = torch.randn(T, D // 2, generator=gen)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (T, D)
-    k_cache, v_cache = torch.randn(slots, kv_heads, D, generator=gen), torch.randn(slots, kv_heads, D, generator=gen)
+    k_cache = torch.randn(slots // bs, kv_heads, bs, D, generator=gen).to(dtype)
+    v_cache = torch.randn(slots // bs, kv_heads, bs, D, generator=gen).to(dtype)
     perm = torch.randperm(slots, generator=gen)
     max_kv = max(s + n for s, n in seqs)
     kv_index = torch.zeros(len(seqs), max_kv, dtype=torch.long)
@@ -66,16 +76,51 @@ def test_paged_attention_matches_sdpa(window):
     q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], -1)
     q = apply_rotary(q.view(T, heads, D), cos[:, None], sin[:, None])
     k = apply_rotary(k.view(T, kv_heads, D), cos[:, None], sin[:, None])
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v.view(T, kv_heads, D))
-    torch.testing.assert_close(kc, k_cache)
-    torch.testing.assert_close(vc, v_cache)
+    k_cache[slot_mapping // bs, :, slot_mapping % bs] = k.to(dtype)
+    v_cache[slot_mapping // bs, :, slot_mapping % bs] = v.reshape(T, kv_heads, D).to(dtype)
+    # K went through RoPE (float32 rounding may differ in the last bit, then one cache-dtype ulp); V is copied exactly
+    ulp = {torch.float32: 1.3e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    torch.testing.assert_close(kc.float(), k_cache.float(), atol=1e-5, rtol=ulp)
+    assert torch.equal(vc, v_cache)
+    kf, vf = flat_slots(k_cache), flat_slots(v_cache)
     for t in range(T):
         rows = kv_index[token_seq[t], kv_start[t]:kv_start[t] + kv_len[t]]
-        kp = k_cache[rows].transpose(0, 1)[None]  # (1, kv_heads, seen, D)
-        vp = v_cache[rows].transpose(0, 1)[None]
+        kp = kf[rows].transpose(0, 1)[None]  # (1, kv_heads, seen, D)
+        vp = vf[rows].transpose(0, 1)[None]
         ref = F.scaled_dot_product_attention(q[t, :, None][None], kp, vp, enable_gqa=True)  # (1, heads, 1, D)
         torch.testing.assert_close(out[t], ref.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_is_batch_invariant():
+    """A long prefill token's output is bitwise the same computed alone, inside a chunk, or next to other
+    sequences (the splits and tiles are fixed offsets from its span start, whatever the threads do)."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, D, bs, n = 9, 3, 64, 16, 1100
+    k_cache = torch.randn(n // bs + 2, kv_heads, bs, D, generator=gen).half()
+    v_cache = torch.randn(n // bs + 2, kv_heads, bs, D, generator=gen).half()
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * D, generator=gen)
+    cos, sin = torch.ones(n, D), torch.zeros(n, D)
+    kv_index = torch.arange(n)[None]  # (1, n)
+    every = torch.arange(n)  # write every position's K/V once, so that each run below rewrites the same values
+    zeros = torch.zeros(n, dtype=torch.long)
+    ops.paged_attention(qkv, cos, sin, k_cache, v_cache, every, kv_index, zeros, zeros, every + 1, heads, kv_heads, 1.0)
+
+    def run(tokens, extra: int):
+        """positions `tokens` of the sequence, plus `extra` decode tokens of a second short sequence"""
+        t = torch.tensor(tokens)
+        idx = torch.cat([kv_index, torch.zeros(1, n, dtype=torch.long)]) if extra else kv_index
+        seq = torch.cat([torch.zeros(len(tokens), dtype=torch.long), torch.ones(extra, dtype=torch.long)])
+        start = torch.zeros(len(tokens) + extra, dtype=torch.long)
+        lens = torch.cat([t + 1, torch.full((extra,), 5)])
+        rows = torch.cat([qkv[t], qkv[:extra]])
+        slots = torch.cat([t, torch.full((extra,), n + 3)])  # the extra tokens write a spare slot
+        return ops.paged_attention(rows, cos[: len(rows)], sin[: len(rows)], k_cache.clone(), v_cache.clone(),
+                                   slots, idx, seq, start, lens, heads, kv_heads, D**-0.5)
+
+    alone = run([1099], 0)[0]
+    assert torch.equal(run(list(range(1080, 1100)), 0)[-1], alone)
+    assert torch.equal(run([1099], 3)[0], alone)
+    assert torch.equal(run(list(range(600, 1100)), 2)[499], alone)
 
 
 def test_dense_linear_matches_torch_and_is_row_invariant():

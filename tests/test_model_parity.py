@@ -49,7 +49,7 @@ def test_random_checkpoint_logits_and_greedy_match_transformers(kind, tiny_model
 
     folder = tiny_model_dirs[kind]
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    llm = LLM(str(folder), dtype="float32")
+    llm = LLM(str(folder), dtype="float32", kv_cache_dtype="float32")  # exact: 1e-4 (float16: test_kv_cache_dtype)
     assert llm.config.architecture == TINY_CONFIGS[kind]["architectures"][0]
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(3, llm.config.vocab_size, (24,), generator=gen).tolist()

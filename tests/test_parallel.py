@@ -62,7 +62,7 @@ def test_embedded_model_over_three_ranks(quantization, smol_llm):
     blocks are cut per rank at load."""
     one = smol_llm if quantization == "none" else LLM(quantization="auto", threads=1)
     want = results(one)
-    with LLM(quantization=quantization, tensor_parallel_size=3) as split:
+    with LLM(quantization=quantization, tensor_parallel_size=3, kv_cache_dtype=one.kv_cache_dtype) as split:
         assert results(split) == want
 
 

@@ -36,6 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the default fused kernels on CPU: see benchmarks/RESULTS.md)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto | float32 | float16 | bfloat16: the KV cache's element type (auto: float16 for a float32 "
+                        "model on CPU, half the memory and bytes read per token; float32: exact)")
     g.add_argument("--no-batch-invariant", action="store_true",
                    help="allow results to depend on what shares a step (faster float prefill; see README)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -148,7 +151,7 @@ def load_llm(args: argparse.Namespace):
                    chat_template_kwargs={"enable_thinking": False} if getattr(args, "no_thinking", False) else None,
                    compile=args.compile, batch_invariant=not args.no_batch_invariant, progress=progress,
                    tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-                   speculative=speculative_from_args(args))
+                   speculative=speculative_from_args(args), kv_cache_dtype=args.kv_cache_dtype)
     finally:
         bar.close()
 

@@ -34,7 +34,8 @@ def print_stats(llm, prompt_tokens: int, stats_before, wall: float, file=sys.std
         f"prefill: {prefill_tokens / prefill_s if prefill_s else 0:.1f} tok/s | "
         f"decode: {max(gen - 1, 0) / decode_s if decode_s else 0:.1f} tok/s ({gen} tokens) | "
         f"wall {wall:.2f}s | load {llm.load_seconds:.2f}s | RSS {rss:.0f} MiB (peak {peak:.0f}) | "
-        f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved | "
+        f"weights {llm.model.weight_bytes() / 2**20:.0f} MiB | KV cache {llm.engine.kv_cache.bytes / 2**20:.0f} MiB reserved "
+        f"({str(llm.engine.kv_cache.dtype).removeprefix('torch.')}) | "
         f"threads {torch.get_num_threads()}" + _spec_stats(llm),
         file=file,
     )

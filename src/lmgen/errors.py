@@ -100,3 +100,14 @@ class SpeculativeConfigError(ValueError):
         super().__init__(message)
         self.param = param
         self.value = value
+
+
+class InvalidOptionError(ValueError):
+    """An option of the LLM / engine (not of one request) has a value lmgen refuses; `param` names it, `value` is
+    what was given and `choices` what is accepted."""
+
+    def __init__(self, message: str, *, param: str, value: object, choices: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.param = param
+        self.value = value
+        self.choices = choices

@@ -11,6 +11,7 @@ import torch
 from lmgen.chat.tool_calls import parse_tool_calls
 from lmgen.chat.tools import Tools, template_source
 from lmgen.engine.engine import Engine
+from lmgen.engine.kv_cache import resolve_kv_cache_dtype
 from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
 from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
 from lmgen.errors import ContextOverflowError, InvalidRequestError
@@ -83,6 +84,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         speculative: dict | SpeculativeConfig | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         if quantization not in _QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATION)}; got {quantization!r}")
@@ -95,6 +97,8 @@ class LLM:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # the KV cache's element type, e.g. "float16" (refused here, before loading, when invalid)
+        self.kv_cache_dtype = str(resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)).removeprefix("torch.")
         t0 = time.perf_counter()
         loaded: LoadedModel = load_model(resolve_model(model))
         self.model_name = model or "smollm2"
@@ -121,7 +125,7 @@ class LLM:
                 torch.set_num_threads(1)  # one thread per rank by default
             spec = local_spec(WorkerSpec(str(loaded.path), tp, pp, str(self.dtype).removeprefix("torch."),
                                          str(self.device), quantization, batch_invariant, num_blocks, block_size,
-                                         torch.get_num_threads()))
+                                         torch.get_num_threads(), kv_cache_dtype=self.kv_cache_dtype))
             self.workers = start_workers(spec, loaded.config.num_layers)
         layout = self.workers.layout if self.workers is not None else (None, None)  # rank 0's slice / stage
         self.model = build_model(loaded.config, loaded.weights.items(), self.dtype, self.device, quantization, tick,
@@ -131,7 +135,7 @@ class LLM:
             self.model = DriverModel(self.model, self.workers)
             cfg = self.model.config  # this rank's heads
             kv_cache = MirroredKVCache(self.workers, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
-                                       cfg.head_dim, self.model.dtype, self.model.device)
+                                       cfg.head_dim, getattr(torch, self.kv_cache_dtype), self.model.device)
         if chat_template is not None:
             from lmgen.tokenizer.chat_template.template import ChatTemplate
 
@@ -152,6 +156,7 @@ class LLM:
             grammar_backend=GrammarBackend(self.tokenizer, loaded.config.vocab_size, self.eos_token_ids,
                                            overlap=self.device.type == "cuda"),
             speculator=speculator,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.load_seconds = time.perf_counter() - t0

@@ -450,7 +450,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &lmgen_fused::add_rms_norm, "x, delta (M, H), weight, eps -> (x + delta, RMSNorm(x + delta))");
   m.def("silu_mul", &lmgen_fused::silu_mul, "gate_up (M, 2I), I -> silu(gate) * up (M, I)");
   m.def("paged_attention", &paged_attention_nogil,
-        "qkv (T, (H+2KVH)D), cos, sin (T, D), k_cache, v_cache (slots, KVH, D), slots (T,), kv_index (B, max_kv), "
+        "qkv (T, (H+2KVH)D), cos, sin (T, D), k_cache, v_cache (blocks, KVH, block_size, D) float32/float16/bfloat16, "
+        "slots (T,), kv_index (B, max_kv), "
         "token_seq, token_kv_start, token_kv_len (T,), heads, kv_heads, scale -> (T, H D); writes K/V at slots, "
         "then each token attends over kv_index[token_seq, start:start+len] (attention.h)");
   m.def("dense_linear", &dense_linear_nogil,

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from lmgen.engine.beam_group import BeamGroup
-from lmgen.engine.kv_cache import BlockManager, KVCache
+from lmgen.engine.kv_cache import BlockManager, KVCache, resolve_kv_cache_dtype
 from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.engine.request import Request, RequestStatus
 from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
@@ -85,13 +85,14 @@ class Engine:
         kv_cache: KVCache | None = None,
         grammar_backend: GrammarBackend | None = None,
         speculator: Speculator | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         cfg = model.config
         self.model, self.context_length = model, context_length
         self.eos_token_ids = frozenset(eos_token_ids)
+        cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype, model.device)
         # kv_cache: a cache built by the caller (tensor parallelism: one that mirrors block copies on every rank)
-        self.kv_cache = kv_cache or KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                            model.dtype, model.device)
+        self.kv_cache = kv_cache or KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, cache_dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         # blocks behind the sliding window are released only when every layer slides (Mistral); Gemma 3's global
         # layers need the whole context

@@ -18,33 +18,52 @@ from collections import OrderedDict
 import torch
 
 from lmgen.engine.request import Request
+from lmgen.errors import InvalidOptionError
+
+
+# kv_cache_dtype values; "auto": float16 for a float32 model on the CPU (half the bytes the attention reads per
+# token, checked against the float32 cache in tests/test_kv_cache_dtype.py), else the model's dtype
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_kv_cache_dtype(value: object, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """A kv_cache_dtype option -> the cache's torch dtype; InvalidOptionError (naming the value) for anything else."""
+    if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
+        raise InvalidOptionError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {value!r}",
+                                 param="kv_cache_dtype", value=value, choices=tuple(KV_CACHE_DTYPES))
+    chosen = KV_CACHE_DTYPES[value]
+    if chosen is not None:
+        return chosen
+    return torch.float16 if torch.device(device).type == "cpu" and model_dtype == torch.float32 else model_dtype
 
 
 class KVCache:
-    """Per layer, K and V tensors of ((num_blocks + 1) * block_size, n_kv_heads, head_dim) slots.
+    """Per layer, K and V tensors of (num_blocks + 1, n_kv_heads, block_size, head_dim): a flat cache slot s is
+    row s % block_size of block s // block_size, so one block's rows of one KV head are contiguous (what the
+    attention kernel reads, csrc/attention.h).
 
     Block 0 is the null block: zeros, never handed out. Padding in the attention gather reads it, so every
     other block can start uninitialised (torch.empty): the OS maps its pages in only when a request writes
-    them, and an idle cache costs no resident memory.
+    them, and an idle cache costs no resident memory.  `dtype` may be narrower than the model's (float16):
+    K/V are rounded when written and widened to float32 when read.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        slots = (num_blocks + 1) * block_size
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.layers = []
         for _ in range(num_layers):
-            k = torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # K: (slots, kv_heads, head_dim)
-            v = torch.empty(slots, num_kv_heads, head_dim, dtype=dtype, device=device)  # V
-            k[:block_size].zero_()
-            v[:block_size].zero_()
+            # K, V: (blocks, kv_heads, block_size, head_dim)
+            k = torch.empty(num_blocks + 1, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
+            v = torch.empty(num_blocks + 1, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
+            k[0].zero_()
+            v[0].zero_()
             self.layers.append((k, v))
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write for a forked beam: its partial last block gets a private copy."""
-        bs = self.block_size
         for k, v in self.layers:
-            k[dst * bs:(dst + 1) * bs] = k[src * bs:(src + 1) * bs]
-            v[dst * bs:(dst + 1) * bs] = v[src * bs:(src + 1) * bs]
+            k[dst] = k[src]
+            v[dst] = v[src]
 
     @property
     def bytes(self) -> int:

@@ -5,7 +5,9 @@ ModelRunner) says where each new token's K/V goes and which cached positions eac
 chosen once, when the model is built:
   TorchAttentionBackend     plain PyTorch (rotate, index_copy_ into the cache, SDPA); any device and dtype
   FusedCPUAttentionBackend  csrc/attention.h's paged_attention: the same three steps in one compiled call per
-                            layer, each token in a fixed order (batch invariance); float32 on CPU
+                            layer, flash-style (online softmax over K/V tiles, no score matrix), each token in a
+                            fixed order (batch invariance); float32 activations on CPU, a float32, float16 or
+                            bfloat16 cache
 With batch_invariant=False the fused backend serves only pure decode steps and PyTorch the rest, as before.
 """
 
@@ -53,6 +55,13 @@ def attention_scale(config: ModelConfig) -> float:
     return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K/V rows -> the cache's dtype; float16 saturates at +-65504 (as csrc/kv_tile.h) instead of becoming inf."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-65504.0, 65504.0)
+    return x.to(dtype)
+
+
 class TorchAttentionBackend:
     """RoPE, K/V write and attention with PyTorch ops (SDPA over the gathered, padded context)."""
 
@@ -71,12 +80,15 @@ class TorchAttentionBackend:
         q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
         k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        # Write this step's K/V into the paged cache first, so the gather below sees them.
-        k_cache.index_copy_(0, meta.slot_mapping, k)  # k_cache: (num_slots, kv_heads, head_dim)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        # Write this step's K/V into the paged cache first, so the gather below sees them.  Cache:
+        # (blocks, kv_heads, block_size, head_dim); slot s is row s % block_size of block s // block_size.
+        bs = k_cache.shape[2]
+        k_cache[meta.slot_mapping // bs, :, meta.slot_mapping % bs] = to_cache_dtype(k, k_cache.dtype)
+        v_cache[meta.slot_mapping // bs, :, meta.slot_mapping % bs] = to_cache_dtype(v, v_cache.dtype)
         qp = (q[None] if meta.query_index is None else q[meta.query_index]).transpose(1, 2)  # (batch, heads, max_q, head_dim)
-        kp = k_cache[meta.kv_index].transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
-        vp = v_cache[meta.kv_index].transpose(1, 2)
+        blk, row = meta.kv_index // bs, meta.kv_index % bs  # (batch, max_kv)
+        kp = k_cache[blk, :, row].transpose(1, 2).to(q.dtype)  # (batch, kv_heads, max_kv, head_dim)
+        vp = v_cache[blk, :, row].transpose(1, 2).to(q.dtype)
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, is_causal=meta.causal, scale=self.scale,
                                              enable_gqa=True)
         out = out.transpose(1, 2).reshape(-1, self.q_size)  # (batch*max_q, heads*head_dim)
@@ -86,7 +98,7 @@ class TorchAttentionBackend:
 
 
 class FusedCPUAttentionBackend:
-    """RoPE, K/V write and attention in one compiled call (csrc/attention.h), float32 on CPU.  all_steps=False
+    """RoPE, K/V write and attention in one compiled call (csrc/attention.h), float32 activations on CPU.  all_steps=False
     (batch_invariant=False): it serves pure decode steps only, the PyTorch backend the others."""
 
     def __init__(self, config: ModelConfig, ops, all_steps: bool):

@@ -32,6 +32,7 @@ class WorkerSpec:
     threads: int = 1
     dist_url: str = "env://"  # torch.distributed init method: env:// under torchrun, tcp://host:port when spawned
     timeout_s: float = 30.0  # the longest a collective waits for a rank before the step fails
+    kv_cache_dtype: str = "float32"  # the driver's, resolved (lmgen.engine.kv_cache.resolve_kv_cache_dtype)
 
     @property
     def world_size(self) -> int:
@@ -97,8 +98,8 @@ def serve_worker(rank: int, world_size: int, dist_url: str, device: str, timeout
     conn.send(("hello", rank))
     model = build_rank_model(spec, rank, layout, loaded)
     cfg = model.config
-    cache = KVCache(cfg.num_layers, spec.num_blocks, spec.block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype,
-                    model.device)
+    cache = KVCache(cfg.num_layers, spec.num_blocks, spec.block_size, cfg.num_kv_heads, cfg.head_dim,
+                    getattr(torch, spec.kv_cache_dtype), model.device)
     conn.send(("ready", rank))
     with torch.inference_mode():
         while True:
