@@ -135,7 +135,7 @@ def test_beam_search_matches_transformers(beam_setup, width, length_penalty):
 
 def test_latency_samples_stay_bounded_offline(tiny_model_dirs):
     """A long offline run keeps only the newest TTFT / ITL samples (nothing drains them without a server)."""
-    from lmgen.engine.engine import EngineStats
+    from lmgen.engine.stats import EngineStats
 
     llm = LLM(str(tiny_model_dirs["qwen2"]))
     llm.engine.stats = EngineStats(max_samples=8)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from lmgen.engine.engine import EngineSnapshot, EngineStats
+from lmgen.engine.stats import EngineSnapshot, EngineStats
 from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.sampling.params import SamplingParams
 from lmgen.errors import EngineClosedError, QueueFullError

@@ -107,7 +107,7 @@ def test_greedy_identical_batched_and_staggered(tiny_llms, tiny_model_dirs, tmp_
 
 def test_embedded_float_target_packed_self_draft(smol_llm):
     fast = LLM(quantization="none", dtype="float32", speculative={"method": "self", "num_tokens": 4, "max_batch": 64},
-               block_size=8)
+               block_size=8, kv_cache_dtype=smol_llm.kv_cache_dtype)  # the fixture's cache (float32: parity tests)
     ids = smol_llm.tokenizer.encode(TEXT, add_special_tokens=False)
     batch = [ids, ids[:12], smol_llm.tokenizer.encode("用一句话介绍长城。", add_special_tokens=False)]
     want = results(smol_llm.generate(batch, GREEDY))

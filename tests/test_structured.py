@@ -16,7 +16,8 @@ import jsonschema
 import pytest
 
 from lmgen import LLM, SamplingParams
-from lmgen.cli import build_parser, sampling_params_from_args
+from lmgen.cli import build_parser
+from lmgen.cli_args import sampling_params_from_args
 from lmgen.errors import InvalidRequestError
 from lmgen.sampling.structured.spec import StructuredOutput
 

@@ -13,8 +13,8 @@ from lmgen.chat.tools import Tools, template_source
 from lmgen.engine.engine import Engine
 from lmgen.engine.kv_cache import resolve_kv_cache_dtype
 from lmgen.engine.output_processor import OutputProcessor, ProcessedOutputs
-from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
-from lmgen.errors import ContextOverflowError, InvalidRequestError
+from lmgen.engine.outputs import RequestOutput, StepOutput
+from lmgen.errors import InvalidRequestError
 from lmgen.loader import load_model
 from lmgen.loader.loaded import LoadedModel
 from lmgen.models.registry import build_model

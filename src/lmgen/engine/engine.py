@@ -5,9 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,7 +15,9 @@ from lmgen.engine.kv_cache import BlockManager, KVCache, resolve_kv_cache_dtype
 from lmgen.engine.outputs import EngineCoreOutput
 from lmgen.engine.request import Request, RequestStatus
 from lmgen.engine.runner import ModelRunner, ModelRunnerOutput
+from lmgen.engine.sampled import per_sequence, prompt_logprobs, row_masks, verdict_fields
 from lmgen.engine.scheduler import SampledTokens, Scheduler
+from lmgen.engine.stats import EngineSnapshot, EngineStats
 from lmgen.errors import ContextOverflowError, InvalidRequestError
 from lmgen.models.base import CausalLM
 from lmgen.sampling.beam import BeamSearch, candidates_needed
@@ -26,46 +26,6 @@ from lmgen.sampling.sampler import Sampler
 from lmgen.sampling.structured.backend import GrammarBackend
 from lmgen.sampling.metadata import SamplingMetadata
 from lmgen.spec.speculator import Speculator
-
-
-@dataclass
-class EngineStats:
-    """Counters since start, read by `--stats`; the server reads them through `Engine.snapshot()`."""
-
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
-    prefill_tokens: int = 0  # prompt tokens actually computed (prefix-cache hits excluded)
-    generation_tokens: int = 0
-    steps: int = 0
-    prefill_seconds: float = 0.0  # time in steps that computed prompt tokens
-    decode_seconds: float = 0.0  # time in pure decode steps
-    # Latency samples, the most recent `max_samples` of each (bounded, so a long offline run does not grow them)
-    max_samples: int = 4096
-    ttft: deque = field(init=False)  # seconds from arrival to first token, per sequence
-    itl: deque = field(init=False)  # seconds between consecutive tokens
-
-    def __post_init__(self) -> None:
-        self.ttft, self.itl = deque(maxlen=self.max_samples), deque(maxlen=self.max_samples)
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's state at one moment, taken on the engine's thread (what /metrics renders)."""
-
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    prefix_hits: int
-    prefix_queries: int
-    prompt_tokens: int
-    prefill_tokens: int
-    generation_tokens: int
-    steps: int
-    new_ttft: tuple[float, ...]  # latency samples since the previous draining snapshot
-    new_itl: tuple[float, ...]
-    spec_draft_tokens: int | None = None  # speculative decoding (None: off): tokens proposed, accepted, steps skipped
-    spec_accepted_tokens: int | None = None
-    spec_stepped_back: int | None = None
 
 
 class Engine:
@@ -312,7 +272,7 @@ class Engine:
 
     def _sample(self, out: ModelRunnerOutput, masks: tuple[list[str], Future] | None = None) -> SampledTokens:
         reqs = out.sample_requests
-        prompt_lp = {seq_id: _prompt_logprobs(logits, targets, self.sequences[seq_id].params.prompt_logprobs)
+        prompt_lp = {seq_id: prompt_logprobs(logits, targets, self.sequences[seq_id].params.prompt_logprobs)
                      for seq_id, (logits, targets) in out.prompt_logits.items()}
         spec = self._verify(out)
         if not reqs:
@@ -325,22 +285,9 @@ class Engine:
         meta = SamplingMetadata.build(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in reqs], [self._min_tokens_stop_ids(r) for r in reqs], out.logits.shape[-1], out.logits.device,
-            _row_masks(reqs, masks),
+            row_masks(reqs, masks),
         )
-        sampled = self.sampler(out.logits, meta)
-        tokens = sampled.token_ids.tolist()
-        chosen = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        top = (sampled.top_logprobs[0].tolist(), sampled.top_logprobs[1].tolist()) if sampled.top_logprobs is not None else None
-        entries, chosen_by_seq = {}, {}
-        for row, (req, token) in enumerate(zip(reqs, tokens)):
-            if chosen is not None:
-                chosen_by_seq[req.request_id] = chosen[row]
-                if req.params.logprobs is not None:
-                    k = req.params.logprobs
-                    entry = dict(zip(top[0][row][:k], top[1][row][:k])) if top is not None else {}
-                    entry[token] = chosen[row]
-                    entries[req.request_id] = entry
-        token_ids = {r.request_id: t for r, t in zip(reqs, tokens)}
+        token_ids, entries, chosen_by_seq = per_sequence(reqs, self.sampler(out.logits, meta))
         if spec:  # the speculating sequences' final tokens (their accepted proposals go in `accepted`)
             token_ids.update(spec["token_ids"])
             entries.update(spec["logprobs"])
@@ -351,17 +298,8 @@ class Engine:
         """SampledTokens fields for the sequences that scored proposals this step (empty without speculation)."""
         if not out.spec_logits:
             return {}
-        verdicts = self.speculator.verify(out.spec_logits, self.sequences, self._min_tokens_stop_ids)
-        fields = dict(token_ids={}, logprobs={}, chosen_logprobs={}, accepted={})
-        for seq_id, v in verdicts.items():
-            # logprobs count toward cumulative_logprob only where asked for, as on the one-token path
-            chosen = v.chosen if self.sequences[seq_id].params.logprobs is not None else [0.0] * len(v.tokens)
-            fields["token_ids"][seq_id] = v.tokens[-1]
-            fields["chosen_logprobs"][seq_id] = chosen[-1]
-            if v.entries is not None:
-                fields["logprobs"][seq_id] = v.entries[-1]
-            fields["accepted"][seq_id] = (v.tokens[:-1], None if v.entries is None else v.entries[:-1], chosen[:-1])
-        return fields
+        return verdict_fields(self.speculator.verify(out.spec_logits, self.sequences, self._min_tokens_stop_ids),
+                              self.sequences)
 
     def _min_tokens_stop_ids(self, req: Request) -> set[int]:
         ids = set(req.params.stop_token_ids or ())
@@ -393,28 +331,6 @@ class Engine:
                               *((spec.draft_tokens, spec.accepted_tokens, spec.stepped_back) if spec else ()))
 
 
-def _row_masks(reqs: list[Request], masks: tuple[list[str], Future] | None) -> list[torch.Tensor | None] | None:
-    """Each sampled row's grammar mask ((vocab,) bool), None for unconstrained rows; None when no row has one."""
-    if masks is None:
-        return None
-    ids, future = masks
-    by_id = dict(zip(ids, future.result()))
-    return [by_id.get(r.request_id) for r in reqs]
-
-
 def _seq_id(request_id: str, index: int) -> str:
     """The engine's id of a request's index-th sequence."""
     return request_id if index == 0 else f"{request_id}#{index}"
-
-
-def _prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[dict[int, float]]:
-    """Per prompt position: the logprob of the token that follows it, plus the top-k candidates."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # (positions, vocab)
-    top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
-    target_lp = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
-    entries = []
-    for p, target in enumerate(targets):
-        entry = dict(zip(top_i[p].tolist(), top_v[p].tolist())) if k else {}
-        entry[target] = target_lp[p]
-        entries.append(entry)
-    return entries

@@ -8,7 +8,7 @@ acceptance (an exponential average, weight 1/2 per step) falls under `min_accept
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
