@@ -90,7 +90,8 @@ def test_llama3_8b_shape_builds_and_runs_on_meta_device():
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == 8_030_261_248  # Llama-3-8B's published parameter count
     tokens, slots = 5, 64
-    caches = [(torch.empty(slots, 8, 128, dtype=torch.bfloat16, device="meta"),) * 2 for _ in range(32)]
+    caches = [(torch.empty(slots // 16, 8, 16, 128, dtype=torch.bfloat16, device="meta"),) * 2  # (blocks, kv_heads,
+              for _ in range(32)]                                                               # block_size, head_dim)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(tokens, device="meta"), query_index=torch.zeros(1, tokens, dtype=torch.long, device="meta"),
         output_index=torch.arange(tokens, device="meta"), kv_index=torch.zeros(1, tokens, dtype=torch.long, device="meta"),

@@ -63,7 +63,7 @@ def family_dirs(tmp_path_factory, hf_smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def family_llms(family_dirs, one_thread):
-    return {kind: LLM(str(folder), dtype="float32", kv_cache_tokens=4096) for kind, (folder, _) in family_dirs.items()}
+    return {kind: LLM(str(folder), dtype="float32", kv_cache_tokens=4096, kv_cache_dtype="float32") for kind, (folder, _) in family_dirs.items()}
 
 
 def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -133,7 +133,7 @@ def test_gguf_written_like_llama_cpp_loads_to_the_same_logits(kind, family_dirs,
 
     _, hf = family_dirs[kind]
     path = write_gguf(hf, kind, tmp_path / f"tiny-{kind}.gguf", gguf_path)
-    llm = LLM(str(path), dtype="float32", quantization="none", kv_cache_tokens=2048)
+    llm = LLM(str(path), dtype="float32", quantization="none", kv_cache_tokens=2048, kv_cache_dtype="float32")
     assert llm.config.architecture == FAMILIES[kind]["architectures"][0]
     prompt = random_prompt(llm.config.vocab_size, 24, 11)
     steps = lmgen_logits_per_step(llm, prompt, prompt[:4])

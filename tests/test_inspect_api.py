@@ -23,7 +23,8 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("inspect-api"), api_key=None)
+    # the float32 cache of the smol_llm fixture, so the engine's numbers are the in-process LLM's and the recompute's
+    srv = ServerProcess(tmp_path_factory.mktemp("inspect-api"), "--kv-cache-dtype", "float32", api_key=None)
     yield srv
     srv.stop()
 

@@ -90,6 +90,6 @@ def test_a_model_is_built_from_its_config_alone_on_the_meta_device():
     assert sum(p.numel() for p in model.parameters()) == expected
     meta = AttentionMetadata(slot_mapping=torch.arange(3, device="meta"), query_index=None, output_index=None,
                              kv_index=torch.zeros(1, 3, dtype=torch.long, device="meta"), mask=None, causal=True)
-    caches = [(torch.empty(8, 2, 8, device="meta"),) * 2 for _ in range(3)]
+    caches = [(torch.empty(2, 2, 4, 8, device="meta"),) * 2 for _ in range(3)]  # (blocks, kv_heads, block_size, head_dim)
     hidden = model(torch.zeros(3, dtype=torch.long, device="meta"), torch.arange(3, device="meta"), caches, meta)
     assert model.compute_logits(hidden).shape == (3, 100)
