@@ -134,7 +134,6 @@ def child(engine: str, args) -> None:
     base = _vm_kib("VmRSS")
     prompt, short = _prompts(args.prompt_tokens)
     path = Path(args.model) if args.model else embedded_gguf()
-    if engine.startswith("lmgen:"):
     if args.depths:
         depths, prefills = _ints(args.depths), _ints(args.prefills)
         if engine == "llama.cpp":
