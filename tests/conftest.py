@@ -120,6 +120,18 @@ def tiny_hf_llama(vocab_size: int, seed: int, initializer_range: float, **config
     return LlamaForCausalLM(cfg).eval()
 
 
+def hf_greedy(model, tokenizer, prompts, pad_token_id: int, new_tokens: int = 32) -> dict[str, tuple[list, list]]:
+    """transformers' greedy continuation of each prompt (no EOS stop): prompt -> (prompt ids, new token ids)."""
+    out = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=pad_token_id, attention_mask=torch.ones_like(ids))
+        out[prompt] = (ids[0].tolist(), gen[0, ids.shape[1]:].tolist())
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: intra-op threads only add overhead (a lot of it on a busy machine)."""

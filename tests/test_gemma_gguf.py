@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import hf_greedy
+
 LINES = [
     "The capital of France is Paris, and it has 2,148,271 inhabitants.",
     "  Leading spaces,\ttabs and\n\nnewlines  ",
@@ -71,14 +73,7 @@ def hf_gemma_greedy(gemma_gguf_path, hf_gemma_tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(str(gemma_gguf_path.parent), gguf_file=gemma_gguf_path.name,
                                                  dtype=torch.float32).eval()
-    out = {}
-    for prompt in PROMPTS:
-        ids = hf_gemma_tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                 attention_mask=torch.ones_like(ids))
-        out[prompt] = (ids[0].tolist(), gen[0, ids.shape[1]:].tolist())
-    return out
+    return hf_greedy(model, hf_gemma_tokenizer, PROMPTS, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from lmgen import LLM, SamplingParams
 from lmgen.engine.request import Request
 
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, hf_greedy
 
 
 def lmgen_logits_per_step(llm: LLM, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
@@ -87,14 +87,7 @@ def test_batched_prompts_of_different_lengths_match_single_runs(tiny_model_dirs,
 @pytest.fixture(scope="module")
 def smol_greedy_reference(hf_smol_model, hf_smol_tokenizer):
     prompts = ["The capital of France is", "Once upon a time, in a small village,", "大语言模型是"]
-    out = {}
-    for p in prompts:
-        ids = hf_smol_tokenizer(p, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = hf_smol_model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2,
-                                         attention_mask=torch.ones_like(ids))
-        out[p] = (ids[0].tolist(), gen[0, ids.shape[1]:].tolist())
-    return out
+    return hf_greedy(hf_smol_model, hf_smol_tokenizer, prompts, pad_token_id=2)
 
 
 def test_embedded_gguf_greedy_tokens_match_transformers(smol_llm, smol_greedy_reference):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from lmgen import LLM, SamplingParams
-from lmgen.engine.engine import Engine
 from lmgen.errors import SpeculativeConfigError
+from test_batch_invariance import drive
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,23 +21,6 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=
 def prompts(llm: LLM) -> list[list[int]]:
     ids = llm.tokenizer.encode(TEXT, add_special_tokens=False)
     return [ids, ids[5:17], ids[:3], ids[20:] + ids[:9]]
-
-
-def drive(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, tuple]:
-    """Steps an engine, adding `arrivals[step]` before that step; each request's (token ids, logprobs)."""
-    done, seen, step = {}, {}, 0
-    while step <= max(arrivals) or engine.has_unfinished():
-        for name, prompt, params in arrivals.get(step, ()):
-            engine.add_request(prompt, params, request_id=name)
-            seen[name] = ([], [])
-        for out in engine.step():
-            tokens, logprobs = seen[out.request_id]
-            tokens.extend(out.new_token_ids)
-            logprobs.extend(dict(d) for d in out.new_logprobs or ())
-            if out.finished:
-                done[out.request_id] = (tokens, logprobs)
-        step += 1
-    return done
 
 
 def staggered(llm: LLM) -> dict[int, list]:

@@ -88,13 +88,17 @@ def test_json_schema_given_as_text_and_json_object(llm):
             assert isinstance(json.loads(c.text), dict)
 
 
-@pytest.mark.parametrize("regex", [r"\d{3}-\d{4}", r"(yes|no)!", r"[A-Z][a-z]{2,8} [0-9]{1,2}", r"[甲乙丙]{2}"])
-def test_regex_outputs_always_match(llm, regex):
-    outs = llm.generate(["My answer:"] * 6, [constrained(regex=regex, temperature=1.0, seed=i, max_tokens=30)
-                                             for i in range(6)])
+def assert_samples_match(llm, prompt: str, n: int, pattern: str, **constraint):
+    """n sampled completions (temperature 1, seeds 0..n-1) under `constraint` all stop and fully match `pattern`."""
+    outs = llm.generate([prompt] * n, [constrained(temperature=1.0, seed=i, **constraint) for i in range(n)])
     for o in outs:
         c = o.outputs[0]
-        assert c.finish_reason == "stop" and re.fullmatch(regex, c.text), c.text
+        assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), c.text
+
+
+@pytest.mark.parametrize("regex", [r"\d{3}-\d{4}", r"(yes|no)!", r"[A-Z][a-z]{2,8} [0-9]{1,2}", r"[甲乙丙]{2}"])
+def test_regex_outputs_always_match(llm, regex):
+    assert_samples_match(llm, "My answer:", 6, regex, regex=regex, max_tokens=30)
 
 
 def test_choice_outputs_always_match(llm):
@@ -111,11 +115,7 @@ def test_choice_outputs_always_match(llm):
     ('root ::= "color=" ("red" | "green" | "blue") ";"', r"color=(red|green|blue);"),
 ])
 def test_lark_and_gbnf_grammars(llm, grammar, pattern):
-    outs = llm.generate(["Output:"] * 4, [constrained(grammar=grammar, temperature=1.0, seed=i, max_tokens=40)
-                                         for i in range(4)])
-    for o in outs:
-        c = o.outputs[0]
-        assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), c.text
+    assert_samples_match(llm, "Output:", 4, pattern, grammar=grammar, max_tokens=40)
 
 
 def test_n_siblings_each_follow_the_grammar(llm):

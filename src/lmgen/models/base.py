@@ -29,6 +29,8 @@ class CausalLM(torch.nn.Module):
     checkpoint_prefix = "model."
     # index of this model's first decoder layer in the checkpoint (a pipeline stage holds layers [offset, ...))
     layer_offset = 0
+    # the embedding whose matrix doubles as the output layer when the model ties them (or has no lm_head)
+    tied_embedding = "embed_tokens"
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -66,7 +68,17 @@ class CausalLM(torch.nn.Module):
 
     def finalize(self, progress: Callable[[], None] | None = None) -> None:
         """Builds every slot's real layer in its place (a layer's tensors are read now), once per decoder layer
-        calling `progress`; a ModelLoadError names the first tensor the checkpoint lacked."""
+        calling `progress`; a ModelLoadError names the first tensor the checkpoint lacked.  The output layer
+        shares the embedding's matrix when the config ties them or the checkpoint has no lm_head."""
+        head = getattr(self, "lm_head", None)  # None on a pipeline stage without the output layer
+        tied = head is not None and (self.config.tie_word_embeddings or bool(head.missing()))
+        if tied:
+            self.lm_head = torch.nn.Identity()  # replaced below, once the embedding exists
+        self._materialize_all(progress)
+        if tied:
+            self.lm_head = getattr(self, self.tied_embedding).as_linear()  # one (vocab, hidden) matrix for both
+
+    def _materialize_all(self, progress: Callable[[], None] | None) -> None:
         tick = progress or (lambda: None)
         for name, child in list(self.named_children()):
             if isinstance(child, torch.nn.ModuleList):

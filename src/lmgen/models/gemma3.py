@@ -86,15 +86,6 @@ class Gemma3ForCausalLM(CausalLM):
         self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
         self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
 
-    def finalize(self, progress: Callable[[], None] | None = None) -> None:
-        """Builds the layers; the output layer is the embedding's matrix (Gemma ties them)."""
-        tied = self.config.tie_word_embeddings or bool(self.lm_head.missing())
-        if tied:
-            self.lm_head = torch.nn.Identity()
-        super().finalize(progress)
-        if tied:
-            self.lm_head = self.embed_tokens.as_linear()
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids) * self.embed_scale  # (tokens, hidden)

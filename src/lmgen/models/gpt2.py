@@ -11,7 +11,6 @@ k exactly as they are, so GPT-2 uses the same attention code (and compiled op) a
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 
@@ -52,6 +51,7 @@ class GPT2Block(torch.nn.Module):
 
 class GPT2LMHeadModel(CausalLM):
     checkpoint_prefix = "transformer."
+    tied_embedding = "wte"
 
     def __init__(self, config: ModelConfig, factory: LayerFactory, compile: bool = False):
         super().__init__(config, factory.dtype, factory.device)
@@ -86,14 +86,6 @@ class GPT2LMHeadModel(CausalLM):
                         break
                 yield name, source
         super().load_weights(renamed())
-
-    def finalize(self, progress: Callable[[], None] | None = None) -> None:
-        tied = self.config.tie_word_embeddings or bool(self.lm_head.missing())
-        if tied:
-            self.lm_head = torch.nn.Identity()
-        super().finalize(progress)
-        if tied:
-            self.lm_head = self.wte.as_linear()
 
     def encode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """The positional encoding: positions (tokens,) -> their learned vectors (tokens, hidden)."""

@@ -22,7 +22,6 @@ tests/test_fused_ops.py checks that both paths agree and tests/test_batch_invari
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import torch
 
@@ -124,16 +123,6 @@ class LlamaForCausalLM(CausalLM):
                     LinearSlot(factory, inter, [h // tp.size], full.mlp_bias, rows=rows, combine="gather_both"))
         return (LinearSlot(factory, q // tp.size, [h], full.o_bias, cols=tp.split(q), combine="reduce"),
                 LinearSlot(factory, inter // tp.size, [h], full.mlp_bias, cols=tp.split(inter), combine="reduce"))
-
-    def finalize(self, progress: Callable[[], None] | None = None) -> None:
-        """Builds the layers; the output layer shares the embedding's matrix when the model ties them (or the
-        checkpoint has no lm_head)."""
-        tied = self.lm_head is not None and (self.config.tie_word_embeddings or bool(self.lm_head.missing()))
-        if tied:
-            self.lm_head = torch.nn.Identity()  # replaced below, once the embedding exists
-        super().finalize(progress)
-        if tied:
-            self.lm_head = self.embed_tokens.as_linear()  # one (vocab, hidden) matrix for both
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> final hidden states (tokens, hidden); writes K/V into kv_caches.
