@@ -104,10 +104,13 @@ def test_packed_layers_in_use_and_perplexity_within_two_percent(gemma_float, gem
     from pathlib import Path
 
     from lmgen import SamplingParams
+    from lmgen.layers.linear import DenseLinear
     from lmgen.layers.quant import QuantizedLinear
 
     packed = {m.qtype.name for m in gemma_packed.model.modules() if isinstance(m, QuantizedLinear)}
-    assert {"Q5_0", "Q8_0", "Q4_K", "Q6_K"} <= packed  # every quantized type of the file stays packed
+    assert packed == {"Q5_0", "Q8_0", "Q4_1"}  # Q4_K repacked as Q4_1, Q6_K as Q8_0 (lmgen.layers.kquant_repack)
+    # every projection stays packed, the QKV of Q5_0 q/k and Q8_0 v too (no float fallback)
+    assert not any(isinstance(m, DenseLinear) for m in gemma_packed.model.modules())
     assert gemma_packed.model.weight_bytes() < 1.1 * gemma_gguf_path.stat().st_size
     text = (Path(__file__).parent / "data" / "perplexity.txt").read_text(encoding="utf-8")
     ids = gemma_float.tokenizer.encode(text)

@@ -5,7 +5,8 @@ Error model checked here (see quant.py's docstring):
     with scale d_x = max|x_block| / 127, so per output
         |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_{j in block} |W_deq[n, j]|   (+ fp32 rounding)
     (the AVX2 and the AVX-512 VNNI kernels are both checked where the CPU has VNNI)
-  * K-quant kernels and the dequantize + matmul path: fp32 rounding only.
+  * K-quants are repacked as Q4_1 / Q5_1 / Q8_0 at load (within kquant_repack's bound), then as above.
+  * the dequantize + matmul path: fp32 rounding only.
   * quantize_linear: int8 = Q8_0, |w - w_q| <= max|w_block| / 254 + max|w_block| 2^-11 (fp16 scale);
     int4 = Q4_1, |w - w_q| <= (max - min)_block / 30 + max|w_block| 2^-9 (fp16 scale and min).
 """
@@ -140,18 +141,42 @@ def test_r8_matches_reference(qtype, rows, batch, isa):
     check_close(layer._impl.forward_path(x, DEQ_PATH, 0), x, w, integer_path=False)
 
 
+def repack_bound(qtype, data, shape) -> np.ndarray:
+    """Per-weight bound on |repacked - gguf-py's dequantization| (lmgen.layers.kquant_repack's docstring):
+    Q4_K / Q5_K: 2^-11 (|d sc| q + |dmin m|), the fp16 rounding of the block constants; Q6_K -> Q8_0:
+    max|w_block| (1/254 + 2^-11)."""
+    w = reference(qtype, data, shape)
+    if qtype == T.Q6_K:
+        amax = np.abs(w).reshape(-1, 32).max(axis=1, keepdims=True)
+        return np.broadcast_to(amax * (1 / 254 + 2.0**-11), (amax.shape[0], 32)).reshape(shape)
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = np.ascontiguousarray(data).reshape(-1, size)
+    dmin = blocks[:, 2:4].view(np.float16).astype(np.float64)
+    _, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+    offset = np.repeat(dmin * m, 32, axis=1).reshape(shape)  # dmin m of each weight's sub-block
+    return 2.0**-11 * (np.abs(w + offset) + np.abs(offset)) + 2.0**-25 * 16 + 1e-12
+
+
 @needs_kernels
 @pytest.mark.parametrize("qtype", KQ_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("batch", [1, 37])
-def test_kquants_match_reference(qtype, batch):
+def test_kquants_are_repacked_within_their_bound(qtype, batch):
+    """A K-quant matrix becomes Q4_1 / Q5_1 / Q8_0 blocks within the documented bound of gguf-py's dequantization,
+    and then multiplies like any r8 layer (int8 activations: the integer path's bound, against its own weights)."""
+    from lmgen.layers.kquant_repack import REPACKED
+
     rows, cols = 24, 512
     data = random_blocks(qtype, rows, cols, seed=int(qtype))
     w = reference(qtype, data, (rows, cols))
     layer = quant.packed_linear_from_gguf(qtype, data, (rows, cols))
-    np.testing.assert_array_equal(layer.dequantized_weight().numpy(), w.astype(np.float32))
+    assert layer.qtype == REPACKED[qtype]
+    repacked = layer.dequantized_weight().numpy().astype(np.float64)
+    err, bound = np.abs(repacked - w), repack_bound(qtype, data, (rows, cols))
+    assert np.all(err <= bound), f"max excess {np.max(err - bound):.3g}"
+    assert err.max() > 0  # the bound is not vacuous: the repacking does round
+    np.testing.assert_array_equal(layer.rows(torch.arange(rows)).numpy(), repacked.astype(np.float32))
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(3))
-    for path in (0, INT_PATH, DEQ_PATH):
-        check_close(layer._impl.forward_path(x, path, 0), x, w, integer_path=False)
+    check_close(layer(x), x, repacked, integer_path=True)
 
 
 @needs_kernels
@@ -173,7 +198,7 @@ def test_rows_are_batch_invariant(qtype, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", R8_TYPES + KQ_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
 def test_rows_lookup_matches_reference(qtype):
     """`rows(ids)` (the packed matrix as an embedding table) returns exactly gguf-py's dequantized rows, in the
     order asked, repeats included, the last partial 8-row group too; ids outside the table raise IndexError."""
@@ -209,6 +234,24 @@ def test_real_gguf_tensors(model_tensors, name, batch, isa):
     ref_norm = np.linalg.norm(x.numpy().astype(np.float64) @ w.T)
     assert np.linalg.norm(err) / ref_norm < (0.02 if integer_path(layer, batch) else 1e-5)
     check_close(layer._impl.forward_path(x, INT_PATH, 0), x, w, integer_path=True)
+
+
+@needs_kernels
+def test_fused_shards_of_different_block_types_stay_packed():
+    """A fused projection whose shards have different block types (a Q4_K_M file's Q5_0 q/k and Q8_0 v) is one
+    packed layer per run of a type, side by side, its bias split with it; no float fallback."""
+    from lmgen.layers.linear import StackedLinear, PackedTensor, build_linear
+
+    cols, shards = 256, [(T.Q5_0, 16), (T.Q5_0, 8), (T.Q8_0, 8), (T.Q4_K, 8)]
+    sources = [PackedTensor(qt, random_blocks(qt, rows, cols, seed=i), (rows, cols)) for i, (qt, rows) in enumerate(shards)]
+    gen = torch.Generator().manual_seed(5)
+    biases = [torch.randn(rows, generator=gen) for _, rows in shards]
+    layer = build_linear(sources, biases, torch.float32, torch.device("cpu"), "auto", batch_invariant=True)
+    assert isinstance(layer, StackedLinear) and [p.qtype for p in layer.parts] == [T.Q5_0, T.Q8_0, T.Q4_1]
+    assert layer.out_features == 40
+    x = torch.randn(7, cols, generator=gen)
+    alone = [build_linear([s], [b], torch.float32, torch.device("cpu"), "auto", True)(x) for s, b in zip(sources, biases)]
+    assert torch.equal(layer(x), torch.cat(alone, dim=-1))
 
 
 @needs_kernels

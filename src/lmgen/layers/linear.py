@@ -7,6 +7,7 @@ sources (fused QKV, fused gate+up) into a module whose forward is `(..., in) -> 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -88,6 +89,20 @@ class DenseLinear(torch.nn.Module):
         return dense_forward(x, self.weight, self.bias, self._fixed_order)
 
 
+class StackedLinear(torch.nn.Module):
+    """A fused projection (QKV, gate+up) whose shards have different block types (a Q4_K_M file keeps V in Q6_K
+    or Q8_0 and Q, K in Q4_K or Q5_0): one packed layer per run of a type, outputs side by side.
+    forward: (..., in) -> (..., sum of the parts' out_features)."""
+
+    def __init__(self, parts: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def build_linear(
     sources: Sequence[WeightSource],
     biases: Sequence[torch.Tensor | None] | None,
@@ -128,13 +143,17 @@ def build_packed_linear(
     except ImportError:  # pragma: no cover - the packed kernels are optional
         return None
     packed = [s for s in sources if isinstance(s, PackedTensor)]
-    if len(packed) == len(sources) and len({p.qtype for p in packed}) == 1:
-        if packed[0].qtype in quant.supported_packed_qtypes():
-            data = np.concatenate([p.data for p in packed], axis=0) if len(packed) > 1 else packed[0].data  # (rows, bytes)
-            shape = (sum(p.shape[0] for p in packed), packed[0].shape[1])
-            module = quant.packed_linear_from_gguf(packed[0].qtype, data, shape, bias, batch_invariant)
-            if module is not None:
-                return module
+    if len(packed) == len(sources) and all(p.qtype in quant.supported_packed_qtypes() for p in packed):
+        parts, start = [], 0
+        for qtype, run in itertools.groupby(packed, key=lambda p: p.qtype):  # shards of one block type: one layer
+            run = list(run)
+            data = np.concatenate([p.data for p in run], axis=0) if len(run) > 1 else run[0].data  # (rows, bytes)
+            rows = sum(p.shape[0] for p in run)
+            part_bias = None if bias is None else bias[start:start + rows]
+            parts.append(quant.packed_linear_from_gguf(qtype, data, (rows, run[0].shape[1]), part_bias, batch_invariant))
+            start += rows
+        if all(p is not None for p in parts):
+            return parts[0] if len(parts) == 1 else StackedLinear(parts)
     if mode in ("int8", "int4"):
         weight = torch.cat([to_float(s, torch.float32) for s in sources], dim=0)
         return quant.quantize_linear(weight, mode, bias=bias, batch_invariant=batch_invariant)

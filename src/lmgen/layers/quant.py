@@ -15,17 +15,15 @@ file layout when the weight is in cache, see the benchmark's raw-q column).  Bat
 groups x 6 rows (VNNI) that sum each output in the single-row kernels' order (batch invariance).  Measured faster than dequantize +
 MKL sgemm at every batch size, so there is no float path for these types (R8_DEQUANT_MIN_BATCH = 0: never).
 
-K-quants (Q4_K, Q5_K, Q6_K) keep the file layout; small batches dequantize each 256-value super-block in L1
-and dot it with the float activation; batches of DEQUANT_MIN_BATCH rows or more dequantize a tile of
-TILE_ROWS weight rows to fp32 and call at::mm (the tile is reused; no float weight stays resident) - except in
-batch-invariant layers (the default), where MKL's batch-size-dependent order is avoided: every batch takes the
-super-block kernel.
+K-quants (Q4_K, Q5_K, Q6_K) are re-expressed at load as Q4_1 / Q5_1 / Q8_0 blocks (lmgen.layers.kquant_repack,
+with its error bound: far below the activation rounding) and take the same integer kernels, so a Q4_K_M file runs
+at r8 speed at every batch size.
 
 Accuracy of the integer kernels: beyond the weight quantization itself, the only error is the rounding of the
 activations, |x - d_x q_x| <= d_x / 2.  Per output
     |y - x @ W_deq^T| <= sum_blocks (d_x / 2) * sum_{j in block} |W_deq[n, j]|      (+ fp32 rounding),
-about 0.5% relative RMS for Gaussian activations (llama.cpp makes the same error).  The K-quant kernels and
-the dequantize + at::mm path round in fp32 only.  tests/test_quant.py checks these bounds.
+about 0.5% relative RMS for Gaussian activations (llama.cpp makes the same error).  The dequantize + at::mm
+path rounds in fp32 only.  tests/test_quant.py checks these bounds.
 
 Threads: calls with enough work (KernelTuning.parallel_min_units: the output layer, prefill) split output rows into chunks
 claimed from an atomic counter by the calling thread and torch.get_num_threads() - 1 helper threads
@@ -173,7 +171,7 @@ class QuantizedLinear(torch.nn.Module):
     def __init__(self, qtype, packed: torch.Tensor, out_features: int, in_features: int,
                  bias: torch.Tensor | None = None, batch_invariant: bool = True):
         super().__init__()
-        # True: each row's result is the same in any batch (K-quants never take the dequantize + at::mm path)
+        # True: each row's result is the same in any batch (never the dequantize + at::mm path of large batches)
         self.batch_invariant = bool(batch_invariant)
         if load_extension() is None:
             raise RuntimeError(f"lmgen quant kernels unavailable: {extension_error()}")
@@ -273,7 +271,7 @@ def packed_linear_from_gguf(qtype, data: np.ndarray, shape: tuple[int, int],
     QKV / gate+up: pass the summed out_features).  Returns None for a type not packed here (see
     `supported_packed_qtypes()`); the caller then dequantizes to a float layer.  Raises ValueError for an unknown
     type or data that does not match `shape`.  batch_invariant (default): a row's result never depends on the
-    other rows of the call; False lets K-quant batches take the faster dequantize + at::mm path.
+    other rows of the call; False lets batches past the kernel tuning's dequantize threshold take dequantize + at::mm.
     """
     qt = _qtype(qtype)
     if qt.name not in _R8_TYPES + _KQ_TYPES:
@@ -282,11 +280,11 @@ def packed_linear_from_gguf(qtype, data: np.ndarray, shape: tuple[int, int],
     if load_extension() is None:
         return None
     data = np.asarray(data)
-    if qt.name in _R8_TYPES:
-        packed = _pack_r8(qt, data, rows, cols)
-    else:
-        packed = np.ascontiguousarray(data).reshape(-1).copy()  # K-quants keep the file layout (owned copy)
-    return QuantizedLinear(qt, torch.from_numpy(packed), rows, cols, bias, batch_invariant)
+    if qt.name in _KQ_TYPES:  # re-expressed as Q4_1 / Q5_1 / Q8_0 blocks (lmgen.layers.kquant_repack)
+        from lmgen.layers.kquant_repack import repack_kquant
+
+        qt, data = repack_kquant(qt, data, rows, cols)
+    return QuantizedLinear(qt, torch.from_numpy(_pack_r8(qt, data, rows, cols)), rows, cols, bias, batch_invariant)
 
 
 _MODES = {"int8": "Q8_0", "int4": "Q4_1"}
