@@ -140,8 +140,9 @@ class Attention(torch.nn.Module):
         """qkv (tokens, q + 2 kv) -> the same with each head of q and k normalized."""
         tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(tokens * self.num_heads, self.head_dim)).view(tokens, self.q_size)
-        k = self.k_norm(k.reshape(tokens * self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
+        # contiguous: the norm takes one code path (the compiled op on the CPU) whatever the step's token count
+        q = self.q_norm(q.reshape(tokens * self.num_heads, self.head_dim).contiguous()).view(tokens, self.q_size)
+        k = self.k_norm(k.reshape(tokens * self.num_kv_heads, self.head_dim).contiguous()).view(tokens, self.kv_size)
         return torch.cat([q, k, v], dim=-1)
 
     def attend(self, qkv, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:

@@ -7,9 +7,9 @@ x n_layers -> RMSNorm -> tied lm_head -> logits (soft-capped where the config sa
 
 Gemma's norms multiply by (1 + w): transformers checkpoints store w (the norms add 1 at load), GGUF files
 store 1 + w already (llama.cpp's convert_hf_to_gguf adds it), see ModelConfig.norm_type.  Attention scores are
-scaled by query_pre_attn_scalar^-1/2.  Every step runs the layers one by one with the compiled float32 pieces
-where they exist (RMSNorm, the fused RoPE + K/V write + attention op); there is no whole-step fused loop as for
-Llama, since the q/k norms sit between the projection and RoPE.
+scaled by query_pre_attn_scalar^-1/2.  In float32 on the CPU every step takes `_forward_fused`: the compiled
+RMSNorm and RoPE + K/V write + attention ops and the matmuls called directly, without the modules' dispatch
+(the same ops in the same order as the modules, so the same numbers); elsewhere the modules run one by one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
 from lmgen.errors import UnsupportedModelError
@@ -56,9 +57,6 @@ class Gemma3ForCausalLM(CausalLM):
             raise UnsupportedModelError("attn_logit_softcapping (Gemma 2) is not supported")
         fused = fused_float_ops(self.device, self.dtype, compile, factory.batch_invariant)
         backend = attention_backend(config, fused, factory.batch_invariant)
-        if fused is not None:
-            logger.info("Gemma 3: the layers run one by one (q/k norms between the projection and RoPE, sandwich "
-                        "norms), with the fused RMSNorm and attention ops; GeGLU in PyTorch ops")
         self.rotary = RotaryEmbedding(config, self.device, self.dtype)  # global layers
         local = dataclasses.replace(config, rope_theta=config.rope_local_theta or config.rope_theta,
                                     rope_scaling={"rope_type": "default"})
@@ -85,6 +83,8 @@ class Gemma3ForCausalLM(CausalLM):
         self.norm = norm()
         self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
         self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
+        self._fused, self._backend = fused, backend
+        self._plan: list[tuple] | None = None  # per-layer callables of `_forward_fused`, see `_layer_plan`
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
@@ -92,6 +92,8 @@ class Gemma3ForCausalLM(CausalLM):
         for rotary in (self.rotary, self.rotary_local):
             rotary.reserve(meta.max_position + 1)
         rope = (self.rotary(positions), self.rotary_local(positions))  # ((tokens, head_dim) cos, sin) x 2
+        if self._fused is not None and self._backend.supports(meta):
+            return self._forward_fused(x, rope, kv_caches, meta)
         return (self._compiled or self._run_layers)(x, rope, kv_caches, meta)
 
     def _run_layers(self, x, rope, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
@@ -99,6 +101,51 @@ class Gemma3ForCausalLM(CausalLM):
             cos, sin = rope[1] if layer.sliding else rope[0]
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
+
+    def _forward_fused(self, x, rope, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """The same layers as `_run_layers` with the module calls gone: each layer's compiled ops and matmuls
+        called directly (the per-module dispatch, not the arithmetic, bounds a small model's decode step), every
+        row in the same fixed order.  x (tokens, hidden) -> final-normed hidden states (tokens, hidden)."""
+        rms, eps = self._fused.rms_norm, self.config.rms_norm_eps
+        if self._plan is None:
+            self._plan = self._layer_plan()
+        tokens = x.shape[0]
+        for (qkv_proj, o_proj, gate_up_proj, down_proj, norms, sliding, sizes), (k_cache, v_cache) \
+                in zip(self._plan, kv_caches):
+            w_in, w_q, w_k, w_post_attn, w_pre_ffw, w_post_ffw = norms
+            (heads, kv_heads, head_dim), (q_size, kv_size, inter) = sizes
+            q, k, v = qkv_proj(rms(x, w_in, eps)).split([q_size, kv_size, kv_size], dim=-1)  # (tokens, q | kv | kv)
+            q = rms(q.reshape(tokens * heads, head_dim).contiguous(), w_q, eps).view(tokens, q_size)  # per head
+            k = rms(k.reshape(tokens * kv_heads, head_dim).contiguous(), w_k, eps).view(tokens, kv_size)
+            cos, sin = rope[1] if sliding else rope[0]
+            step = meta.sliding if sliding and meta.sliding is not None else meta
+            out = self._backend(torch.cat([q, k, v], dim=-1), cos, sin, k_cache, v_cache, step)  # (tokens, q_size)
+            x = x + rms(o_proj(out), w_post_attn, eps)
+            gate, up = gate_up_proj(rms(x, w_pre_ffw, eps)).split(inter, dim=-1)  # (tokens, intermediate) each
+            x = x + rms(down_proj((F.gelu(gate, approximate="tanh") * up)), w_post_ffw, eps)
+        return rms(x, self.norm.weight, eps)
+
+    def _layer_plan(self) -> list[tuple]:
+        """What `_forward_fused` needs of each layer, looked up once: the linear layers' forward callables and the
+        six norm weights.  Reset by `_apply` (.to() may replace tensors)."""
+        def fn(m: torch.nn.Module):
+            impl = getattr(m, "_impl", None)  # QuantizedLinear: the C++ PackedLinear itself
+            return impl if impl is not None else m.forward
+
+        plan = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = tuple(n.weight for n in (layer.input_layernorm, attn.q_norm, attn.k_norm, layer.post_attention_layernorm,
+                                              layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm))
+            sizes = ((attn.num_heads, attn.num_kv_heads, attn.head_dim), (attn.q_size, attn.kv_size, mlp.intermediate_size))
+            plan.append((fn(attn.qkv_proj), fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj), norms,
+                         layer.sliding, sizes))
+        return plan
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._plan = None
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (rows, hidden) -> logits (rows, vocab) float32, soft-capped: cap * tanh(logits / cap)."""
