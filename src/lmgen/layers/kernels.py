@@ -49,9 +49,11 @@ class KernelTuning:
     r8_dequant_min_batch: int = 0
     tile_rows: int = 4096  # rows of weight dequantized at once on that path (fp32 tile of tile_rows x in)
     min_units: int = 1024  # work per chunk handed to a thread (8-row groups x blocks of 32 x batch rows; ~5 us)
-    # calls with less work than this (16384 ~ 80 us: every decode-time layer matmul of a small model) run on
-    # the calling thread alone: waking a helper costs about as much as it saves and competes with torch's threads
-    parallel_min_units: int = 16384
+    # calls with less work than this (~10 us) run on the calling thread alone.  A decode-time layer matmul of a
+    # small model (SmolLM2-135M: 3,456-13,824 units) is memory-bound: one core's share of the bandwidth limits it,
+    # and on the 2-vCPU test host with its bandwidth halved by neighbours (7.9 GB/s one thread, 15 GB/s two)
+    # spreading those calls over both threads took decode from 65 to 86 tok/s (16384 kept them on one thread)
+    parallel_min_units: int = 2048
     threads: int = 0  # threads for the kernels; 0: torch.get_num_threads()
     spin_us: int = 0  # how long idle helpers spin before sleeping (spinning cost ~10% on a 2-vCPU machine)
     isa: str = "auto"  # integer kernels: "auto" (AVX-512 VNNI where the CPU has it, else AVX2) or "avx2"
