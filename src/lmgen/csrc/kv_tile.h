@@ -80,6 +80,25 @@ inline void dot4(const float* q, const float* k0, const float* k1, const float* 
   out[2] = lmgen_fused::hsum8_fixed(a2);
   out[3] = lmgen_fused::hsum8_fixed(a3);
 }
+
+// dot(q, k_j) for the 8 consecutive keys of k (rows of n floats), each in exactly lmgen_fused::dot's order: one
+// 8-lane FMA chain per key (eight independent chains keep both FMA ports busy), then hsum8_fixed's tree
+// (b0 + b2) + (b1 + b3), b_i = lane i + lane i + 4, done for 4 keys at once through a 4 x 4 transpose.  n % 8 == 0.
+inline void dot8(const float* q, const float* k, int64_t n, float* out) {
+  __m256 a[8];
+  for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * n + i), a[r]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    __m128 b[4];
+    for (int r = 0; r < 4; ++r)
+      b[r] = _mm_add_ps(_mm256_castps256_ps128(a[4 * h + r]), _mm256_extractf128_ps(a[4 * h + r], 1));
+    _MM_TRANSPOSE4_PS(b[0], b[1], b[2], b[3]);  // b[i] = lane i of the 4 keys
+    _mm_storeu_ps(out + 4 * h, _mm_add_ps(_mm_add_ps(b[0], b[2]), _mm_add_ps(b[1], b[3])));
+  }
+}
 #endif
 
 // acc[i] = acc[i] * alpha + sum_j p[j] v[j][i], j ascending, for each of the D columns independently (v: n rows of
@@ -117,25 +136,46 @@ inline void block_update(const float* q, const float* kt, const float* vt, int64
                          float* l, float* acc, float* s) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if (D % 8 == 0)
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) dot8(q, kt + j * D, D, s + j);
     for (; j + 4 <= n; j += 4) dot4(q, kt + j * D, kt + (j + 1) * D, kt + (j + 2) * D, kt + (j + 3) * D, D, s + j);
+  }
 #endif
   for (; j < n; ++j) s[j] = lmgen_fused::dot(q, kt + j * D, D);
   float bm = -INFINITY;
-  for (j = 0; j < n; ++j) {
+  j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 bm8 = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) {  // elementwise products and a max: the same values as the scalar loop
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(sc));
+    _mm256_storeu_ps(s + j, v);
+    bm8 = _mm256_max_ps(bm8, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, bm8);
+  for (float x : lanes) bm = std::max(bm, x);
+#endif
+  for (; j < n; ++j) {
     s[j] *= sc;
     bm = std::max(bm, s[j]);
   }
   const float mn = std::max(*m, bm);
   const float alpha = std::exp(*m - mn);  // 0 on the first block (m = -inf)
+  float sum = 0.f;
   j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(s + j, lmgen_fused::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mn))));
+  __m256 sum8 = _mm256_setzero_ps();  // the exps summed in 8 lanes, then the fixed lane tree
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = lmgen_fused::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mn)));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  sum = lmgen_fused::hsum8_fixed(sum8);
 #endif
-  for (; j < n; ++j) s[j] = std::exp(s[j] - mn);
-  float sum = 0.f;
-  for (j = 0; j < n; ++j) sum += s[j];
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - mn);
+    sum += s[j];
+  }
   *l = std::fma(*l, alpha, sum);
   *m = mn;
   scale_accumulate(acc, alpha, s, vt, n, D);
