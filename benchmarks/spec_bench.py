@@ -21,6 +21,7 @@ import torch
 from common import machine
 
 from lmgen import LLM, SamplingParams
+from lmgen.spec.config import DEFAULT_NUM_TOKENS
 
 PASSAGE = (
     "The lighthouse at Point Reyes was built in 1870 to warn ships away from the rocky headland, one of the foggiest "
@@ -56,7 +57,7 @@ def batch_sweep(args, params: SamplingParams) -> None:
     """The measurement behind the auto step-back's `max_batch`: n-gram speculation (step-back off) vs plain decoding
     on the default path for batches of B input-grounded requests, aggregate tok/s, interleaved."""
     plain = LLM()
-    fast = LLM(speculative={"method": "ngram", "num_tokens": args.num_tokens or 4, "max_batch": 1 << 20,
+    fast = LLM(speculative={"method": "ngram", "num_tokens": args.num_tokens or DEFAULT_NUM_TOKENS["ngram"], "max_batch": 1 << 20,
                             "min_acceptance": 0.0})
     asks = ["Rewrite the passage above in your own words, keeping every fact.", "Summarize the passage above.",
             "List the facts in the passage above.", "Retell the passage above for a child."]
@@ -80,7 +81,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--num-tokens", type=int, default=None, help="k (default: 6 for self, 4 for ngram)")
+    ap.add_argument("--num-tokens", type=int, default=None, help="k (default: the method's, lmgen.spec.config.DEFAULT_NUM_TOKENS)")
     ap.add_argument("--only", choices=sorted(TASKS), default=None)
     ap.add_argument("--batch-sweep", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="B,B,...",
                     help="instead: n-gram vs plain at these batch sizes (the step-back measurement)")
@@ -92,8 +93,8 @@ def main() -> int:
         batch_sweep(args, params)
         return 0
     setups = {
-        "self": ("none", {"method": "self", "num_tokens": args.num_tokens or 6}),
-        "ngram": ("auto", {"method": "ngram", "num_tokens": args.num_tokens or 4}),
+        "self": ("none", {"method": "self", "num_tokens": args.num_tokens or DEFAULT_NUM_TOKENS["self"]}),
+        "ngram": ("auto", {"method": "ngram", "num_tokens": args.num_tokens or DEFAULT_NUM_TOKENS["ngram"]}),
     }
     print(machine(), "| load average", os.getloadavg(), flush=True)
     summary = []

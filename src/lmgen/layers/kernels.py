@@ -41,8 +41,9 @@ def _env(name: str, default: int) -> int:
 class KernelTuning:
     """The packed kernels' thresholds and threading (benchmarks/matmul_candidates.py has the measurements)."""
 
-    # K-quants: batches of at least this many rows dequantize a weight tile and call at::mm instead of the fused
-    # dequantize-and-dot kernel (crossover measured at 8-16 rows for Q6_K / Q4_K, 2048 x 2048, 1 thread)
+    # K-quant layers in the file's layout (a QuantizedLinear built over raw Q4_K / Q5_K / Q6_K blocks; the loader
+    # repacks them as r8 types instead, lmgen.layers.kquant_repack): batches of at least this many rows dequantize
+    # a weight tile and call at::mm instead of the dequantize-and-dot kernel (crossover measured at 8-16 rows)
     dequant_min_batch: int = 16
     # the same switch for Q4_0/Q4_1/Q8_0's integer kernels; 0 = never (they beat dequantize + MKL sgemm at
     # every batch measured)

@@ -8,6 +8,9 @@ from typing import Any
 from lmgen.errors import SpeculativeConfigError
 
 METHODS = ("ngram", "draft", "self")
+# k when not given, measured with benchmarks/spec_bench.py (benchmarks/RESULTS.md): n-gram proposals are copies of
+# the input, accepted in long runs (k 8: 1.58x vs k 4: 1.38x on the rewrite task); the packed self-draft 6
+DEFAULT_NUM_TOKENS = {"ngram": 8, "draft": 4, "self": 6}
 MAX_NUM_TOKENS = 16  # a verification step scores k + 1 positions; beyond this acceptance never pays for it
 
 
@@ -16,14 +19,15 @@ class SpeculativeConfig:
     """One engine's speculation settings.
 
     method: "ngram" (prompt lookup), "draft" (another model with the same vocabulary, `model`), or "self" (the
-    target's own file loaded packed as the draft of a float target). num_tokens: tokens proposed per step (k).
+    target's own file loaded packed as the draft of a float target). num_tokens: tokens proposed per step (k; by
+    default 8 for ngram, 6 for self, 4 for draft).
     Auto step-back (see README "Speculative decoding"): no speculation in a step whose batch has more than
     `max_batch` sequences; a request whose rolling acceptance falls under `min_acceptance` stops proposing for
     `cooldown` steps.
     """
 
     method: str
-    num_tokens: int = 4
+    num_tokens: int | None = None  # None: the method's default, DEFAULT_NUM_TOKENS
     model: str | None = None  # the draft model ("draft" only)
     ngram_max: int = 4  # n-gram: longest suffix matched
     ngram_min: int = 3  # n-gram: shortest suffix matched (measured: 1-2 token matches propose mostly rejected tokens)
@@ -52,6 +56,8 @@ class SpeculativeConfig:
         if self.method not in METHODS:
             raise SpeculativeConfigError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}",
                                          param="speculative.method", value=self.method)
+        if self.num_tokens is None:
+            object.__setattr__(self, "num_tokens", DEFAULT_NUM_TOKENS[self.method])
         _int(self.num_tokens, "num_tokens", 1, MAX_NUM_TOKENS)
         _int(self.ngram_max, "ngram_max", 1, 64)
         _int(self.ngram_min, "ngram_min", 1, self.ngram_max)
