@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -47,6 +48,7 @@ from lmgen.server.streaming import chat_stream, ClientGone, completion_stream, S
 logger = logging.getLogger("lmgen.server")
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish on SIGTERM
+GIL_SWITCH_INTERVAL_S = 0.0005  # the longest a thread waits for the GIL held by another (see `serve`)
 
 
 def create_app(llm, served_model_name: str | list[str] | None = None, api_key: str | None = None, max_queue: int = 256,
@@ -245,6 +247,11 @@ def serve(args, llm) -> int:
                      trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
                      max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if getattr(args, "max_request_bytes", None) is None
                      else args.max_request_bytes)
+    # Chat template renders and big tokenizations run in worker threads, in Python, holding the GIL; each time the
+    # event loop comes back from a socket call it waits for the GIL up to the interpreter's switch interval (5 ms
+    # by default), and one HTTP exchange makes dozens of such calls (/health measured 0.26 s during a hostile
+    # 5 s render on a quiet host, 1.1 s on a loaded one). The server process shortens the interval for all its threads.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     host = getattr(args, "host", None) or "127.0.0.1"
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on", access_log=bool(getattr(args, "access_log", False)))
