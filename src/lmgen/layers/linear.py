@@ -142,8 +142,8 @@ def build_packed_linear(
         from lmgen.layers import quant
     except ImportError:  # pragma: no cover - the packed kernels are optional
         return None
-    packed = [s for s in sources if isinstance(s, PackedTensor)]
-    if len(packed) == len(sources) and all(p.qtype in quant.supported_packed_qtypes() for p in packed):
+    packed, kernel_types = [s for s in sources if isinstance(s, PackedTensor)], quant.supported_packed_qtypes()
+    if len(packed) == len(sources) and all(p.qtype in kernel_types for p in packed):
         parts, start = [], 0
         for qtype, run in itertools.groupby(packed, key=lambda p: p.qtype):  # shards of one block type: one layer
             run = list(run)

@@ -119,6 +119,13 @@ class CausalLM(torch.nn.Module):
         return sum(storages.values())
 
 
+def direct_call(module: torch.nn.Module) -> Callable:
+    """A layer's forward without nn.Module.__call__ (no hooks, no dispatch): a packed QuantizedLinear's C++
+    PackedLinear itself, else the bound `forward`.  The fused step loops call these ~100 times per token."""
+    impl = getattr(module, "_impl", None)
+    return impl if impl is not None else module.forward
+
+
 def fused_float_ops(device: torch.device, dtype: torch.dtype, compile: bool, batch_invariant: bool):
     """The compiled fused float32 ops (csrc/fused_ops.h) on a float32 CPU model without torch.compile, else None
     (with a warning when batch invariance was asked for but cannot hold)."""

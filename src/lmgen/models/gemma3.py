@@ -28,7 +28,7 @@ from lmgen.layers.mlp import GeGLU
 from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rope import RotaryEmbedding
 from lmgen.layers.weight_slots import EmbeddingSlot, LayerFactory, LinearSlot
-from lmgen.models.base import CausalLM, attention_backend, fused_float_ops
+from lmgen.models.base import CausalLM, attention_backend, direct_call, fused_float_ops
 
 logger = logging.getLogger("lmgen.model")
 
@@ -103,43 +103,32 @@ class Gemma3ForCausalLM(CausalLM):
         return self.norm(x)
 
     def _forward_fused(self, x, rope, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """The same layers as `_run_layers` with the module calls gone: each layer's compiled ops and matmuls
-        called directly (the per-module dispatch, not the arithmetic, bounds a small model's decode step), every
-        row in the same fixed order.  x (tokens, hidden) -> final-normed hidden states (tokens, hidden)."""
+        """The same layers as `_run_layers` with the module calls gone: each layer's compiled norms, matmuls and
+        attention (`Attention.attend`) called directly (the per-module dispatch, not the arithmetic, bounds a small
+        model's decode step), every row in the same fixed order.  x (tokens, hidden) -> final-normed (tokens, hidden)."""
         rms, eps = self._fused.rms_norm, self.config.rms_norm_eps
         if self._plan is None:
             self._plan = self._layer_plan()
-        tokens = x.shape[0]
-        for (qkv_proj, o_proj, gate_up_proj, down_proj, norms, sliding, sizes), (k_cache, v_cache) \
+        for (qkv_proj, attend, o_proj, gate_up_proj, down_proj, norms, sliding, inter), (k_cache, v_cache) \
                 in zip(self._plan, kv_caches):
-            w_in, w_q, w_k, w_post_attn, w_pre_ffw, w_post_ffw = norms
-            (heads, kv_heads, head_dim), (q_size, kv_size, inter) = sizes
-            q, k, v = qkv_proj(rms(x, w_in, eps)).split([q_size, kv_size, kv_size], dim=-1)  # (tokens, q | kv | kv)
-            q = rms(q.reshape(tokens * heads, head_dim).contiguous(), w_q, eps).view(tokens, q_size)  # per head
-            k = rms(k.reshape(tokens * kv_heads, head_dim).contiguous(), w_k, eps).view(tokens, kv_size)
+            w_in, w_post_attn, w_pre_ffw, w_post_ffw = norms
             cos, sin = rope[1] if sliding else rope[0]
-            step = meta.sliding if sliding and meta.sliding is not None else meta
-            out = self._backend(torch.cat([q, k, v], dim=-1), cos, sin, k_cache, v_cache, step)  # (tokens, q_size)
+            out = attend(qkv_proj(rms(x, w_in, eps)), cos, sin, k_cache, v_cache, meta)  # (tokens, q_size)
             x = x + rms(o_proj(out), w_post_attn, eps)
             gate, up = gate_up_proj(rms(x, w_pre_ffw, eps)).split(inter, dim=-1)  # (tokens, intermediate) each
             x = x + rms(down_proj((F.gelu(gate, approximate="tanh") * up)), w_post_ffw, eps)
         return rms(x, self.norm.weight, eps)
 
     def _layer_plan(self) -> list[tuple]:
-        """What `_forward_fused` needs of each layer, looked up once: the linear layers' forward callables and the
-        six norm weights.  Reset by `_apply` (.to() may replace tensors)."""
-        def fn(m: torch.nn.Module):
-            impl = getattr(m, "_impl", None)  # QuantizedLinear: the C++ PackedLinear itself
-            return impl if impl is not None else m.forward
-
+        """What `_forward_fused` needs of each layer, looked up once: the linear layers' and the attention's callables
+        and the four block norm weights.  Reset by `_apply` (.to() may replace tensors)."""
         plan = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            norms = tuple(n.weight for n in (layer.input_layernorm, attn.q_norm, attn.k_norm, layer.post_attention_layernorm,
+            norms = tuple(n.weight for n in (layer.input_layernorm, layer.post_attention_layernorm,
                                               layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm))
-            sizes = ((attn.num_heads, attn.num_kv_heads, attn.head_dim), (attn.q_size, attn.kv_size, mlp.intermediate_size))
-            plan.append((fn(attn.qkv_proj), fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj), norms,
-                         layer.sliding, sizes))
+            plan.append((direct_call(attn.qkv_proj), attn.attend, direct_call(attn.o_proj), direct_call(mlp.gate_up_proj),
+                         direct_call(mlp.down_proj), norms, layer.sliding, mlp.intermediate_size))
         return plan
 
     def _apply(self, fn, *args, **kwargs):

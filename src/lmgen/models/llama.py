@@ -33,7 +33,7 @@ from lmgen.layers.norm import RMSNorm
 from lmgen.layers.pipeline import run_pipelined
 from lmgen.layers.rope import RotaryEmbedding
 from lmgen.layers.weight_slots import EmbeddingSlot, LayerFactory, LinearSlot
-from lmgen.models.base import CausalLM
+from lmgen.models.base import CausalLM, direct_call
 
 logger = logging.getLogger("lmgen.model")
 
@@ -182,15 +182,12 @@ class LlamaForCausalLM(CausalLM):
         """What `_forward_fused` needs of each layer, looked up once: the linear layers' forward callables
         (bypassing nn.Module.__call__, so no hooks) and the norm weights.  The attribute lookups and module
         dispatch cost ~0.5 ms per token over 30 layers.  Reset by `_apply` (.to() may replace tensors)."""
-        def fn(m: torch.nn.Module):
-            impl = getattr(m, "_impl", None)  # QuantizedLinear: the C++ PackedLinear itself
-            return impl if impl is not None else m.forward
-
         plan = []
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            plan.append((fn(attn.qkv_proj), attn.backend, fn(attn.o_proj), fn(mlp.gate_up_proj), fn(mlp.down_proj),
+            plan.append((direct_call(attn.qkv_proj), attn.backend, direct_call(attn.o_proj), direct_call(mlp.gate_up_proj),
+                         direct_call(mlp.down_proj),
                          layer.post_attention_layernorm.weight, None if next_norm is None else next_norm.weight,
                          mlp.intermediate_size))
         return self.layers[0].input_layernorm.weight, plan
