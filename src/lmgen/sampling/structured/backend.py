@@ -15,7 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
 import llguidance
-import llguidance.torch as llg_torch
+import llguidance.numpy as llg_np  # not llguidance.torch: its import loads torch's compiler (~1 s per start)
+import numpy as np
 import torch
 
 from lmgen.errors import InvalidRequestError
@@ -119,12 +120,12 @@ class GrammarBackend:
         """``(len(matchers), vocab)`` bool: the tokens each matcher allows next (computed in parallel)."""
         self.ll_tokenizer()
         t0 = time.perf_counter()
-        bitmask = torch.full(llg_torch.get_bitmask_shape(len(matchers), self.vocab_size), -1, dtype=torch.int32)
+        bitmask = np.full(llg_np.get_bitmask_shape(len(matchers), self.vocab_size), -1, dtype=np.int32)
         if len(matchers) == 1:  # one row: no thread hand-off
-            llg_torch.fill_next_token_bitmask(matchers[0].matcher, bitmask)
+            llg_np.fill_next_token_bitmask(matchers[0].matcher, bitmask)
         else:
-            llg_torch.fill_next_token_bitmask_par(self._executor, [(m.matcher, i) for i, m in enumerate(matchers)], bitmask)
-        allowed = bitmask_to_bool(bitmask, self.vocab_size)  # (rows, vocab)
+            llg_np.fill_next_token_bitmask_par(self._executor, [(m.matcher, i) for i, m in enumerate(matchers)], bitmask)
+        allowed = bitmask_to_bool(torch.from_numpy(bitmask), self.vocab_size)  # (rows, vocab)
         self.mask_times.append((time.perf_counter() - t0, len(matchers)))
         return allowed
 
