@@ -106,17 +106,26 @@ def test_single_prompt_alone_and_in_batches(llm):
 
 
 def test_mixed_prefill_and_decode_steps(llm):
+    assert_mixed_steps_equal_alone(llm)
+
+
+def test_int8_cache_mixed_steps_equal_alone(packed_llm):
+    """An int8 cache row's scale is its own block's: the int8 cache keeps a request's results independent too."""
+    assert_mixed_steps_equal_alone(packed_llm, kv_cache_dtype="int8")
+
+
+def assert_mixed_steps_equal_alone(llm, **engine_kw):
     ids = llm.tokenizer.encode(TEXT * 2, add_special_tokens=False)
     short, mid, long = ids[:4], ids[:37], ids[:150]
     reqs = {"short": (short, GREEDY), "mid": (mid, SAMPLED), "long": (long, GREEDY), "one": (ids[5:6], SAMPLED)}
     alone = {}
     for name, (prompt, params) in reqs.items():
-        alone.update(drive(fresh_engine(llm), {0: [(name, prompt, params)]}))
+        alone.update(drive(fresh_engine(llm, **engine_kw), {0: [(name, prompt, params)]}))
     # a 48-token budget: the long prompt is prefilled in chunks beside the others' decode tokens, and requests
     # arrive while others decode
     arrivals = {0: [("short", short, GREEDY)], 2: [("long", long, GREEDY), ("x1", ids[50:60], GREEDY)],
                 3: [("mid", mid, SAMPLED)], 5: [("one", ids[5:6], SAMPLED), ("x2", ids[9:80], SAMPLED)]}
-    mixed = drive(fresh_engine(llm, max_num_batched_tokens=48), arrivals)
+    mixed = drive(fresh_engine(llm, max_num_batched_tokens=48, **engine_kw), arrivals)
     for name in reqs:
         assert mixed[name] == alone[name], name
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen import LLM, SamplingParams
+from lmgen.layers.attention import from_cache_dtype, to_cache_dtype
 from lmgen.layers.kernels import fused_ops
 from lmgen.layers.rope import apply_rotary
 
@@ -34,27 +35,29 @@ def test_rms_norm_silu_mul_match_torch():
 
 
 def flat_slots(cache: torch.Tensor) -> torch.Tensor:
-    """(blocks, kv_heads, block_size, D) paged cache -> (slots, kv_heads, D) float32, slot = block * bs + row."""
-    b, h, bs, d = cache.shape
-    return cache.permute(0, 2, 1, 3).reshape(b * bs, h, d).float()
+    """(blocks, kv_heads, block_size, row) paged cache -> (slots, kv_heads, D) float32, slot = block * bs + row."""
+    rows = from_cache_dtype(cache, torch.float32)  # (blocks, kv_heads, block_size, D)
+    b, h, bs, d = rows.shape
+    return rows.permute(0, 2, 1, 3).reshape(b * bs, h, d)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("window", [None, 4])
 def test_paged_attention_matches_sdpa(window, dtype):
     """One call with a decode token (context 17), a prefill chunk (positions 3..7) and a long decode token (context
-    1,200: three splits of the span): RoPE, the K/V write (rounded to the cache dtype as torch rounds) and causal
-    (optionally windowed) attention per token agree with PyTorch's SDPA over the same cache."""
+    1,200: three splits of the span): RoPE, the K/V write (rounded to the cache dtype as torch rounds, int8 rows
+    byte for byte as `to_cache_dtype`) and causal (optionally windowed) attention per token agree with PyTorch's
+    SDPA over the same cache."""
     gen = torch.Generator().manual_seed(1)
-    heads, kv_heads, D, bs = 6, 2, 16, 4
+    heads, kv_heads, D, bs = 6, 2, 32, 4
     seqs = [(16, 1), (3, 5), (1199, 1)]  # (first new position, new tokens) per sequence
     slots = bs * (4 + sum(s + n for s, n in seqs) // bs)
     T = sum(n for _, n in seqs)
     qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=gen)
     ang = torch.randn(T, D // 2, generator=gen)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (T, D)
-    k_cache = torch.randn(slots // bs, kv_heads, bs, D, generator=gen).to(dtype)
-    v_cache = torch.randn(slots // bs, kv_heads, bs, D, generator=gen).to(dtype)
+    k_cache = to_cache_dtype(torch.randn(slots // bs, kv_heads, bs, D, generator=gen), dtype)
+    v_cache = to_cache_dtype(torch.randn(slots // bs, kv_heads, bs, D, generator=gen), dtype)
     perm = torch.randperm(slots, generator=gen)
     max_kv = max(s + n for s, n in seqs)
     kv_index = torch.zeros(len(seqs), max_kv, dtype=torch.long)
@@ -76,13 +79,15 @@ def test_paged_attention_matches_sdpa(window, dtype):
     q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], -1)
     q = apply_rotary(q.view(T, heads, D), cos[:, None], sin[:, None])
     k = apply_rotary(k.view(T, kv_heads, D), cos[:, None], sin[:, None])
-    k_cache[slot_mapping // bs, :, slot_mapping % bs] = k.to(dtype)
-    v_cache[slot_mapping // bs, :, slot_mapping % bs] = v.reshape(T, kv_heads, D).to(dtype)
-    # K went through RoPE (float32 rounding may differ in the last bit, then one cache-dtype ulp); V is copied exactly
-    ulp = {torch.float32: 1.3e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
-    torch.testing.assert_close(kc.float(), k_cache.float(), atol=1e-5, rtol=ulp)
+    k_cache[slot_mapping // bs, :, slot_mapping % bs] = to_cache_dtype(k, dtype)
+    v_cache[slot_mapping // bs, :, slot_mapping % bs] = to_cache_dtype(v.reshape(T, kv_heads, D), dtype)
+    # K went through RoPE (float32 rounding may differ in the last bit, then one cache-dtype ulp, for int8 one step of
+    # its block); V is copied exactly
+    ulp = {torch.float32: 1.3e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.int8: 0}[dtype]
+    step = k.abs().max().item() / 127 if dtype == torch.int8 else 1e-5
+    torch.testing.assert_close(flat_slots(kc), flat_slots(k_cache), atol=step, rtol=ulp)
     assert torch.equal(vc, v_cache)
-    kf, vf = flat_slots(k_cache), flat_slots(v_cache)
+    kf, vf = flat_slots(kc), flat_slots(vc)
     for t in range(T):
         rows = kv_index[token_seq[t], kv_start[t]:kv_start[t] + kv_len[t]]
         kp = kf[rows].transpose(0, 1)[None]  # (1, kv_heads, seen, D)

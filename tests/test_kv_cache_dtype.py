@@ -9,6 +9,9 @@ such a pair).  On the packed weights (the default) the packed matmuls round each
 any perturbation, this one included, moves log-probs by up to ~0.3 nats (as the packed-vs-float comparison of
 tests/test_quantized_model.py does); there the bounds are that file's: perplexity within 1%, greedy parting
 only where the top-2 were closer than twice the measured drift.
+
+The int8 cache (llama.cpp's q8_0 rows: a float16 scale per 32 values, a step of max|x| / 127) moves a log-prob
+by up to INT8_DRIFT (measured 0.097 nats on the float weights) and perplexity by +0.06% (bound 0.5%).
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from lmgen.errors import InvalidOptionError
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text(encoding="utf-8")
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "大语言模型是", "def fibonacci(n):"]
 NEAR_TIE = 0.01  # nats: the bound on a float16 cache's change of a log-prob, float weights (measured 0.0044)
+INT8_DRIFT = 0.25  # nats: the same for the int8 cache (measured 0.097)
 
 
 @pytest.fixture(scope="module")
 def caches():
-    """The embedded model dequantized to float32 weights, with a float32 and a float16 KV cache."""
-    return {name: LLM(quantization="none", dtype="float32", kv_cache_dtype=name) for name in ("float32", "float16")}
+    """The embedded model dequantized to float32 weights, with a float32, a float16 and an int8 KV cache."""
+    return {name: LLM(quantization="none", dtype="float32", kv_cache_dtype=name) for name in ("float32", "float16", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,15 @@ def test_auto_is_float16_on_cpu_and_the_cache_is_paged_per_block_and_head(tiny_m
     assert LLM(folder, dtype="bfloat16").engine.kv_cache.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("bad", ["int4", "fp16", "FLOAT16", "", "int8"])
+def test_int8_cache_rows_hold_their_scales_and_a_head_it_cannot_hold_is_refused(tiny_model_dirs):
+    k = LLM(kv_cache_dtype="int8", kv_cache_tokens=64).engine.kv_cache.layers[0][0]  # SmolLM2: head_dim 64
+    assert k.dtype == torch.int8 and k.shape[-1] == 64 + 64 // 16  # 64 values, then 2 float16 scales
+    with pytest.raises(InvalidOptionError) as e:  # the tiny model's head_dim 16 is not a multiple of 32
+        LLM(str(tiny_model_dirs["llama"]), kv_cache_dtype="int8")
+    assert e.value.param == "kv_cache_dtype" and "multiple of 32" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["int4", "fp16", "FLOAT16", "", "fp8"])
 def test_bad_kv_cache_dtype_is_a_typed_error_naming_it(tiny_model_dirs, bad):
     with pytest.raises(InvalidOptionError) as e:
         LLM(str(tiny_model_dirs["llama"]), kv_cache_dtype=bad)
@@ -82,16 +94,18 @@ def test_cli_takes_kv_cache_dtype_and_refuses_a_bad_one_in_one_line():
 
 
 def test_cli_kv_cache_dtype_sets_the_cache():
-    """--stats reports the reserved cache: float32 holds twice float16's bytes (the default is float16)."""
+    """--stats reports the reserved cache: float32 holds twice float16's bytes, int8 17/32 of them (64 values and
+    two float16 scales per 64-value row); the default is float16."""
     run = [sys.executable, "-m", "lmgen.cli", "generate", "大语言模型是", "--max-tokens", "4", "--stats"]
     mib = {}
-    for dtype in ("float16", "float32", None):
+    for dtype in ("float16", "float32", "int8", None):
         proc = subprocess.run([*run, *(["--kv-cache-dtype", dtype] if dtype else [])], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0 and proc.stdout, proc.stderr
         mib[dtype] = int(re.search(r"KV cache (\d+) MiB reserved \((\w+)\)", proc.stderr).group(1))
         assert f"({dtype or 'float16'})" in proc.stderr
     assert abs(mib["float32"] - 2 * mib["float16"]) <= 1 and mib[None] == mib["float16"]  # MiB rounded
+    assert abs(mib["int8"] - mib["float16"] * 17 / 32) <= 1
 
 
 def test_float16_cache_log_probs_and_perplexity_match_float32(caches):
@@ -103,6 +117,25 @@ def test_float16_cache_log_probs_and_perplexity_match_float32(caches):
     ppl32 = math.exp(-sum(e[t] for e, t in zip(exact, ids[1:])) / len(exact))
     ppl16 = math.exp(-sum(e[t] for e, t in zip(half, ids[1:])) / len(half))
     assert abs(ppl16 - ppl32) / ppl32 < 0.001, (ppl32, ppl16)
+
+
+def test_int8_cache_log_probs_and_perplexity_stay_near_float32(caches):
+    ids = caches["float32"].tokenizer.encode(TEXT)
+    exact, int8 = prompt_logprobs(caches["float32"], ids), prompt_logprobs(caches["int8"], ids)
+    drift = max(abs(a[t] - b[t]) for a, b, t in zip(exact, int8, ids[1:]))
+    assert NEAR_TIE < drift < INT8_DRIFT, drift  # > NEAR_TIE: coarser than float16, so really int8
+    ppl32 = math.exp(-sum(e[t] for e, t in zip(exact, ids[1:])) / len(exact))
+    ppl8 = math.exp(-sum(e[t] for e, t in zip(int8, ids[1:])) / len(int8))
+    assert abs(ppl8 - ppl32) / ppl32 < 0.005, (ppl32, ppl8)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for prompt in PROMPTS:  # greedy tokens part only where the float32 cache's top-2 were within 2 * INT8_DRIFT
+        p = caches["float32"].tokenizer.encode(prompt)
+        ref = caches["float32"].generate(p, params)[0].outputs[0].token_ids
+        ours = caches["int8"].generate(p, params)[0].outputs[0].token_ids
+        if ours != ref:
+            split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+            top2 = sorted(prompt_logprobs(caches["float32"], p + ref[: split + 1])[len(p) + split - 1].values())[-2:]
+            assert top2[1] - top2[0] <= 2 * INT8_DRIFT, (prompt, split, top2)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

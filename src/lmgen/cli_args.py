@@ -34,8 +34,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the matmuls and kernels (default: PyTorch's, the physical cores); fewer on a busy machine")
     g.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto | float32 | float16 | bfloat16: the KV cache's element type (auto: float16 for a float32 "
-                        "model on CPU, half the memory and bytes read per token; float32: exact)")
+                   help="auto | float32 | float16 | bfloat16 | int8: the KV cache's element type (auto: float16 for a "
+                        "float32 model on CPU, half the memory and bytes read per token; int8: llama.cpp's q8_0 "
+                        "rows, about half again; float32: exact)")
     g.add_argument("--no-batch-invariant", action="store_true",
                    help="allow results to depend on what shares a step (faster float prefill; see README)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,

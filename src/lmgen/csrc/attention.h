@@ -4,7 +4,8 @@
 //   paged_attention(qkv, cos, sin, k_cache, v_cache, slots, kv_index, token_seq, token_kv_start, token_kv_len,
 //                   heads, kv_heads, scale)
 //     qkv (T, (heads + 2 kv_heads) D) float32, the step's projected tokens; cos/sin (T, D) their RoPE rows;
-//     k_cache/v_cache (blocks, kv_heads, block_size, D) of float32, float16 or bfloat16: a cache slot s is
+//     k_cache/v_cache (blocks, kv_heads, block_size, W) of float32, float16 or bfloat16 (W = D) or int8 rows with
+//     their scales (W = D + D / 16, kv_tile.h): a cache slot s is
 //     position s % block_size of block s / block_size, so one block's rows of one head are contiguous;
 //     slots (T,) where each token's K/V goes; kv_index (B, max_kv) the cache slots of each sequence's context in
 //     position order; token_seq (T,) each token's sequence; token_kv_start / token_kv_len (T,) the span of its
@@ -46,9 +47,10 @@ struct Cache {
   const T *k, *v;
   int64_t kv_heads, bs, D;
   int shift;  // log2(bs) when bs is a power of two (shifts, not a 64-bit division per position read), else -1
+  int64_t row;  // elements per cache row: D, or D + D / 16 for int8 rows with their scales
   int64_t off(int64_t slot, int64_t g) const {
     const int64_t b = shift >= 0 ? slot >> shift : slot / bs, r = shift >= 0 ? slot & (bs - 1) : slot % bs;
-    return ((b * kv_heads + g) * bs + r) * D;
+    return ((b * kv_heads + g) * bs + r) * row;
   }
 };
 
@@ -188,17 +190,21 @@ inline torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tens
   check_f32_cpu(cos, "cos");
   check_f32_cpu(sin, "sin");
   const auto kind = k_cache.scalar_type();
-  TORCH_CHECK_VALUE(kind == torch::kFloat32 || kind == torch::kFloat16 || kind == torch::kBFloat16,
-                    "the KV cache must be float32, float16 or bfloat16");
+  TORCH_CHECK_VALUE(kind == torch::kFloat32 || kind == torch::kFloat16 || kind == torch::kBFloat16 ||
+                        kind == torch::kInt8,
+                    "the KV cache must be float32, float16, bfloat16 or int8");
   for (const auto* t : {&k_cache, &v_cache})
     TORCH_CHECK_VALUE(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == kind,
                       "k_cache and v_cache must be contiguous CPU tensors of one dtype");
   TORCH_CHECK_VALUE(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv_heads");
-  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(1) == kv_heads && v_cache.sizes() == k_cache.sizes(),
-                    "caches must be (blocks, kv_heads, block_size, head_dim)");
-  const int64_t T = qkv.size(0), D = k_cache.size(3), bs = k_cache.size(2), S = k_cache.size(0) * bs;
-  TORCH_CHECK_VALUE(D % 2 == 0, "head_dim must be even");
-  TORCH_CHECK_VALUE(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * D, "qkv must be (T, (H + 2 KVH) D)");
+  TORCH_CHECK_VALUE(qkv.dim() == 2 && qkv.size(1) % (heads + 2 * kv_heads) == 0, "qkv must be (T, (H + 2 KVH) D)");
+  const int64_t T = qkv.size(0), D = qkv.size(1) / (heads + 2 * kv_heads), bs = k_cache.size(2);
+  const int64_t S = k_cache.size(0) * bs, row = kind == torch::kInt8 ? D + D / 16 : D;
+  TORCH_CHECK_VALUE(D % 2 == 0 && (kind != torch::kInt8 || D % 32 == 0),
+                    "head_dim must be even (a multiple of 32 for the int8 cache)");
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(1) == kv_heads && k_cache.size(3) == row &&
+                        v_cache.sizes() == k_cache.sizes(),
+                    "caches must be (blocks, kv_heads, block_size, head_dim (+ head_dim / 16 for int8))");
   TORCH_CHECK_VALUE(cos.numel() == T * D && sin.numel() == T * D, "cos/sin must be (T, D)");
   for (const auto* t : {&slots, &kv_index, &token_seq, &token_kv_start, &token_kv_len})
     TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->is_contiguous(),
@@ -225,13 +231,14 @@ inline torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tens
     int shift = -1;
     for (int i = 0; i < 62; ++i)
       if ((int64_t{1} << i) == bs) shift = i;
-    const Cache<E> c{kc, vc, kv_heads, bs, D, shift};
+    const Cache<E> c{kc, vc, kv_heads, bs, D, shift, row};
     write_kv(qp, cp, sp, slot, T, heads, kc, vc, c, qr);
     attend_tokens(c, qr, T, heads, kvi, max_kv, seq, kv0, kvn, sc, op);
   };
   if (kind == torch::kFloat32) go(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   else if (kind == torch::kFloat16) go(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
-  else go(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  else if (kind == torch::kBFloat16) go(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  else go(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
   return out;
 }
 

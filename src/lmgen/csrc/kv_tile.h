@@ -1,8 +1,11 @@
 // The KV cache's element types and the per-block arithmetic of attention.h (float32 math on float32 tiles).
 //
-// The cache holds float32, float16 (IEEE half) or bfloat16; a K/V row is converted to float32 when it is copied
-// into a tile of kBlock positions (exact: every half / bfloat16 value is a float32), and written from float32
-// with round-to-nearest-even (torch's .to() rounding; float16 saturates at +-65504 instead of overflowing to inf).
+// The cache holds float32, float16 (IEEE half), bfloat16 or int8 rows; a K/V row is converted to float32 when it
+// is copied into a tile of kBlock positions (exact: every half / bfloat16 value is a float32), and written from
+// float32 with round-to-nearest-even (torch's .to() rounding; float16 saturates at +-65504 instead of overflowing
+// to inf).  An int8 row of D values is D int8 then D / 32 float16 scales (Q8_0's blocks of 32: x ~ q * d,
+// d = max|x| / 127 rounded to float16, q = round(x / d)), D + D / 16 bytes: lmgen.layers.attention's
+// `to_cache_dtype` / `from_cache_dtype` compute the same bytes and values.
 // `block_update` is the one online-softmax step every path uses (Milakov & Gimelshein 2018, "Online normalizer
 // calculation for softmax"; FlashAttention's blocked form): a token's result depends only on its own span.
 #pragma once
@@ -13,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "fused_ops.h"
 
@@ -41,6 +45,26 @@ inline void to_f32(const at::BFloat16* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// an int8 row (n values, then n / 32 float16 scales) -> n float32 values q * d
+inline void to_f32(const int8_t* src, int64_t n, float* dst) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    at::Half h;
+    std::memcpy(&h, src + n + 2 * b, sizeof(h));
+    const float d = static_cast<float>(h);
+    const int8_t* q = src + 32 * b;
+    float* o = dst + 32 * b;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    const __m256 dv = _mm256_set1_ps(d);
+    for (; i < 32; i += 8) {
+      const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), dv));
+    }
+#endif
+    for (; i < 32; ++i) o[i] = static_cast<float>(q[i]) * d;
+  }
+}
+
 // n float32 values -> a cache row
 inline void from_f32(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
 
@@ -60,6 +84,21 @@ inline void from_f32(const float* src, int64_t n, at::Half* dst) {
 
 inline void from_f32(const float* src, int64_t n, at::BFloat16* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);  // round to nearest even
+}
+
+// n float32 values (n % 32 == 0) -> an int8 row: per block of 32, d = half(min(max|x| / 127, 65504)),
+// q = clamp(round_even(x * (1 / d)), -127, 127) (0 where d is 0), the scales after the n values
+inline void from_f32(const float* src, int64_t n, int8_t* dst) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float* x = src + 32 * b;
+    float amax = 0.f;
+    for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const at::Half h(std::min(amax / 127.f, kHalfMax));
+    const float d = static_cast<float>(h), id = d > 0.f ? 1.f / d : 0.f;
+    for (int64_t i = 0; i < 32; ++i)
+      dst[32 * b + i] = static_cast<int8_t>(std::min(std::max(std::nearbyint(x[i] * id), -127.f), 127.f));
+    std::memcpy(dst + n + 2 * b, &h, sizeof(h));
+  }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)

@@ -22,8 +22,21 @@ from lmgen.errors import InvalidOptionError
 
 
 # kv_cache_dtype values; "auto": float16 for a float32 model on the CPU (half the bytes the attention reads per
-# token, checked against the float32 cache in tests/test_kv_cache_dtype.py), else the model's dtype
-KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# token, checked against the float32 cache in tests/test_kv_cache_dtype.py), else the model's dtype; "int8": rows
+# of int8 values with a float16 scale per 32 (llama.cpp's q8_0 cache: 0.53 of float16's bytes)
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "int8": torch.int8}
+
+
+def cache_row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of one cached K or V row: head_dim, or for int8 head_dim values then head_dim / 32 float16 scales
+    (2 bytes each).  InvalidOptionError where int8 cannot hold the head (head_dim not a multiple of 32)."""
+    if dtype != torch.int8:
+        return head_dim
+    if head_dim % 32:
+        raise InvalidOptionError(f"kv_cache_dtype 'int8' needs a head_dim that is a multiple of 32; this model's is "
+                                 f"{head_dim}", param="kv_cache_dtype", value="int8")
+    return head_dim + head_dim // 16
 
 
 def resolve_kv_cache_dtype(value: object, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -38,23 +51,25 @@ def resolve_kv_cache_dtype(value: object, model_dtype: torch.dtype, device: torc
 
 
 class KVCache:
-    """Per layer, K and V tensors of (num_blocks + 1, n_kv_heads, block_size, head_dim): a flat cache slot s is
+    """Per layer, K and V tensors of (num_blocks + 1, n_kv_heads, block_size, row) (row: `cache_row_width`, the
+    head_dim but for int8): a flat cache slot s is
     row s % block_size of block s // block_size, so one block's rows of one KV head are contiguous (what the
     attention kernel reads, csrc/attention.h).
 
     Block 0 is the null block: zeros, never handed out. Padding in the attention gather reads it, so every
     other block can start uninitialised (torch.empty): the OS maps its pages in only when a request writes
-    them, and an idle cache costs no resident memory.  `dtype` may be narrower than the model's (float16):
-    K/V are rounded when written and widened to float32 when read.
+    them, and an idle cache costs no resident memory.  `dtype` may be narrower than the model's (float16, int8):
+    K/V are rounded when written and widened to float32 when read (lmgen.layers.attention).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.layers = []
+        row = cache_row_width(head_dim, dtype)
         for _ in range(num_layers):
-            # K, V: (blocks, kv_heads, block_size, head_dim)
-            k = torch.empty(num_blocks + 1, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
-            v = torch.empty(num_blocks + 1, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
+            # K, V: (blocks, kv_heads, block_size, row)
+            k = torch.empty(num_blocks + 1, num_kv_heads, block_size, row, dtype=dtype, device=device)
+            v = torch.empty(num_blocks + 1, num_kv_heads, block_size, row, dtype=dtype, device=device)
             k[0].zero_()
             v[0].zero_()
             self.layers.append((k, v))

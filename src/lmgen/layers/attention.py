@@ -6,8 +6,8 @@ chosen once, when the model is built:
   TorchAttentionBackend     plain PyTorch (rotate, index_copy_ into the cache, SDPA); any device and dtype
   FusedCPUAttentionBackend  csrc/attention.h's paged_attention: the same three steps in one compiled call per
                             layer, flash-style (online softmax over K/V tiles, no score matrix), each token in a
-                            fixed order (batch invariance); float32 activations on CPU, a float32, float16 or
-                            bfloat16 cache
+                            fixed order (batch invariance); float32 activations on CPU, a float32, float16,
+                            bfloat16 or int8 cache
 With batch_invariant=False the fused backend serves only pure decode steps and PyTorch the rest, as before.
 """
 
@@ -55,11 +55,32 @@ def attention_scale(config: ModelConfig) -> float:
     return (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
+HALF_MAX = 65504.0  # the largest finite float16
+
+
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """K/V rows -> the cache's dtype; float16 saturates at +-65504 (as csrc/kv_tile.h) instead of becoming inf."""
+    """K/V rows (..., D) -> cache rows, the same bytes as csrc/kv_tile.h's `from_f32`: float16 saturates at +-65504
+    instead of becoming inf; int8 rows are (..., D + D / 16): per 32 values q = round(x / d) in [-127, 127],
+    d = max|x| / 127 as float16, the D / 32 scales' bytes after the values."""
+    if dtype == torch.int8:
+        xb = x.float().unflatten(-1, (-1, 32))  # (..., D / 32, 32)
+        d = (xb.abs().amax(-1, keepdim=True) / 127).clamp(max=HALF_MAX).to(torch.float16)  # (..., D / 32, 1)
+        df = d.float()
+        inv = torch.where(df > 0, 1 / df, torch.zeros_like(df))
+        q = (xb * inv).round().clamp(-127, 127).to(torch.int8).flatten(-2)  # (..., D)
+        return torch.cat([q, d.flatten(-2).view(torch.int8)], dim=-1)
     if dtype == torch.float16 and x.dtype != torch.float16:
-        x = x.clamp(-65504.0, 65504.0)
+        x = x.clamp(-HALF_MAX, HALF_MAX)
     return x.to(dtype)
+
+
+def from_cache_dtype(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows -> K/V rows (..., D) of `dtype`, the values csrc/kv_tile.h's `to_f32` reads (int8: q * d)."""
+    if rows.dtype != torch.int8:
+        return rows.to(dtype)
+    D = rows.shape[-1] * 16 // 17
+    q, d = rows[..., :D], rows[..., D:].contiguous().view(torch.float16)  # (..., D), (..., D / 32)
+    return (q.float().unflatten(-1, (-1, 32)) * d.float()[..., None]).flatten(-2).to(dtype)
 
 
 class TorchAttentionBackend:
@@ -87,8 +108,8 @@ class TorchAttentionBackend:
         v_cache[meta.slot_mapping // bs, :, meta.slot_mapping % bs] = to_cache_dtype(v, v_cache.dtype)
         qp = (q[None] if meta.query_index is None else q[meta.query_index]).transpose(1, 2)  # (batch, heads, max_q, head_dim)
         blk, row = meta.kv_index // bs, meta.kv_index % bs  # (batch, max_kv)
-        kp = k_cache[blk, :, row].transpose(1, 2).to(q.dtype)  # (batch, kv_heads, max_kv, head_dim)
-        vp = v_cache[blk, :, row].transpose(1, 2).to(q.dtype)
+        kp = from_cache_dtype(k_cache[blk, :, row], q.dtype).transpose(1, 2)  # (batch, kv_heads, max_kv, head_dim)
+        vp = from_cache_dtype(v_cache[blk, :, row], q.dtype).transpose(1, 2)
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, is_causal=meta.causal, scale=self.scale,
                                              enable_gqa=True)
         out = out.transpose(1, 2).reshape(-1, self.q_size)  # (batch*max_q, heads*head_dim)
