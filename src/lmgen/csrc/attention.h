@@ -54,13 +54,19 @@ struct Cache {
   }
 };
 
+struct Row {  // one query head of one token in tile_split: its rotated q, its state [m, l, acc(D)], positions seen
+  const float* q;
+  float* st;
+  int64_t n;
+};
+
 // The tokens [t0, t0 + nt) (one sequence, one span start; idx: their kv_index row from that start, lens their span
 // lengths) over split s of KV head g: each token whose span reaches the split gets, per query head of the group,
 // the split's state [m, l, acc(D)] in dst[i] + head * (D + 2).
 template <typename T>
 void tile_split(const Cache<T>& c, const float* qr, int64_t heads, int64_t group, const int64_t* idx,
                 const int64_t* lens, int64_t t0, int64_t nt, int64_t g, int64_t s, float sc, float* const* dst,
-                float* kt, float* vt, float* scratch) {
+                float* kt, float* vt, float* scratch, std::vector<Row>& rows) {
   const int64_t D = c.D;
   int64_t jmax = 0;
   for (int64_t i = 0; i < nt; ++i) jmax = std::max(jmax, lens[i]);
@@ -75,12 +81,22 @@ void tile_split(const Cache<T>& c, const float* qr, int64_t heads, int64_t group
       to_f32(c.k + o, D, kt + j * D);
       to_f32(c.v + o, D, vt + j * D);
     }
-    for (int64_t i = 0; i < nt; ++i) {
-      if (lens[i] <= j0) continue;
-      const int64_t nn = std::min(n, lens[i] - j0);
-      for (int64_t hl = 0; hl < group; ++hl) {
-        float* st = dst[i] + hl * (D + 2);
-        block_update(qr + ((t0 + i) * heads + g * group + hl) * D, kt, vt, nn, D, sc, st, st + 1, st + 2, scratch);
+    // the (token, head) rows that see this tile, in order; two rows with the same number of visible positions
+    // (the heads of a GQA group, tokens past the causal diagonal) share each K/V load
+    rows.clear();
+    for (int64_t i = 0; i < nt; ++i)
+      if (lens[i] > j0)
+        for (int64_t hl = 0; hl < group; ++hl)
+          rows.push_back({qr + ((t0 + i) * heads + g * group + hl) * D, dst[i] + hl * (D + 2),
+                          std::min(n, lens[i] - j0)});
+    for (size_t r = 0; r < rows.size();) {
+      const Row& a = rows[r];
+      if (r + 1 < rows.size() && rows[r + 1].n == a.n) {
+        block_update2(a.q, rows[r + 1].q, kt, vt, a.n, D, sc, a.st, rows[r + 1].st, scratch);
+        r += 2;
+      } else {
+        block_update(a.q, kt, vt, a.n, D, sc, a.st, scratch);
+        r += 1;
       }
     }
   }
@@ -120,9 +136,10 @@ void attend_tokens(const Cache<T>& c, const float* qr, int64_t T_, int64_t heads
   const int64_t nitems = static_cast<int64_t>(item_tile.size()) * kvh;
   auto run = [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> kt, vt, scratch, local;  // per-thread scratch, kept between calls
+    thread_local std::vector<Row> rows;
     kt.resize(kBlock * D);
     vt.resize(kBlock * D);
-    scratch.resize(kBlock);
+    scratch.resize(2 * kBlock);
     local.resize(2 * kTileQ * group * hs);
     float* dst[kTileQ];
     for (int64_t it = i0; it < i1; ++it) {
@@ -131,14 +148,14 @@ void attend_tokens(const Cache<T>& c, const float* qr, int64_t T_, int64_t heads
       if (by_split) {
         const int64_t s = item_split[it / kvh];
         for (int64_t i = 0; i < nt; ++i) dst[i] = parts.data() + ((poff[t0 + i] + s) * heads + g * group) * hs;
-        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data());
+        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data(), rows);
         continue;
       }
       float *run_st = local.data(), *part = local.data() + kTileQ * group * hs;
       for (int64_t i = 0; i < nt * group; ++i) init_state(run_st + i * hs, D);
       for (int64_t i = 0; i < nt; ++i) dst[i] = part + i * group * hs;
       for (int64_t s = 0; s < tile_splits[b]; ++s) {
-        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data());
+        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data(), rows);
         for (int64_t i = 0; i < nt; ++i)
           if (kvn[t0 + i] > s * kSplit)
             for (int64_t hl = 0; hl < group; ++hl) merge_state(run_st + (i * group + hl) * hs, dst[i] + hl * hs, D);

@@ -102,27 +102,29 @@ inline void from_f32(const float* src, int64_t n, int8_t* dst) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// dot(q, k_j) for 4 keys at once, each in exactly lmgen_fused::dot's order (one 8-lane FMA chain, the fixed lane
-// tree): four independent chains hide the FMA latency that bounds a single dot.  n % 8 == 0.
-inline void dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t n,
-                 float* out) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
-    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
-    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
-  }
-  out[0] = lmgen_fused::hsum8_fixed(a0);
-  out[1] = lmgen_fused::hsum8_fixed(a1);
-  out[2] = lmgen_fused::hsum8_fixed(a2);
-  out[3] = lmgen_fused::hsum8_fixed(a3);
+// the lane sums of 4 accumulators, each in lmgen_fused::hsum8_fixed's tree (b0 + b2) + (b1 + b3), b_i = lane i +
+// lane i + 4, done for the 4 at once through a 4 x 4 transpose
+inline void hsum8_fixed4(const __m256* a, float* out) {
+  __m128 b[4];
+  for (int r = 0; r < 4; ++r) b[r] = _mm_add_ps(_mm256_castps256_ps128(a[r]), _mm256_extractf128_ps(a[r], 1));
+  _MM_TRANSPOSE4_PS(b[0], b[1], b[2], b[3]);  // b[i] = lane i of the 4 accumulators
+  _mm_storeu_ps(out, _mm_add_ps(_mm_add_ps(b[0], b[2]), _mm_add_ps(b[1], b[3])));
 }
 
-// dot(q, k_j) for the 8 consecutive keys of k (rows of n floats), each in exactly lmgen_fused::dot's order: one
-// 8-lane FMA chain per key (eight independent chains keep both FMA ports busy), then hsum8_fixed's tree
-// (b0 + b2) + (b1 + b3), b_i = lane i + lane i + 4, done for 4 keys at once through a 4 x 4 transpose.  n % 8 == 0.
+// dot(q, k_j) for the 4 consecutive keys of k (rows of n floats), each in exactly lmgen_fused::dot's order (one
+// 8-lane FMA chain, the fixed lane tree): independent chains hide the FMA latency that bounds a single dot.
+// n % 8 == 0.
+inline void dot4(const float* q, const float* k, int64_t n, float* out) {
+  __m256 a[4];
+  for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * n + i), a[r]);
+  }
+  hsum8_fixed4(a, out);
+}
+
+// dot4 for 8 keys (eight chains keep both FMA ports busy)
 inline void dot8(const float* q, const float* k, int64_t n, float* out) {
   __m256 a[8];
   for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
@@ -130,15 +132,67 @@ inline void dot8(const float* q, const float* k, int64_t n, float* out) {
     const __m256 qv = _mm256_loadu_ps(q + i);
     for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * n + i), a[r]);
   }
-  for (int h = 0; h < 2; ++h) {
-    __m128 b[4];
-    for (int r = 0; r < 4; ++r)
-      b[r] = _mm_add_ps(_mm256_castps256_ps128(a[4 * h + r]), _mm256_extractf128_ps(a[4 * h + r], 1));
-    _MM_TRANSPOSE4_PS(b[0], b[1], b[2], b[3]);  // b[i] = lane i of the 4 keys
-    _mm_storeu_ps(out + 4 * h, _mm_add_ps(_mm_add_ps(b[0], b[2]), _mm_add_ps(b[1], b[3])));
+  hsum8_fixed4(a, out);
+  hsum8_fixed4(a + 4, out + 4);
+}
+
+// dot4 for two queries at once: each key row is loaded once for both (the same chains, so the same values)
+inline void dot2x4(const float* q0, const float* q1, const float* k, int64_t n, float* out0, float* out1) {
+  __m256 a[8];
+  for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 x0 = _mm256_loadu_ps(q0 + i), x1 = _mm256_loadu_ps(q1 + i);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 kv = _mm256_loadu_ps(k + r * n + i);
+      a[r] = _mm256_fmadd_ps(x0, kv, a[r]);
+      a[4 + r] = _mm256_fmadd_ps(x1, kv, a[4 + r]);
+    }
   }
+  hsum8_fixed4(a, out0);
+  hsum8_fixed4(a + 4, out1);
 }
 #endif
+
+// s[j] = q . k_j for the n keys of kt (rows of D floats), each in lmgen_fused::dot's order
+inline void scores(const float* q, const float* kt, int64_t n, int64_t D, float* s) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) dot8(q, kt + j * D, D, s + j);
+    for (; j + 4 <= n; j += 4) dot4(q, kt + j * D, D, s + j);
+  }
+#endif
+  for (; j < n; ++j) s[j] = lmgen_fused::dot(q, kt + j * D, D);
+}
+
+// `scores` for two queries, sharing the key loads
+inline void scores2(const float* q0, const float* q1, const float* kt, int64_t n, int64_t D, float* s0, float* s1) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0)
+    for (; j + 4 <= n; j += 4) dot2x4(q0, q1, kt + j * D, D, s0 + j, s1 + j);
+#endif
+  for (; j < n; ++j) {
+    s0[j] = lmgen_fused::dot(q0, kt + j * D, D);
+    s1[j] = lmgen_fused::dot(q1, kt + j * D, D);
+  }
+}
+
+// columns [i, D) of scale_accumulate: 8 at a time, then one by one
+inline void accumulate_tail(float* acc, float alpha, const float* p, const float* v, int64_t n, int64_t D, int64_t i) {
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= D; i += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + i), _mm256_set1_ps(alpha));
+    for (int64_t j = 0; j < n; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * D + i), a);
+    _mm256_storeu_ps(acc + i, a);
+  }
+#endif
+  for (; i < D; ++i) {
+    float a = acc[i] * alpha;
+    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], v[j * D + i], a);
+    acc[i] = a;
+  }
+}
 
 // acc[i] = acc[i] * alpha + sum_j p[j] v[j][i], j ascending, for each of the D columns independently (v: n rows of
 // D floats).  Eight 8-lane chains per 64 columns keep both FMA ports busy.
@@ -156,33 +210,47 @@ inline void scale_accumulate(float* acc, float alpha, const float* p, const floa
     }
     for (int r = 0; r < 8; ++r) _mm256_storeu_ps(acc + i + 8 * r, a[r]);
   }
-  for (; i + 8 <= D; i += 8) {
-    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + i), al);
-    for (int64_t j = 0; j < n; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * D + i), a);
-    _mm256_storeu_ps(acc + i, a);
-  }
 #endif
-  for (; i < D; ++i) {
-    float a = acc[i] * alpha;
-    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], v[j * D + i], a);
-    acc[i] = a;
-  }
+  accumulate_tail(acc, alpha, p, v, n, D, i);
 }
 
-// One query head's online-softmax state (m: running max, l: running sum, acc[D]: unnormalised output) takes in n
-// positions of a K/V tile (kt, vt: n rows of D floats).  s: scratch of n floats.
-inline void block_update(const float* q, const float* kt, const float* vt, int64_t n, int64_t D, float sc, float* m,
-                         float* l, float* acc, float* s) {
-  int64_t j = 0;
+// scale_accumulate for two queries (p0 / p1 into acc0 / acc1), each V row loaded once for both; every column's
+// chain is the single query's, so the same values
+inline void scale_accumulate2(float* acc0, float* acc1, float alpha0, float alpha1, const float* p0, const float* p1,
+                              const float* v, int64_t n, int64_t D) {
+  int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if (D % 8 == 0) {
-    for (; j + 8 <= n; j += 8) dot8(q, kt + j * D, D, s + j);
-    for (; j + 4 <= n; j += 4) dot4(q, kt + j * D, kt + (j + 1) * D, kt + (j + 2) * D, kt + (j + 3) * D, D, s + j);
+  const __m256 al0 = _mm256_set1_ps(alpha0), al1 = _mm256_set1_ps(alpha1);
+  for (; i + 32 <= D; i += 32) {
+    __m256 a[8];
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm256_mul_ps(_mm256_loadu_ps(acc0 + i + 8 * r), al0);
+      a[4 + r] = _mm256_mul_ps(_mm256_loadu_ps(acc1 + i + 8 * r), al1);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 x0 = _mm256_set1_ps(p0[j]), x1 = _mm256_set1_ps(p1[j]);
+      const float* vj = v + j * D + i;
+      for (int r = 0; r < 4; ++r) {
+        const __m256 vv = _mm256_loadu_ps(vj + 8 * r);
+        a[r] = _mm256_fmadd_ps(x0, vv, a[r]);
+        a[4 + r] = _mm256_fmadd_ps(x1, vv, a[4 + r]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      _mm256_storeu_ps(acc0 + i + 8 * r, a[r]);
+      _mm256_storeu_ps(acc1 + i + 8 * r, a[4 + r]);
+    }
   }
 #endif
-  for (; j < n; ++j) s[j] = lmgen_fused::dot(q, kt + j * D, D);
+  accumulate_tail(acc0, alpha0, p0, v, n, D, i);
+  accumulate_tail(acc1, alpha1, p1, v, n, D, i);
+}
+
+// The online-softmax step on one query's n scores: s[j] <- exp(s[j] * sc - m'), l <- l * alpha + sum_j s[j],
+// m <- m' = max(m, max_j s[j] * sc); returns alpha = exp(m - m'), the factor for the running output.
+inline float softmax_step(float* s, int64_t n, float sc, float* m, float* l) {
   float bm = -INFINITY;
-  j = 0;
+  int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 bm8 = _mm256_set1_ps(-INFINITY);
   for (; j + 8 <= n; j += 8) {  // elementwise products and a max: the same values as the scalar loop
@@ -217,7 +285,26 @@ inline void block_update(const float* q, const float* kt, const float* vt, int64
   }
   *l = std::fma(*l, alpha, sum);
   *m = mn;
-  scale_accumulate(acc, alpha, s, vt, n, D);
+  return alpha;
+}
+
+// One query head's online-softmax state st = [m: running max, l: running sum, acc(D): unnormalised output] takes in
+// n positions of a K/V tile (kt, vt: n rows of D floats).  s: scratch of n floats.
+inline void block_update(const float* q, const float* kt, const float* vt, int64_t n, int64_t D, float sc, float* st,
+                         float* s) {
+  scores(q, kt, n, D, s);
+  const float alpha = softmax_step(s, n, sc, st, st + 1);
+  scale_accumulate(st + 2, alpha, s, vt, n, D);
+}
+
+// block_update for two queries over the same n positions, each K/V row read once for both: every number of
+// either is computed as block_update computes it alone.  s: scratch of 2 n floats.
+inline void block_update2(const float* q0, const float* q1, const float* kt, const float* vt, int64_t n, int64_t D,
+                          float sc, float* st0, float* st1, float* s) {
+  float* s1 = s + n;
+  scores2(q0, q1, kt, n, D, s, s1);
+  const float a0 = softmax_step(s, n, sc, st0, st0 + 1), a1 = softmax_step(s1, n, sc, st1, st1 + 1);
+  scale_accumulate2(st0 + 2, st1 + 2, a0, a1, s, s1, vt, n, D);
 }
 
 // A running state [M, L, A(D)] takes in a split's state [m, l, a(D)]; splits are always taken in position order.
