@@ -38,8 +38,12 @@
 
 namespace lmgen_attn {
 
-constexpr int64_t kBlock = 32;   // positions per online-softmax step (one K/V tile)
+constexpr int64_t kBlock = 32;   // positions per online-softmax step (one K/V tile), at most
 constexpr int64_t kSplit = 512;  // positions per split of a span (a multiple of kBlock)
+
+// positions per tile for a head of D values: 32, or 16 above D = 128 so that a tile's float32 K and V (2 x 16 x 256
+// x 4 bytes) stay in a 48 KB L1 while every query row of the group and chunk reads them
+inline int64_t tile_positions(int64_t D) { return D > 128 ? kBlock / 2 : kBlock; }
 constexpr int64_t kTileQ = 16;   // prefill tokens of one sequence sharing each K/V tile
 
 template <typename T>
@@ -74,8 +78,9 @@ void tile_split(const Cache<T>& c, const float* qr, int64_t heads, int64_t group
   for (int64_t i = 0; i < nt; ++i)
     if (lens[i] > jb)
       for (int64_t hl = 0; hl < group; ++hl) init_state(dst[i] + hl * (D + 2), D);
-  for (int64_t j0 = jb; j0 < je; j0 += kBlock) {
-    const int64_t n = std::min(kBlock, je - j0);
+  const int64_t blk = tile_positions(D);
+  for (int64_t j0 = jb; j0 < je; j0 += blk) {
+    const int64_t n = std::min(blk, je - j0);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t o = c.off(idx[j0 + j], g);
       to_f32(c.k + o, D, kt + j * D);
