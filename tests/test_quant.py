@@ -183,7 +183,7 @@ def test_kquants_are_repacked_within_their_bound(qtype, batch):
 @pytest.mark.parametrize("qtype", R8_TYPES + KQ_TYPES, ids=lambda t: t.name)
 def test_rows_are_batch_invariant(qtype, isa):
     """A row's output is bit-identical alone and inside batches of any size (register tiles of 6 rows x 2 groups,
-    4/3/2-row group kernels, and for K-quants batches past dequant_min_batch), at any position in the batch."""
+    4/3/2-row group kernels; K-quants repacked), at any position in the batch."""
     rows, cols = 40, 512
     layer = quant.packed_linear_from_gguf(qtype, random_blocks(qtype, rows, cols, seed=7), (rows, cols),
                                           bias=torch.randn(rows, generator=torch.Generator().manual_seed(1)))

@@ -1,7 +1,8 @@
 // lmgen packed-weight matmul kernels (CPU, x86-64 AVX2 + FMA + F16C; AVX-512 VNNI variants picked at run time).
 // This file: drivers, threading, Python bindings.  The kernels are in quant_kernels.h, the pool in share_pool.h.
 //
-// Weights stay in GGUF block quantization (Q4_0, Q4_1, Q8_0; Q4_K/Q5_K/Q6_K on a simpler float path) and are
+// Weights stay in GGUF block quantization (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; K-quants are re-expressed in those at
+// load, lmgen/layers/kquant_repack.py) and are
 // multiplied directly, the way llama.cpp does on CPU: the activation row is quantized to 8-bit blocks of 32
 // (one float scale per block), and each weight block's integer dot product with it is scaled by both block
 // scales.  What differs from llama.cpp's ggml_vec_dot_q4_1_q8_1 is the weight layout: load time re-packs the
@@ -18,15 +19,11 @@
 // element 16+4c+j).  For Q8_0 q[c][r][j] is element 4c+j of row r.  Groups are stored one after another,
 // each group's blocks contiguously, so a group's weights stream sequentially.
 //
-// The K-quants keep their GGUF layout (rows of 256-element super-blocks); each super-block is dequantized to
-// floats in registers/L1 and dotted with the float activation (no activation quantization on that path).
-//
 // Batches (prefill) of r8 types use the same integer kernels with register tiles over rows of activations
 // (and, with VNNI, pairs of groups); measured faster than dequantize + MKL sgemm at every batch size.  Every
 // output element is summed in the same order in a tile as alone, so a row's result does not depend on the
-// batch (batch invariance).  K-quant batches of g_dequant_min_batch rows or more dequantize a tile of weight
-// rows to fp32 and call at::mm, unless the layer is batch-invariant (MKL's order depends on the batch size):
-// then every batch takes the row-by-row kernel.
+// batch (batch invariance).  Dequantizing a tile of weight rows to fp32 for at::mm is an opt-in tuning
+// (r8_dequant_min_batch), never taken by a batch-invariant layer (MKL's order depends on the batch size).
 // Work is split over output rows with the share pool (share_pool.h), not OpenMP.
 
 #include <torch/extension.h>
@@ -51,8 +48,9 @@ using namespace lmgen_q;
 // ---------------------------------------------------------------------------------------------------------
 // tuning (set from Python: lmgen.model.quant.set_tuning)
 // ---------------------------------------------------------------------------------------------------------
-int64_t g_dequant_min_batch = 16;  // K-quants: batches of at least this many rows dequantize a tile + at::mm
-int64_t g_r8_dequant_min_batch = INT64_MAX;  // same for Q4_0/Q4_1/Q8_0 (the integer kernels win at any batch)
+// batches of at least this many rows dequantize a tile + at::mm (never by default: the integer kernels win at any
+// batch; batch-invariant layers never)
+int64_t g_r8_dequant_min_batch = INT64_MAX;
 int64_t g_tile_rows = 4096;        // weight rows dequantized at once on that path
 int64_t g_min_units = 1024;        // work (group-blocks x batch rows) per chunk handed to a thread, ~5 us
 int64_t g_spin_us = 0;             // how long idle helper threads spin before sleeping
@@ -70,14 +68,11 @@ inline int64_t grain_for(int64_t units_per_item, int64_t min_units) {
   return std::max<int64_t>(1, (min_units + units_per_item - 1) / std::max<int64_t>(1, units_per_item));
 }
 
-int64_t packed_bytes(int64_t qtype, int64_t N, int64_t K) {
-  if (is_r8(qtype)) return (N + 7) / 8 * (K / QK) * r8_block_bytes(qtype);
-  return N * (K / QK_K) * kq_block_bytes(qtype);
-}
+int64_t packed_bytes(int64_t qtype, int64_t N, int64_t K) { return (N + 7) / 8 * (K / QK) * r8_block_bytes(qtype); }
 
 void check_qtype_shape(int64_t qtype, int64_t N, int64_t K) {
-  TORCH_CHECK_VALUE(is_r8(qtype) || is_kq(qtype), "unsupported qtype ", qtype);
-  TORCH_CHECK_VALUE(N > 0 && K > 0 && K % (is_r8(qtype) ? QK : QK_K) == 0, "bad shape (", N, ", ", K, ")");
+  TORCH_CHECK_VALUE(is_r8(qtype), "unsupported qtype ", qtype, " (K-quants are repacked at load: kquant_repack.py)");
+  TORCH_CHECK_VALUE(N > 0 && K > 0 && K % QK == 0, "bad shape (", N, ", ", K, ")");
 }
 
 void check_w(const torch::Tensor& w, int64_t expected_bytes) {
@@ -182,43 +177,16 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
   parallel_chunks(G, grain, kernel_threads(G * nb * M), work);
 }
 
-// K-quant weight (GGUF rows) times x -> y (row stride ldy), float path
-void kq_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, int64_t N, int64_t K,
-                  const float* bias, float* y, int64_t ldy, int64_t min_units) {
-  const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype), bpr = nsb * bb;
-  auto work = [&](int64_t n0, int64_t n1) {
-    alignas(32) float buf[QK_K];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = w + n * bpr;
-      for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = bias ? bias[n] : 0.0f;
-      for (int64_t s = 0; s < nsb; ++s) {
-        kq_dequant_block(qtype, row + s * bb, buf);
-        for (int64_t m = 0; m < M; ++m) y[m * ldy + n] += dot_f32(buf, xp + m * K + s * QK_K, QK_K);
-      }
-    }
-  };
-  // a row's 256-value super-block costs about as much as a group-block (8 rows x 32) of the integer kernels
-  parallel_chunks(N, grain_for(nsb * M, min_units), kernel_threads(N * nsb * M), work);
-}
-
-// rows [n0, n1) of the weight (n0 a multiple of 8 for r8 types) -> out (n1 - n0, K) fp32
+// rows [n0, n1) of the weight (n0 a multiple of 8) -> out (n1 - n0, K) fp32
 void dequant_rows_into(const uint8_t* w, int64_t qtype, int64_t N, int64_t K, int64_t n0, int64_t n1, float* out) {
-  if (is_r8(qtype)) {
-    const int64_t nb = K / QK, gbytes = nb * r8_block_bytes(qtype);
-    const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
-    parallel_chunks(g1 - g0, 16, kernel_threads(), [&](int64_t a, int64_t b) {
-      for (int64_t g = g0 + a; g < g0 + b; ++g) {
-        const int nvalid = static_cast<int>(std::min<int64_t>(8, n1 - 8 * g));
-        r8_dequant_group(qtype, w + g * gbytes, nb, nvalid, out + (8 * g - n0) * K, K);
-      }
-    });
-  } else {
-    const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype), bpr = nsb * bb;
-    parallel_chunks(n1 - n0, 64, kernel_threads(), [&](int64_t a, int64_t b) {
-      for (int64_t n = n0 + a; n < n0 + b; ++n)
-        for (int64_t s = 0; s < nsb; ++s) kq_dequant_block(qtype, w + n * bpr + s * bb, out + (n - n0) * K + s * QK_K);
-    });
-  }
+  const int64_t nb = K / QK, gbytes = nb * r8_block_bytes(qtype);
+  const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
+  parallel_chunks(g1 - g0, 16, kernel_threads(), [&](int64_t a, int64_t b) {
+    for (int64_t g = g0 + a; g < g0 + b; ++g) {
+      const int nvalid = static_cast<int>(std::min<int64_t>(8, n1 - 8 * g));
+      r8_dequant_group(qtype, w + g * gbytes, nb, nvalid, out + (8 * g - n0) * K, K);
+    }
+  });
 }
 
 // x (M, K) float32 contiguous -> y (M, N)
@@ -245,10 +213,7 @@ torch::Tensor linear_2d(const torch::Tensor& x, const uint8_t* wp, int64_t qtype
     }
     return y;
   }
-  if (is_r8(qtype))
-    r8_gemm_into(x.data_ptr<float>(), M, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
-  else
-    kq_gemm_into(x.data_ptr<float>(), M, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
+  r8_gemm_into(x.data_ptr<float>(), M, wp, qtype, N, K, bp, y.data_ptr<float>(), N, min_units);
   return y;
 }
 
@@ -295,10 +260,7 @@ struct PackedLinear {
     }
   }
 
-  int64_t min_batch() const {
-    if (batch_invariant) return INT64_MAX;
-    return is_r8(qtype) ? g_r8_dequant_min_batch : g_dequant_min_batch;
-  }
+  int64_t min_batch() const { return batch_invariant ? INT64_MAX : g_r8_dequant_min_batch; }
 
   torch::Tensor forward(const torch::Tensor& x) const {
     const torch::Tensor x2 = as_rows(x, K);
@@ -337,15 +299,9 @@ struct PackedLinear {
     auto out = torch::empty({T, K}, torch::kFloat32);
     float* o = out.data_ptr<float>();
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    if (is_r8(qtype)) {
-      const int64_t nb = K / QK, gbytes = nb * r8_block_bytes(qtype);
-      for (int64_t t = 0; t < T; ++t)
-        r8_dequant_row(qtype, wp + id[t] / 8 * gbytes, nb, static_cast<int>(id[t] % 8), o + t * K);
-    } else {
-      const int64_t nsb = K / QK_K, bb = kq_block_bytes(qtype);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t s = 0; s < nsb; ++s) kq_dequant_block(qtype, wp + (id[t] * nsb + s) * bb, o + t * K + s * QK_K);
-    }
+    const int64_t nb = K / QK, gbytes = nb * r8_block_bytes(qtype);
+    for (int64_t t = 0; t < T; ++t)
+      r8_dequant_row(qtype, wp + id[t] / 8 * gbytes, nb, static_cast<int>(id[t] % 8), o + t * K);
     return out;
   }
 };
@@ -409,11 +365,10 @@ torch::Tensor paged_attention_nogil(const torch::Tensor& qkv, const torch::Tenso
                                      token_kv_len, heads, kv_heads, scale);
 }
 
-void set_tuning(int64_t dequant_min_batch, int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_units,
-                int64_t parallel_min_units, int64_t threads, int64_t spin_us, int64_t isa) {
+void set_tuning(int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_units, int64_t parallel_min_units,
+                int64_t threads, int64_t spin_us, int64_t isa) {
   g_parallel_min_units = std::max<int64_t>(0, parallel_min_units);
   g_isa = isa;
-  g_dequant_min_batch = dequant_min_batch > 0 ? dequant_min_batch : INT64_MAX;  // 0: never
   g_r8_dequant_min_batch = r8_dequant_min_batch > 0 ? r8_dequant_min_batch : INT64_MAX;
   g_tile_rows = std::max<int64_t>(8, tile_rows);
   g_min_units = std::max<int64_t>(1, min_units);
@@ -423,7 +378,7 @@ void set_tuning(int64_t dequant_min_batch, int64_t r8_dequant_min_batch, int64_t
 }
 
 std::vector<int64_t> get_tuning() {
-  return {g_dequant_min_batch, g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_parallel_min_units, g_threads,
+  return {g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_parallel_min_units, g_threads,
           g_spin_us, g_isa};
 }
 
@@ -441,7 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x (M, K) -> int8 blocks of 32, scales, scaled sums");
   m.def("raw_gemv", &raw_gemv, "benchmark baseline: llama.cpp-style dot products on raw GGUF rows");
   m.def("set_tuning", &set_tuning,
-        "dequant_min_batch (K-quants), r8_dequant_min_batch (0: never), tile_rows, min_units, parallel_min_units, "
+        "r8_dequant_min_batch (0: never), tile_rows, min_units, parallel_min_units, "
         "threads (0: torch's), spin_us, isa (0 auto, 1 avx2)");
   m.def("get_tuning", &get_tuning, "the values set_tuning takes, in order (INT64_MAX for never)");
   m.def("kernel_isa", &kernel_isa, "instruction set the integer kernels use now");
@@ -450,7 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &lmgen_fused::add_rms_norm, "x, delta (M, H), weight, eps -> (x + delta, RMSNorm(x + delta))");
   m.def("silu_mul", &lmgen_fused::silu_mul, "gate_up (M, 2I), I -> silu(gate) * up (M, I)");
   m.def("paged_attention", &paged_attention_nogil,
-        "qkv (T, (H+2KVH)D), cos, sin (T, D), k_cache, v_cache (blocks, KVH, block_size, D) float32/float16/bfloat16, "
+        "qkv (T, (H+2KVH)D), cos, sin (T, D), k_cache, v_cache (blocks, KVH, block_size, D) float32/float16/bfloat16 "
+        "or int8 rows (D + D/16 bytes), "
         "slots (T,), kv_index (B, max_kv), "
         "token_seq, token_kv_start, token_kv_len (T,), heads, kv_heads, scale -> (T, H D); writes K/V at slots, "
         "then each token attends over kv_index[token_seq, start:start+len] (attention.h)");

@@ -10,10 +10,9 @@
 namespace lmgen_q {
 
 constexpr int64_t QK = 32;     // elements per Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 block
-constexpr int64_t QK_K = 256;  // elements per K-quant super-block
 
 // GGML type ids (gguf.GGMLQuantizationType values)
-enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8 };
 
 inline int64_t r8_block_bytes(int64_t qtype) {
   switch (qtype) {
@@ -26,17 +25,7 @@ inline int64_t r8_block_bytes(int64_t qtype) {
   }
 }
 
-inline int64_t kq_block_bytes(int64_t qtype) {
-  switch (qtype) {
-    case T_Q4_K: return 144;
-    case T_Q5_K: return 176;
-    case T_Q6_K: return 210;
-    default: return 0;
-  }
-}
-
 inline bool is_r8(int64_t qtype) { return r8_block_bytes(qtype) != 0; }
-inline bool is_kq(int64_t qtype) { return kq_block_bytes(qtype) != 0; }
 
 inline float fp16_to_f32(const uint8_t* p) {
   uint16_t h;
@@ -460,132 +449,6 @@ inline void r8_dequant_row(int64_t qtype, const uint8_t* wg, int64_t nb, int r, 
 // rows [8g, 8g+nvalid) of an r8 weight -> out (row stride ld)
 inline void r8_dequant_group(int64_t qtype, const uint8_t* wg, int64_t nb, int nvalid, float* out, int64_t ld) {
   for (int r = 0; r < nvalid; ++r) r8_dequant_row(qtype, wg, nb, r, out + r * ld);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// K-quants (GGUF layout), dequantize one super-block of 256 to floats
-// ---------------------------------------------------------------------------------------------------------
-inline void kq_scale_min(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
-  // 12 bytes hold 8 6-bit scales and 8 6-bit mins
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
-inline void dequant_q4_k(const uint8_t* blk, float* y) {
-  const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
-  const uint8_t* scales = blk + 4;
-  const uint8_t* q = blk + 16;
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  for (int j = 0; j < 4; ++j) {  // 64 elements: 32 low nibbles then 32 high nibbles of 32 bytes
-    uint8_t sc, m;
-    kq_scale_min(2 * j, scales, &sc, &m);
-    const float d1 = d * sc, m1 = dmin * m;
-    kq_scale_min(2 * j + 1, scales, &sc, &m);
-    const float d2 = d * sc, m2 = dmin * m;
-    for (int h = 0; h < 2; ++h) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
-      const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-      const __m256 a1 = _mm256_set1_ps(d1), b1 = _mm256_set1_ps(-m1), a2 = _mm256_set1_ps(d2), b2 = _mm256_set1_ps(-m2);
-      _mm256_storeu_ps(y + 16 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), a1, b1));
-      _mm256_storeu_ps(y + 16 * h + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), a1, b1));
-      _mm256_storeu_ps(y + 32 + 16 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), a2, b2));
-      _mm256_storeu_ps(y + 32 + 16 * h + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), a2, b2));
-    }
-    q += 32;
-    y += 64;
-  }
-}
-
-// 32 unsigned bytes -> 32 floats v * scale + bias
-inline void u8x32_to_f32(__m256i v, float scale, float bias, float* y) {
-  const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
-  const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int k = 0; k < 4; ++k)
-    _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), vs, vb));
-}
-
-// 32 signed bytes -> 32 floats, bytes [0, 16) times s0 and [16, 32) times s1
-inline void i8x32_to_f32(__m256i v, float s0, float s1, float* y) {
-  const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int k = 0; k < 4; ++k)
-    _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])),
-                                              _mm256_set1_ps(k < 2 ? s0 : s1)));
-}
-
-inline void dequant_q5_k(const uint8_t* blk, float* y) {
-  const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
-  const uint8_t* scales = blk + 4;
-  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
-  const uint8_t* ql = blk + 48;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-  for (int j = 0; j < 4; ++j) {  // 64 values: low nibbles + bit 2j of qh, then high nibbles + bit 2j+1
-    uint8_t sc, m;
-    kq_scale_min(2 * j, scales, &sc, &m);
-    const float d1 = d * sc, m1 = dmin * m;
-    kq_scale_min(2 * j + 1, scales, &sc, &m);
-    const float d2 = d * sc, m2 = dmin * m;
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    const __m256i h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), one);
-    const __m256i h2 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j + 1)), one);
-    const __m256i v1 = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_slli_epi16(h1, 4));
-    const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), _mm256_slli_epi16(h2, 4));
-    u8x32_to_f32(v1, d1, -m1, y);
-    u8x32_to_f32(v2, d2, -m2, y + 32);
-    ql += 32;
-    y += 64;
-  }
-}
-
-inline void dequant_q6_k(const uint8_t* blk, float* y) {
-  const uint8_t* ql = blk;
-  const uint8_t* qh = blk + 128;
-  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-  const float d = fp16_to_f32(blk + 208);
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
-  for (int n = 0; n < 2; ++n) {  // two halves of 128 values
-    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
-    const __m256i hb[4] = {_mm256_and_si256(h, m2), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2),
-                           _mm256_and_si256(_mm256_srli_epi16(h, 4), m2), _mm256_and_si256(_mm256_srli_epi16(h, 6), m2)};
-    const __m256i lb[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
-                           _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
-    for (int k = 0; k < 4; ++k) {  // values 32k .. 32k+31 of this half; scales sc[2k], sc[2k+1] per 16
-      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lb[k], _mm256_slli_epi16(hb[k], 4)), off);
-      i8x32_to_f32(q, d * sc[2 * k], d * sc[2 * k + 1], y + 32 * k);
-    }
-    y += 128;
-    ql += 64;
-    qh += 32;
-    sc += 8;
-  }
-}
-
-inline void kq_dequant_block(int64_t qtype, const uint8_t* blk, float* y) {
-  if (qtype == T_Q4_K)
-    dequant_q4_k(blk, y);
-  else if (qtype == T_Q5_K)
-    dequant_q5_k(blk, y);
-  else
-    dequant_q6_k(blk, y);
-}
-
-inline float dot_f32(const float* a, const float* b, int64_t n) {  // n % 32 == 0
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
-  }
-  return hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 }
 
 // ---------------------------------------------------------------------------------------------------------

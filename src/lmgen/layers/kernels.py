@@ -41,12 +41,8 @@ def _env(name: str, default: int) -> int:
 class KernelTuning:
     """The packed kernels' thresholds and threading (benchmarks/matmul_candidates.py has the measurements)."""
 
-    # K-quant layers in the file's layout (a QuantizedLinear built over raw Q4_K / Q5_K / Q6_K blocks; the loader
-    # repacks them as r8 types instead, lmgen.layers.kquant_repack): batches of at least this many rows dequantize
-    # a weight tile and call at::mm instead of the dequantize-and-dot kernel (crossover measured at 8-16 rows)
-    dequant_min_batch: int = 16
-    # the same switch for Q4_0/Q4_1/Q8_0's integer kernels; 0 = never (they beat dequantize + MKL sgemm at
-    # every batch measured)
+    # batches of at least this many rows dequantize a weight tile and call at::mm instead of the integer kernels;
+    # 0 = never (they beat dequantize + MKL sgemm at every batch measured); batch-invariant layers never do
     r8_dequant_min_batch: int = 0
     tile_rows: int = 4096  # rows of weight dequantized at once on that path (fp32 tile of tile_rows x in)
     min_units: int = 1024  # work per chunk handed to a thread (8-row groups x blocks of 32 x batch rows; ~5 us)
@@ -66,14 +62,14 @@ class KernelTuning:
     @classmethod
     def from_env(cls) -> "KernelTuning":
         d = cls()
-        return cls(_env("DEQUANT_MIN_BATCH", d.dequant_min_batch), _env("R8_DEQUANT_MIN_BATCH", d.r8_dequant_min_batch),
-                   _env("TILE_ROWS", d.tile_rows), _env("MIN_UNITS", d.min_units),
+        return cls(_env("R8_DEQUANT_MIN_BATCH", d.r8_dequant_min_batch), _env("TILE_ROWS", d.tile_rows),
+                   _env("MIN_UNITS", d.min_units),
                    _env("PARALLEL_MIN_UNITS", d.parallel_min_units), _env("THREADS", d.threads),
                    _env("SPIN_US", d.spin_us), os.environ.get("LMGEN_QUANT_ISA", d.isa))
 
     def _args(self) -> tuple:
         """In the order the extension's set_tuning takes them."""
-        return (self.dequant_min_batch, self.r8_dequant_min_batch, self.tile_rows, self.min_units,
+        return (self.r8_dequant_min_batch, self.tile_rows, self.min_units,
                 self.parallel_min_units, self.threads, self.spin_us, _ISA_CODES[self.isa])
 
 
