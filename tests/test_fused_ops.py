@@ -21,7 +21,7 @@ ops = fused_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="compiled kernels unavailable on this machine")
 
 
-def test_rms_norm_silu_mul_match_torch():
+def test_rms_norm_and_gated_activations_match_torch():
     gen = torch.Generator().manual_seed(0)
     x, d, w = (torch.randn(5, 96, generator=gen) for _ in range(3))
     w = w[0]
@@ -30,8 +30,13 @@ def test_rms_norm_silu_mul_match_torch():
     s, n = ops.add_rms_norm(x, d, w, 1e-5)
     torch.testing.assert_close(s, x + d)
     torch.testing.assert_close(n, ops.rms_norm(x + d, w, 1e-5))
-    gu = torch.randn(3, 2 * 40, generator=gen)
+    gu = torch.randn(3, 2 * 40, generator=gen) * 4  # 40: five 8-lane steps, and a scalar tail below
     torch.testing.assert_close(ops.silu_mul(gu, 40), F.silu(gu[:, :40]) * gu[:, 40:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ops.gelu_tanh_mul(gu, 40), F.gelu(gu[:, :40], approximate="tanh") * gu[:, 40:],
+                               atol=1e-6, rtol=1e-5)
+    odd = torch.randn(2, 2 * 13, generator=gen) * 4
+    torch.testing.assert_close(ops.gelu_tanh_mul(odd, 13), F.gelu(odd[:, :13], approximate="tanh") * odd[:, 13:],
+                               atol=1e-6, rtol=1e-5)
 
 
 def flat_slots(cache: torch.Tensor) -> torch.Tensor:

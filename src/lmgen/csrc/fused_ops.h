@@ -115,34 +115,47 @@ inline std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const tor
   return {sum, out};
 }
 
-// gate_up (M, 2I) -> silu(gate_up[:, :I]) * gate_up[:, I:]  (M, I)
-inline torch::Tensor silu_mul(const torch::Tensor& gu, int64_t I) {
+// gate_up (M, 2I) -> act(gate_up[:, :I]) * gate_up[:, I:]  (M, I), act(a) = a * sigmoid(z(a)): SiLU with z = a,
+// GELU's tanh form with z = 2 sqrt(2 / pi) (a + 0.044715 a^3) (0.5 a (1 + tanh(z / 2)) = a sigmoid(z))
+template <bool kGelu>
+inline torch::Tensor gated_act_mul(const torch::Tensor& gu, int64_t I) {
   check_f32_cpu(gu, "gate_up");
   TORCH_CHECK_VALUE(gu.dim() == 2 && gu.size(1) == 2 * I, "gate_up must be (M, 2 * intermediate)");
   const int64_t M = gu.size(0);
   auto out = torch::empty({M, I}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  constexpr float kZ = 1.5957691216057308f, kCube = 0.044715f;  // 2 sqrt(2 / pi), GELU's cubic coefficient
   auto rows = [&](int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const float *gm = g + m * 2 * I, *um = gm + I;
-    float* om = o + m * I;
-    int64_t i = 0;
+    for (int64_t m = m0; m < m1; ++m) {
+      const float *gm = g + m * 2 * I, *um = gm + I;
+      float* om = o + m * I;
+      int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    for (; i + 8 <= I; i += 8) {
-      const __m256 a = _mm256_loadu_ps(gm + i);
-      const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), a)));
-      _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_div_ps(a, den), _mm256_loadu_ps(um + i)));
-    }
+      for (; i + 8 <= I; i += 8) {
+        const __m256 a = _mm256_loadu_ps(gm + i);
+        __m256 z = a;
+        if (kGelu)
+          z = _mm256_mul_ps(_mm256_set1_ps(kZ), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kCube), a),
+                                                                _mm256_mul_ps(a, a), a));
+        const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z)));
+        _mm256_storeu_ps(om + i, _mm256_mul_ps(_mm256_div_ps(a, den), _mm256_loadu_ps(um + i)));
+      }
 #endif
-    for (; i < I; ++i) om[i] = gm[i] / (1.f + std::exp(-gm[i])) * um[i];
-  }
+      for (; i < I; ++i) {
+        const float a = gm[i], z = kGelu ? kZ * std::fma(kCube * a, a * a, a) : a;
+        om[i] = a / (1.f + std::exp(-z)) * um[i];
+      }
+    }
   };
   // prefill-size calls (>= 64K elements) use torch's threads; decode-size ones stay on the calling thread
   if (M * I >= 65536) at::parallel_for(0, M, std::max<int64_t>(1, 16384 / I), rows);
   else rows(0, M);
   return out;
 }
+
+inline torch::Tensor silu_mul(const torch::Tensor& gu, int64_t I) { return gated_act_mul<false>(gu, I); }
+inline torch::Tensor gelu_tanh_mul(const torch::Tensor& gu, int64_t I) { return gated_act_mul<true>(gu, I); }
 
 // x (D,) rotated in the rotate_half layout: out[i] = x[i] cos[i] - x[i+D/2] sin[i]; out[i+D/2] = x[i+D/2] cos + x[i] sin
 inline void rope_head(const float* x, const float* cos, const float* sin, int64_t D, float* out) {

@@ -203,6 +203,6 @@ def kernels_available() -> bool:
 
 
 def fused_ops():
-    """The extension's fused float32 decode ops (rms_norm, add_rms_norm, silu_mul, paged_attention, see
-    csrc/fused_ops.h), or None where it is unavailable (callers then use plain PyTorch ops)."""
+    """The extension's fused float32 decode ops (rms_norm, add_rms_norm, silu_mul, gelu_tanh_mul, paged_attention,
+    see csrc/fused_ops.h), or None where it is unavailable (callers then use plain PyTorch ops)."""
     return load_extension()

@@ -19,7 +19,6 @@ import logging
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
 from lmgen.errors import UnsupportedModelError
@@ -79,7 +78,7 @@ class Gemma3ForCausalLM(CausalLM):
             down = LinearSlot(factory, inter, [h], False)
             sliding = config.layer_window(i) is not None
             attn = Attention(config, qkv, o, backend, q_norm=norm(d), k_norm=norm(d), sliding=sliding)
-            self.layers.append(Gemma3Block(attn, GeGLU(gate_up, down, inter), norm, sliding))
+            self.layers.append(Gemma3Block(attn, GeGLU(gate_up, down, inter, fused), norm, sliding))
         self.norm = norm()
         self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
         self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
@@ -106,7 +105,7 @@ class Gemma3ForCausalLM(CausalLM):
         """The same layers as `_run_layers` with the module calls gone: each layer's compiled norms, matmuls and
         attention (`Attention.attend`) called directly (the per-module dispatch, not the arithmetic, bounds a small
         model's decode step), every row in the same fixed order.  x (tokens, hidden) -> final-normed (tokens, hidden)."""
-        rms, eps = self._fused.rms_norm, self.config.rms_norm_eps
+        rms, gelu_mul, eps = self._fused.rms_norm, self._fused.gelu_tanh_mul, self.config.rms_norm_eps
         if self._plan is None:
             self._plan = self._layer_plan()
         for (qkv_proj, attend, o_proj, gate_up_proj, down_proj, norms, sliding, inter), (k_cache, v_cache) \
@@ -115,8 +114,8 @@ class Gemma3ForCausalLM(CausalLM):
             cos, sin = rope[1] if sliding else rope[0]
             out = attend(qkv_proj(rms(x, w_in, eps)), cos, sin, k_cache, v_cache, meta)  # (tokens, q_size)
             x = x + rms(o_proj(out), w_post_attn, eps)
-            gate, up = gate_up_proj(rms(x, w_pre_ffw, eps)).split(inter, dim=-1)  # (tokens, intermediate) each
-            x = x + rms(down_proj((F.gelu(gate, approximate="tanh") * up)), w_post_ffw, eps)
+            act = gelu_mul(gate_up_proj(rms(x, w_pre_ffw, eps)), inter)  # gelu_tanh(gate) * up (tokens, intermediate)
+            x = x + rms(down_proj(act), w_post_ffw, eps)
         return rms(x, self.norm.weight, eps)
 
     def _layer_plan(self) -> list[tuple]:
