@@ -40,11 +40,11 @@ namespace lmgen_attn {
 
 constexpr int64_t kBlock = 32;   // positions per online-softmax step (one K/V tile), at most
 constexpr int64_t kSplit = 512;  // positions per split of a span (a multiple of kBlock)
+constexpr int64_t kTileQ = 16;   // prefill tokens of one sequence sharing each K/V tile
 
 // positions per tile for a head of D values: 32, or 16 above D = 128 so that a tile's float32 K and V (2 x 16 x 256
 // x 4 bytes) stay in a 48 KB L1 while every query row of the group and chunk reads them
 inline int64_t tile_positions(int64_t D) { return D > 128 ? kBlock / 2 : kBlock; }
-constexpr int64_t kTileQ = 16;   // prefill tokens of one sequence sharing each K/V tile
 
 template <typename T>
 struct Cache {
@@ -153,14 +153,16 @@ void attend_tokens(const Cache<T>& c, const float* qr, int64_t T_, int64_t heads
       if (by_split) {
         const int64_t s = item_split[it / kvh];
         for (int64_t i = 0; i < nt; ++i) dst[i] = parts.data() + ((poff[t0 + i] + s) * heads + g * group) * hs;
-        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data(), rows);
+        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data(),
+                   rows);
         continue;
       }
       float *run_st = local.data(), *part = local.data() + kTileQ * group * hs;
       for (int64_t i = 0; i < nt * group; ++i) init_state(run_st + i * hs, D);
       for (int64_t i = 0; i < nt; ++i) dst[i] = part + i * group * hs;
       for (int64_t s = 0; s < tile_splits[b]; ++s) {
-        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data(), rows);
+        tile_split(c, qr, heads, group, idx, kvn + t0, t0, nt, g, s, sc, dst, kt.data(), vt.data(), scratch.data(),
+                   rows);
         for (int64_t i = 0; i < nt; ++i)
           if (kvn[t0 + i] > s * kSplit)
             for (int64_t hl = 0; hl < group; ++hl) merge_state(run_st + (i * group + hl) * hs, dst[i] + hl * hs, D);
