@@ -78,7 +78,7 @@ def from_cache_dtype(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cache rows -> K/V rows (..., D) of `dtype`, the values csrc/kv_tile.h's `to_f32` reads (int8: q * d)."""
     if rows.dtype != torch.int8:
         return rows.to(dtype)
-    D = rows.shape[-1] * 16 // 17
+    D = rows.shape[-1] * 16 // 17  # an int8 row is D + D / 16 bytes
     q, d = rows[..., :D], rows[..., D:].contiguous().view(torch.float16)  # (..., D), (..., D / 32)
     return (q.float().unflatten(-1, (-1, 32)) * d.float()[..., None]).flatten(-2).to(dtype)
 
