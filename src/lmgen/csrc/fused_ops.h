@@ -31,7 +31,7 @@ inline void check_f32_cpu(const torch::Tensor& t, const char* name) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// the fixed tree that adds the 8 lanes of an accumulator (dot, dot4 in attention.h, dense_gemm.h)
+// the fixed tree that adds the 8 lanes of an accumulator (dot, the attention's dot_keys in kv_tile.h, dense_gemm.h)
 inline float hsum8_fixed(__m256 acc) {
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));

@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "fused_ops.h"
+#include "quant_kernels.h"
 
 namespace lmgen_attn {
 
@@ -45,24 +46,12 @@ inline void to_f32(const at::BFloat16* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// an int8 row (n values, then n / 32 float16 scales) -> n float32 values q * d
+// an int8 row (n values, then n / 32 float16 scales) -> n float32 values q * d: Q8_0 blocks, dequantized as the
+// packed kernels dequantize theirs
 inline void to_f32(const int8_t* src, int64_t n, float* dst) {
-  for (int64_t b = 0; b < n / 32; ++b) {
-    at::Half h;
-    std::memcpy(&h, src + n + 2 * b, sizeof(h));
-    const float d = static_cast<float>(h);
-    const int8_t* q = src + 32 * b;
-    float* o = dst + 32 * b;
-    int64_t i = 0;
-#if defined(__AVX2__)
-    const __m256 dv = _mm256_set1_ps(d);
-    for (; i < 32; i += 8) {
-      const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), dv));
-    }
-#endif
-    for (; i < 32; ++i) o[i] = static_cast<float>(q[i]) * d;
-  }
+  const auto* scales = reinterpret_cast<const uint8_t*>(src + n);
+  for (int64_t b = 0; b < n / 32; ++b)
+    lmgen_q::int8_to_f32(src + 32 * b, lmgen_q::fp16_to_f32(scales + 2 * b), dst + 32 * b);
 }
 
 // n float32 values -> a cache row
@@ -111,32 +100,22 @@ inline void hsum8_fixed4(const __m256* a, float* out) {
   _mm_storeu_ps(out, _mm_add_ps(_mm_add_ps(b[0], b[2]), _mm_add_ps(b[1], b[3])));
 }
 
-// dot(q, k_j) for the 4 consecutive keys of k (rows of n floats), each in exactly lmgen_fused::dot's order (one
-// 8-lane FMA chain, the fixed lane tree): independent chains hide the FMA latency that bounds a single dot.
-// n % 8 == 0.
-inline void dot4(const float* q, const float* k, int64_t n, float* out) {
-  __m256 a[4];
-  for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
+// dot(q, k_j) for the K (4 or 8) consecutive keys of k (rows of n floats), each in exactly lmgen_fused::dot's order
+// (one 8-lane FMA chain, the fixed lane tree): independent chains hide the FMA latency that bounds a single dot,
+// eight keep both FMA ports busy.  n % 8 == 0.
+template <int K>
+inline void dot_keys(const float* q, const float* k, int64_t n, float* out) {
+  static_assert(K % 4 == 0, "keys come in fours (hsum8_fixed4)");
+  __m256 a[K];
+  for (int r = 0; r < K; ++r) a[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
-    for (int r = 0; r < 4; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * n + i), a[r]);
+    for (int r = 0; r < K; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * n + i), a[r]);
   }
-  hsum8_fixed4(a, out);
+  for (int r = 0; r < K; r += 4) hsum8_fixed4(a + r, out + r);
 }
 
-// dot4 for 8 keys (eight chains keep both FMA ports busy)
-inline void dot8(const float* q, const float* k, int64_t n, float* out) {
-  __m256 a[8];
-  for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-    for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * n + i), a[r]);
-  }
-  hsum8_fixed4(a, out);
-  hsum8_fixed4(a + 4, out + 4);
-}
-
-// dot4 for two queries at once: each key row is loaded once for both (the same chains, so the same values)
+// dot_keys<4> for two queries at once: each key row is loaded once for both (the same chains, so the same values)
 inline void dot2x4(const float* q0, const float* q1, const float* k, int64_t n, float* out0, float* out1) {
   __m256 a[8];
   for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
@@ -158,8 +137,8 @@ inline void scores(const float* q, const float* kt, int64_t n, int64_t D, float*
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (D % 8 == 0) {
-    for (; j + 8 <= n; j += 8) dot8(q, kt + j * D, D, s + j);
-    for (; j + 4 <= n; j += 4) dot4(q, kt + j * D, D, s + j);
+    for (; j + 8 <= n; j += 8) dot_keys<8>(q, kt + j * D, D, s + j);
+    for (; j + 4 <= n; j += 4) dot_keys<4>(q, kt + j * D, D, s + j);
   }
 #endif
   for (; j < n; ++j) s[j] = lmgen_fused::dot(q, kt + j * D, D);
