@@ -21,7 +21,6 @@ import torch
 from common import machine
 
 from lmgen import LLM, SamplingParams
-from lmgen.spec.config import DEFAULT_NUM_TOKENS
 
 PASSAGE = (
     "The lighthouse at Point Reyes was built in 1870 to warn ships away from the rocky headland, one of the foggiest "
@@ -57,7 +56,7 @@ def batch_sweep(args, params: SamplingParams) -> None:
     """The measurement behind the auto step-back's `max_batch`: n-gram speculation (step-back off) vs plain decoding
     on the default path for batches of B input-grounded requests, aggregate tok/s, interleaved."""
     plain = LLM()
-    fast = LLM(speculative={"method": "ngram", "num_tokens": args.num_tokens or DEFAULT_NUM_TOKENS["ngram"], "max_batch": 1 << 20,
+    fast = LLM(speculative={"method": "ngram", "num_tokens": args.num_tokens, "max_batch": 1 << 20,
                             "min_acceptance": 0.0})
     asks = ["Rewrite the passage above in your own words, keeping every fact.", "Summarize the passage above.",
             "List the facts in the passage above.", "Retell the passage above for a child."]
@@ -81,7 +80,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--num-tokens", type=int, default=None, help="k (default: the method's, lmgen.spec.config.DEFAULT_NUM_TOKENS)")
+    ap.add_argument("--num-tokens", type=int, default=None,
+                    help="k (default: the method's, lmgen.spec.config.DEFAULT_NUM_TOKENS)")
     ap.add_argument("--only", choices=sorted(TASKS), default=None)
     ap.add_argument("--batch-sweep", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="B,B,...",
                     help="instead: n-gram vs plain at these batch sizes (the step-back measurement)")
@@ -93,8 +93,8 @@ def main() -> int:
         batch_sweep(args, params)
         return 0
     setups = {
-        "self": ("none", {"method": "self", "num_tokens": args.num_tokens or DEFAULT_NUM_TOKENS["self"]}),
-        "ngram": ("auto", {"method": "ngram", "num_tokens": args.num_tokens or DEFAULT_NUM_TOKENS["ngram"]}),
+        "self": ("none", {"method": "self", "num_tokens": args.num_tokens}),  # None: the method's default
+        "ngram": ("auto", {"method": "ngram", "num_tokens": args.num_tokens}),
     }
     print(machine(), "| load average", os.getloadavg(), flush=True)
     summary = []
@@ -124,7 +124,7 @@ def main() -> int:
                       + f" | load {os.getloadavg()[0]:.1f}", flush=True)
             paired.append(rows["spec"][-1][0] / rows["plain"][-1][0])
         med = {k: (statistics.median(d for d, _ in v), statistics.median(e for _, e in v)) for k, v in rows.items()}
-        summary.append((name, quant, spec["num_tokens"], med, statistics.median(acc), same, len(prompt),
+        summary.append((name, quant, fast.engine.speculator.config.num_tokens, med, statistics.median(acc), same, len(prompt),
                         statistics.median(paired), steps))
     print(f"\nmedians of {args.rounds} rounds, batch 1, greedy, {args.new_tokens} new tokens")
     print(f"{'method':<7}{'target':<8}{'k':>3}{'prompt':>8}{'plain decode':>14}{'spec decode':>13}{'ratio':>7}"

@@ -31,6 +31,8 @@ class CausalLM(torch.nn.Module):
     layer_offset = 0
     # the embedding whose matrix doubles as the output layer when the model ties them (or has no lm_head)
     tied_embedding = "embed_tokens"
+    # a family's fused step: its per-layer callables and weights, looked up on first use (`_layer_plan`)
+    _plan = None
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -101,6 +103,12 @@ class CausalLM(torch.nn.Module):
             return
         for name, child in list(module.named_children()):
             self._materialize(child, f"{path}.{name}", parent=module, attr=name)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to() and friends may replace tensors: a fused step's plan of them is looked up again on next use."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._plan = None
+        return out
 
     # ---- running ----------------------------------------------------------------------------------
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ x n_layers -> RMSNorm -> tied lm_head -> logits (soft-capped where the config sa
 Gemma's norms multiply by (1 + w): transformers checkpoints store w (the norms add 1 at load), GGUF files
 store 1 + w already (llama.cpp's convert_hf_to_gguf adds it), see ModelConfig.norm_type.  Attention scores are
 scaled by query_pre_attn_scalar^-1/2.  In float32 on the CPU every step takes `_forward_fused`: the compiled
-RMSNorm and RoPE + K/V write + attention ops and the matmuls called directly, without the modules' dispatch
+RMSNorm, GeGLU and RoPE + K/V write + attention ops and the matmuls called directly, without the modules' dispatch
 (the same ops in the same order as the modules, so the same numbers); elsewhere the modules run one by one.
 """
 
@@ -83,7 +83,6 @@ class Gemma3ForCausalLM(CausalLM):
         self.lm_head = LinearSlot(factory, h, [config.vocab_size], False)
         self._compiled = torch.compile(self._run_layers, dynamic=True) if compile else None
         self._fused, self._backend = fused, backend
-        self._plan: list[tuple] | None = None  # per-layer callables of `_forward_fused`, see `_layer_plan`
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (tokens,) -> hidden states (tokens, hidden); writes K/V into kv_caches."""
@@ -120,7 +119,7 @@ class Gemma3ForCausalLM(CausalLM):
 
     def _layer_plan(self) -> list[tuple]:
         """What `_forward_fused` needs of each layer, looked up once: the linear layers' and the attention's callables
-        and the four block norm weights.  Reset by `_apply` (.to() may replace tensors)."""
+        and the four block norm weights.  Reset by `CausalLM._apply`."""
         plan = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -129,11 +128,6 @@ class Gemma3ForCausalLM(CausalLM):
             plan.append((direct_call(attn.qkv_proj), attn.attend, direct_call(attn.o_proj), direct_call(mlp.gate_up_proj),
                          direct_call(mlp.down_proj), norms, layer.sliding, mlp.intermediate_size))
         return plan
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._plan = None
-        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (rows, hidden) -> logits (rows, vocab) float32, soft-capped: cap * tanh(logits / cap)."""

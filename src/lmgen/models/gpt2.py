@@ -11,7 +11,6 @@ k exactly as they are, so GPT-2 uses the same attention code (and compiled op) a
 
 from __future__ import annotations
 
-
 import torch
 
 from lmgen.config import ModelConfig

@@ -104,7 +104,6 @@ class LlamaForCausalLM(CausalLM):
         self.norm = norm() if last else None
         self.lm_head = LinearSlot(factory, h, [vocab], False, rows=[vocab_rows] if split else None,
                                   combine="gather") if first else None
-        self._plan: tuple | None = None  # per-layer callables of the fused decode loop, see `_layer_plan`
         # torch.compile of the layer stack (Inductor: elementwise ops fused into generated kernels, the per-op
         # dispatch gone); dynamic=True because every step has its own token count and context length.  Packed
         # quantized layers stay opaque calls between compiled pieces.
@@ -181,7 +180,7 @@ class LlamaForCausalLM(CausalLM):
     def _layer_plan(self) -> tuple[torch.Tensor, list[tuple]]:
         """What `_forward_fused` needs of each layer, looked up once: the linear layers' forward callables
         (bypassing nn.Module.__call__, so no hooks) and the norm weights.  The attribute lookups and module
-        dispatch cost ~0.5 ms per token over 30 layers.  Reset by `_apply` (.to() may replace tensors)."""
+        dispatch cost ~0.5 ms per token over 30 layers.  Reset by `CausalLM._apply`."""
         plan = []
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -191,8 +190,3 @@ class LlamaForCausalLM(CausalLM):
                          layer.post_attention_layernorm.weight, None if next_norm is None else next_norm.weight,
                          mlp.intermediate_size))
         return self.layers[0].input_layernorm.weight, plan
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._plan = None
-        return out
