@@ -38,7 +38,8 @@ INT8_DRIFT = 0.25  # nats: the same for the int8 cache (measured 0.097)
 @pytest.fixture(scope="module")
 def caches():
     """The embedded model dequantized to float32 weights, with a float32, a float16 and an int8 KV cache."""
-    return {name: LLM(quantization="none", dtype="float32", kv_cache_dtype=name) for name in ("float32", "float16", "int8")}
+    return {name: LLM(quantization="none", dtype="float32", kv_cache_dtype=name)
+            for name in ("float32", "float16", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,28 @@ def packed_caches():
 def prompt_logprobs(llm: LLM, ids: list[int]) -> list[dict[int, float]]:
     out = llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2, temperature=0))[0]
     return out.prompt_logprobs[1:]  # entry i: log P(ids[i+1] | ids[:i+1]) plus the top-2
+
+
+def drift_and_perplexities(exact: LLM, other: LLM, ids: list[int]) -> tuple[float, float, float]:
+    """The largest change of a token's log-prob over the text, and both caches' perplexities."""
+    a, b = prompt_logprobs(exact, ids), prompt_logprobs(other, ids)
+    drift = max(abs(x[t] - y[t]) for x, y, t in zip(a, b, ids[1:]))
+    ppl_a, ppl_b = (math.exp(-sum(e[t] for e, t in zip(lp, ids[1:])) / len(lp)) for lp in (a, b))
+    return drift, ppl_a, ppl_b
+
+
+def assert_greedy_parts_only_at_near_ties(exact: LLM, other: LLM, prompt: str, max_tokens: int, gap: float) -> None:
+    """`other`'s greedy tokens equal `exact`'s, or part where `exact`'s top-2 log-probs were within `gap`."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = exact.tokenizer.encode(prompt)
+    ref = exact.generate(ids, params)[0].outputs[0].token_ids
+    ours = other.generate(ids, params)[0].outputs[0].token_ids
+    if ours == ref:
+        return
+    split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+    at = prompt_logprobs(exact, ids + ref[: split + 1])[len(ids) + split - 1]
+    top2 = sorted(at.values(), reverse=True)[:2]
+    assert top2[0] - top2[1] <= gap, (prompt, split, top2, gap)
 
 
 def test_auto_is_float16_on_cpu_and_the_cache_is_paged_per_block_and_head(tiny_model_dirs):
@@ -111,45 +134,23 @@ def test_cli_kv_cache_dtype_sets_the_cache():
 def test_float16_cache_log_probs_and_perplexity_match_float32(caches):
     ids = caches["float32"].tokenizer.encode(TEXT)
     assert len(ids) > 300
-    exact, half = prompt_logprobs(caches["float32"], ids), prompt_logprobs(caches["float16"], ids)
-    drift = max(abs(a[t] - b[t]) for a, b, t in zip(exact, half, ids[1:]))
+    drift, ppl32, ppl16 = drift_and_perplexities(caches["float32"], caches["float16"], ids)
     assert 0 < drift < NEAR_TIE, drift  # > 0: the float16 cache really is in use
-    ppl32 = math.exp(-sum(e[t] for e, t in zip(exact, ids[1:])) / len(exact))
-    ppl16 = math.exp(-sum(e[t] for e, t in zip(half, ids[1:])) / len(half))
     assert abs(ppl16 - ppl32) / ppl32 < 0.001, (ppl32, ppl16)
 
 
 def test_int8_cache_log_probs_and_perplexity_stay_near_float32(caches):
     ids = caches["float32"].tokenizer.encode(TEXT)
-    exact, int8 = prompt_logprobs(caches["float32"], ids), prompt_logprobs(caches["int8"], ids)
-    drift = max(abs(a[t] - b[t]) for a, b, t in zip(exact, int8, ids[1:]))
+    drift, ppl32, ppl8 = drift_and_perplexities(caches["float32"], caches["int8"], ids)
     assert NEAR_TIE < drift < INT8_DRIFT, drift  # > NEAR_TIE: coarser than float16, so really int8
-    ppl32 = math.exp(-sum(e[t] for e, t in zip(exact, ids[1:])) / len(exact))
-    ppl8 = math.exp(-sum(e[t] for e, t in zip(int8, ids[1:])) / len(int8))
     assert abs(ppl8 - ppl32) / ppl32 < 0.005, (ppl32, ppl8)
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for prompt in PROMPTS:  # greedy tokens part only where the float32 cache's top-2 were within 2 * INT8_DRIFT
-        p = caches["float32"].tokenizer.encode(prompt)
-        ref = caches["float32"].generate(p, params)[0].outputs[0].token_ids
-        ours = caches["int8"].generate(p, params)[0].outputs[0].token_ids
-        if ours != ref:
-            split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
-            top2 = sorted(prompt_logprobs(caches["float32"], p + ref[: split + 1])[len(p) + split - 1].values())[-2:]
-            assert top2[1] - top2[0] <= 2 * INT8_DRIFT, (prompt, split, top2)
+        assert_greedy_parts_only_at_near_ties(caches["float32"], caches["int8"], prompt, 24, 2 * INT8_DRIFT)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_float16_cache_greedy_tokens_part_only_at_near_ties(caches, prompt):
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    ids = caches["float32"].tokenizer.encode(prompt)
-    ref = caches["float32"].generate(ids, params)[0].outputs[0].token_ids
-    ours = caches["float16"].generate(ids, params)[0].outputs[0].token_ids
-    if ours == ref:
-        return
-    split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
-    at = prompt_logprobs(caches["float32"], ids + ref[: split + 1])[len(ids) + split - 1]
-    top2 = sorted(at.values(), reverse=True)[:2]
-    assert top2[0] - top2[1] <= 2 * NEAR_TIE, (prompt, split, top2)
+    assert_greedy_parts_only_at_near_ties(caches["float32"], caches["float16"], prompt, 32, 2 * NEAR_TIE)
 
 
 def test_long_context_float16_decode_matches_float32(caches):
@@ -167,19 +168,8 @@ def test_long_context_float16_decode_matches_float32(caches):
 
 
 def test_packed_model_float16_cache_within_the_packed_paths_bounds(packed_caches):
-    ids = packed_caches["float32"].tokenizer.encode(TEXT)
-    exact, half = prompt_logprobs(packed_caches["float32"], ids), prompt_logprobs(packed_caches["float16"], ids)
-    ppl32 = math.exp(-sum(e[t] for e, t in zip(exact, ids[1:])) / len(exact))
-    ppl16 = math.exp(-sum(e[t] for e, t in zip(half, ids[1:])) / len(half))
+    exact, half = packed_caches["float32"], packed_caches["float16"]
+    drift, ppl32, ppl16 = drift_and_perplexities(exact, half, exact.tokenizer.encode(TEXT))
     assert abs(ppl16 - ppl32) / ppl32 < 0.01, (ppl32, ppl16)
-    drift = max(abs(a[t] - b[t]) for a, b, t in zip(exact, half, ids[1:]))
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for prompt in PROMPTS:
-        p = packed_caches["float32"].tokenizer.encode(prompt)
-        ref = packed_caches["float32"].generate(p, params)[0].outputs[0].token_ids
-        ours = packed_caches["float16"].generate(p, params)[0].outputs[0].token_ids
-        if ours != ref:
-            split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
-            at = prompt_logprobs(packed_caches["float32"], p + ref[: split + 1])[len(p) + split - 1]
-            top2 = sorted(at.values(), reverse=True)[:2]
-            assert top2[0] - top2[1] <= 2 * drift, (prompt, split, top2, drift)
+        assert_greedy_parts_only_at_near_ties(exact, half, prompt, 24, 2 * drift)
