@@ -132,6 +132,26 @@ def hf_greedy(model, tokenizer, prompts, pad_token_id: int, new_tokens: int = 32
     return out
 
 
+def prompt_logprobs(llm, ids: list[int]) -> list[dict[int, float]]:
+    """Entry i: log P(ids[i+1] | ids[:i+1]) plus the top-2, as lmgen scores the prompt."""
+    from lmgen import SamplingParams
+
+    return llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2, temperature=0))[0].prompt_logprobs[1:]
+
+
+def greedy_parting(exact, other, prompt: str, max_tokens: int) -> tuple[list[int], list[int], int | None]:
+    """Two engines' greedy continuations of `prompt` (no EOS stop): (prompt ids, `exact`'s tokens, the first index
+    where `other`'s differ, or None where they agree)."""
+    from lmgen import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = exact.tokenizer.encode(prompt)
+    ref = exact.generate(ids, params)[0].outputs[0].token_ids
+    ours = other.generate(ids, params)[0].outputs[0].token_ids
+    split = None if ours == ref else next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+    return ids, ref, split
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: intra-op threads only add overhead (a lot of it on a busy machine)."""

@@ -29,6 +29,8 @@ from lmgen import LLM, SamplingParams
 from lmgen.cli import build_parser
 from lmgen.errors import InvalidOptionError
 
+from conftest import greedy_parting, prompt_logprobs
+
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text(encoding="utf-8")
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "大语言模型是", "def fibonacci(n):"]
 NEAR_TIE = 0.01  # nats: the bound on a float16 cache's change of a log-prob, float weights (measured 0.0044)
@@ -48,11 +50,6 @@ def packed_caches():
     return {name: LLM(kv_cache_dtype=name) for name in ("float32", "float16")}
 
 
-def prompt_logprobs(llm: LLM, ids: list[int]) -> list[dict[int, float]]:
-    out = llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2, temperature=0))[0]
-    return out.prompt_logprobs[1:]  # entry i: log P(ids[i+1] | ids[:i+1]) plus the top-2
-
-
 def drift_and_perplexities(exact: LLM, other: LLM, ids: list[int]) -> tuple[float, float, float]:
     """The largest change of a token's log-prob over the text, and both caches' perplexities."""
     a, b = prompt_logprobs(exact, ids), prompt_logprobs(other, ids)
@@ -63,13 +60,9 @@ def drift_and_perplexities(exact: LLM, other: LLM, ids: list[int]) -> tuple[floa
 
 def assert_greedy_parts_only_at_near_ties(exact: LLM, other: LLM, prompt: str, max_tokens: int, gap: float) -> None:
     """`other`'s greedy tokens equal `exact`'s, or part where `exact`'s top-2 log-probs were within `gap`."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    ids = exact.tokenizer.encode(prompt)
-    ref = exact.generate(ids, params)[0].outputs[0].token_ids
-    ours = other.generate(ids, params)[0].outputs[0].token_ids
-    if ours == ref:
+    ids, ref, split = greedy_parting(exact, other, prompt, max_tokens)
+    if split is None:
         return
-    split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
     at = prompt_logprobs(exact, ids + ref[: split + 1])[len(ids) + split - 1]
     top2 = sorted(at.values(), reverse=True)[:2]
     assert top2[0] - top2[1] <= gap, (prompt, split, top2, gap)

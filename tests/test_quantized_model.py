@@ -20,6 +20,8 @@ from lmgen import LLM, SamplingParams
 from lmgen.layers.embedding import PackedEmbedding
 from lmgen.layers.quant import QuantizedLinear
 
+from conftest import greedy_parting, prompt_logprobs
+
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text(encoding="utf-8")
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "大语言模型是", "def fibonacci(n):"]
 
@@ -27,11 +29,6 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 @pytest.fixture(scope="module")
 def packed_llm():
     return LLM(quantization="auto")
-
-
-def prompt_logprobs(llm: LLM, ids: list[int]) -> list[dict[int, float]]:
-    out = llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2, temperature=0))[0]
-    return out.prompt_logprobs[1:]  # entry i: log P(ids[i+1] | ids[:i+1]) plus the top-2
 
 
 def perplexity(llm: LLM, ids: list[int]) -> float:
@@ -68,13 +65,9 @@ def test_perplexity_within_one_percent_of_float(smol_llm, packed_llm):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_tokens_part_only_at_near_ties(smol_llm, packed_llm, prompt):
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    ids = smol_llm.tokenizer.encode(prompt)
-    ref = smol_llm.generate(ids, params)[0].outputs[0].token_ids
-    ours = packed_llm.generate(ids, params)[0].outputs[0].token_ids
-    if ours == ref:
+    ids, ref, split = greedy_parting(smol_llm, packed_llm, prompt, 24)
+    if split is None:
         return
-    split = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
     context = ids + ref[: split + 1]
     float_lp, packed_lp = prompt_logprobs(smol_llm, context), prompt_logprobs(packed_llm, context)
     # the perturbation: largest log-prob change of the chosen tokens along the shared prefix
