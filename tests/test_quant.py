@@ -199,6 +199,29 @@ def test_rows_are_batch_invariant(qtype, isa):
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
+def test_amx_tiles_equal_the_vnni_kernels(qtype):
+    """Batches of 16+ rows go through AMX tiles where the CPU has AMX-INT8 (kernel_isa "amx-int8"): the same
+    exact integer sums per block and the same float chains as the VNNI kernels, so every output is bit-identical
+    to isa="avx512vnni" and to the row alone; 40 weight rows = two 16-row panels and an odd group, 37 activation
+    rows = two tiles and 5 rows through the group kernels.  (Without AMX both runs are the VNNI kernels.)"""
+    rows, cols = 40, 640
+    layer = quant.packed_linear_from_gguf(qtype, random_blocks(qtype, rows, cols, seed=11), (rows, cols),
+                                          bias=torch.randn(rows, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(37, cols, generator=torch.Generator().manual_seed(9))
+    before = kernels.configure(isa="avx512vnni")
+    try:
+        vnni = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+        kernels.configure(isa="auto")
+        for m in (16, 17, 32, 37):
+            assert torch.equal(layer(x[:m]), vnni[:m]), m
+        assert torch.equal(vnni, alone)
+    finally:
+        kernels.configure(isa=before.isa)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
 def test_rows_lookup_matches_reference(qtype):
     """`rows(ids)` (the packed matrix as an embedding table) returns exactly gguf-py's dequantized rows, in the
     order asked, repeats included, the last partial 8-row group too; ids outside the table raise IndexError."""

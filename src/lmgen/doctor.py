@@ -6,8 +6,9 @@ from __future__ import annotations
 import platform
 import sys
 
-# CPU features the kernels use: AVX2/FMA/F16C everywhere, AVX-512 VNNI (with F/BW/VL) for the integer kernels
-KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# CPU features the kernels use: AVX2/FMA/F16C everywhere, AVX-512 VNNI (with F/BW/VL) for the integer kernels,
+# AMX-INT8 tiles for their batches
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8")
 
 
 def lmgen_version() -> str:

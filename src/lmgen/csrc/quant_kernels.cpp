@@ -1,4 +1,5 @@
-// lmgen packed-weight matmul kernels (CPU, x86-64 AVX2 + FMA + F16C; AVX-512 VNNI variants picked at run time).
+// lmgen packed-weight matmul kernels (CPU, x86-64 AVX2 + FMA + F16C; AVX-512 VNNI and AMX variants picked at run
+// time).
 // This file: drivers, threading, Python bindings.  The kernels are in quant_kernels.h, the pool in share_pool.h.
 //
 // Weights stay in GGUF block quantization (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; K-quants are re-expressed in those at
@@ -20,7 +21,8 @@
 // each group's blocks contiguously, so a group's weights stream sequentially.
 //
 // Batches (prefill) of r8 types use the same integer kernels with register tiles over rows of activations
-// (and, with VNNI, pairs of groups); measured faster than dequantize + MKL sgemm at every batch size.  Every
+// (and, with VNNI, pairs of groups), or AMX tiles of 16 rows (amx_gemm.h) where the CPU has AMX-INT8; measured
+// faster than dequantize + MKL sgemm at every batch size.  Every
 // output element is summed in the same order in a tile as alone, so a row's result does not depend on the
 // batch (batch invariance).  Dequantizing a tile of weight rows to fp32 for at::mm is an opt-in tuning
 // (r8_dequant_min_batch), never taken by a batch-invariant layer (MKL's order depends on the batch size).
@@ -36,6 +38,7 @@
 #include <optional>
 #include <vector>
 
+#include "amx_gemm.h"
 #include "attention.h"
 #include "dense_gemm.h"
 #include "fused_ops.h"
@@ -57,9 +60,10 @@ int64_t g_spin_us = 0;             // how long idle helper threads spin before s
 int64_t g_parallel_min_units = 16384;  // calls with less work than this (~80 us) stay on the calling thread
 int64_t g_threads = 0;             // threads for the kernels; 0: torch.get_num_threads()
 
-int64_t g_isa = 0;                 // 0: best available, 1: AVX2 only, 2: AVX-512 VNNI (when the CPU has it)
+int64_t g_isa = 0;                 // 0: best available, 1: AVX2 only, 2: AVX-512 VNNI without AMX
 
 inline bool use_vnni() { return g_isa != 1 && cpu_has_vnni(); }
+inline bool use_amx() { return g_isa == 0 && cpu_has_amx(); }
 
 inline int kernel_threads() { return static_cast<int>(g_threads > 0 ? g_threads : at::get_num_threads()); }
 inline int kernel_threads(int64_t units) { return units < g_parallel_min_units ? 1 : kernel_threads(); }
@@ -155,9 +159,24 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
       m += mr;
     }
   };
+  // AMX: pairs of groups (16 weight rows) x 16-row tiles; the last odd or partial group and the rows past the
+  // last full tile go through the kernels above
+  const int64_t amx_rows = use_amx() && M >= AMX_ROWS ? M / AMX_ROWS * AMX_ROWS : 0;
+  const int64_t amx_panels = amx_rows > 0 ? N / 16 : 0;
+  auto amx_work = [&](int64_t p0, int64_t p1) {
+    amx_gemm_panels(qtype, w, gbytes, nb, K, q, ds, ds + M * nb, amx_rows, p0, p1, y, ldy);
+    if (bias != nullptr)
+      for (int64_t m = 0; m < amx_rows; ++m)
+        for (int64_t n = 16 * p0; n < 16 * p1; ++n) y[m * ldy + n] += bias[n];
+    for (int64_t g = 2 * p0; g < 2 * p1; ++g) group_rows(g, amx_rows);
+  };
   const bool tiles = vnni && M >= GEMM_MR;
   auto work = [&](int64_t g0, int64_t g1) {
     int64_t g = g0;
+    if (amx_panels > 0 && g0 / 2 < std::min(g1 / 2, amx_panels)) {  // g0 even: the grain is
+      amx_work(g0 / 2, std::min(g1 / 2, amx_panels));
+      g = 2 * std::min(g1 / 2, amx_panels);
+    }
     if (tiles) {
       for (; g + GEMM_NG <= g1; g += GEMM_NG) {
         int64_t m = 0;
@@ -173,7 +192,9 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
     for (; g < g1; ++g) group_rows(g, 0);
   };
   int64_t grain = grain_for(nb * M, min_units);
-  if (tiles) grain = (grain + GEMM_NG - 1) / GEMM_NG * GEMM_NG;
+  // whole pairs of groups (GEMM_NG = 2); AMX chunks of ~1/8 of a thread's share (each loads the tile config)
+  if (amx_panels > 0) grain = std::max(grain, G / (8 * kernel_threads()));
+  if (tiles || amx_panels > 0) grain = (grain + 1) / 2 * 2;
   parallel_chunks(G, grain, kernel_threads(G * nb * M), work);
 }
 
@@ -382,7 +403,7 @@ std::vector<int64_t> get_tuning() {
           g_spin_us, g_isa};
 }
 
-std::string kernel_isa() { return use_vnni() ? "avx512vnni" : "avx2"; }
+std::string kernel_isa() { return use_amx() ? "amx-int8" : use_vnni() ? "avx512vnni" : "avx2"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<PackedLinear>(m, "PackedLinear")
@@ -397,7 +418,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("raw_gemv", &raw_gemv, "benchmark baseline: llama.cpp-style dot products on raw GGUF rows");
   m.def("set_tuning", &set_tuning,
         "r8_dequant_min_batch (0: never), tile_rows, min_units, parallel_min_units, "
-        "threads (0: torch's), spin_us, isa (0 auto, 1 avx2)");
+        "threads (0: torch's), spin_us, isa (0 auto, 1 avx2, 2 avx512vnni without AMX)");
   m.def("get_tuning", &get_tuning, "the values set_tuning takes, in order (INT64_MAX for never)");
   m.def("kernel_isa", &kernel_isa, "instruction set the integer kernels use now");
   // fused float32 decode-step ops (fused_ops.h), used by lmgen.model.transformer on CPU

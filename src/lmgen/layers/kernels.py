@@ -30,7 +30,7 @@ import torch
 
 logger = logging.getLogger("lmgen.layers.quant")  # the name users filtered on before this module existed
 
-_ISA_CODES = {"auto": 0, "avx2": 1}
+_ISA_CODES = {"auto": 0, "avx2": 1, "avx512vnni": 2}
 
 
 def _env(name: str, default: int) -> int:
@@ -53,7 +53,9 @@ class KernelTuning:
     parallel_min_units: int = 2048
     threads: int = 0  # threads for the kernels; 0: torch.get_num_threads()
     spin_us: int = 0  # how long idle helpers spin before sleeping (spinning cost ~10% on a 2-vCPU machine)
-    isa: str = "auto"  # integer kernels: "auto" (AVX-512 VNNI where the CPU has it, else AVX2) or "avx2"
+    # integer kernels: "auto" (the best the CPU has: AMX-INT8 tiles for batches of 16+ rows, AVX-512 VNNI, AVX2),
+    # "avx512vnni" (no AMX) or "avx2"; every choice gives a row the same result at any batch size
+    isa: str = "auto"
 
     def __post_init__(self) -> None:
         if self.isa not in _ISA_CODES:
