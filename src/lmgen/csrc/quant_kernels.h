@@ -39,6 +39,18 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// Software prefetch of the weight stream, kPrefetchBytes ahead of the block being multiplied (into L1), for the
+// one-group kernels below: a decode step streams every weight once from DRAM, and the hardware prefetchers alone
+// left the read at ~17 GB/s where these prefetches reach ~27 GB/s (Gemma 3's 178 MB Q8_0 output layer, one token:
+// 10.4 -> 6.3 ms on 2 threads; 1, 2, 8 and 16 KB ahead measured 10.2, 8.1 and 7.9 ms).  A prefetch past the end
+// of the weight is harmless (prefetches do not fault).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <int64_t BYTES>
+inline void prefetch_block(const uint8_t* blk) {
+  for (int64_t c = 0; c < BYTES; c += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + c), _MM_HINT_T0);
+}
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -133,6 +145,7 @@ inline void r8_q4_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256*
   for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wg + b * L::bb;
+    prefetch_block<L::bb>(blk);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     const __m256 mw = L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
                                  : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
@@ -168,6 +181,7 @@ inline void r8_q8_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256*
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wg + b * 272;
+    prefetch_block<272>(blk);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     const uint8_t* q = blk + 16;
     __m256i s32[MR];
@@ -215,6 +229,7 @@ LMGEN_VNNI inline void r8_q4_group_vnni(const uint8_t* wg, int64_t nb, const Act
   for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wg + b * L::bb;
+    prefetch_block<L::bb>(blk);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     const __m256 mw = L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
                                  : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
@@ -247,6 +262,7 @@ LMGEN_VNNI inline void r8_q8_group_vnni(const uint8_t* wg, int64_t nb, const Act
   for (int r = 0; r < MR; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wg + b * 272;
+    prefetch_block<272>(blk);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     const __m256 mw = _mm256_mul_ps(dw, _mm256_set1_ps(-128.0f));
     const uint8_t* q = blk + 16;
