@@ -39,6 +39,23 @@ def test_rms_norm_and_gated_activations_match_torch():
                                atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads, kv_heads, D, T", [(4, 1, 256, 1), (4, 1, 256, 40), (8, 2, 64, 300)])
+def test_qk_rms_norm_equals_the_per_head_norms(heads, kv_heads, D, T):
+    """qk_rms_norm (Gemma 3's and Qwen3's q/k norms in one pass) gives bit for bit what rms_norm gives on the
+    (tokens x heads, D) rows of q and of k, and copies v; 300 x 768 values take the threads."""
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=gen) * 3
+    qw, kw = torch.randn(D, generator=gen), torch.randn(D, generator=gen)
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    ref = torch.cat([ops.rms_norm(q.reshape(-1, D).contiguous(), qw, 1e-6).view(T, -1),
+                     ops.rms_norm(k.reshape(-1, D).contiguous(), kw, 1e-6).view(T, -1), v], dim=-1)
+    out = ops.qk_rms_norm(qkv, qw, kw, heads, kv_heads, 1e-6)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(out[:, :D], q[:, :D] * torch.rsqrt(q[:, :D].pow(2).mean(-1, keepdim=True) + 1e-6) * qw)
+    with pytest.raises(ValueError, match="qkv must be"):
+        ops.qk_rms_norm(qkv[:, :-1].contiguous(), qw, kw, heads, kv_heads, 1e-6)
+
+
 def flat_slots(cache: torch.Tensor) -> torch.Tensor:
     """(blocks, kv_heads, block_size, row) paged cache -> (slots, kv_heads, D) float32, slot = block * bs + row."""
     rows = from_cache_dtype(cache, torch.float32)  # (blocks, kv_heads, block_size, D)

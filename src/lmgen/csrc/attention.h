@@ -175,7 +175,7 @@ void attend_tokens(const Cache<T>& c, const float* qr, int64_t T_, int64_t heads
   // decode-size steps stay on the calling thread (waking helpers costs more than a few microseconds of work);
   // larger ones share items through lmgen_q's pool (no OpenMP barrier: a helper descheduled on a busy machine
   // costs nothing, see share_pool.h)
-  if (work * heads * D >= (int64_t{1} << 18)) lmgen_q::parallel_chunks(nitems, 1, at::get_num_threads(), run);
+  if (work * heads * D >= (int64_t{1} << 18)) lmgen_q::parallel_chunks(nitems, 1, lmgen_fused::kernel_threads(), run);
   else run(0, nitems);
   if (!by_split) return;
   std::vector<float> st(hs);

@@ -180,7 +180,7 @@ inline torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& w
   const int64_t M = x2.size(0);
   auto y = torch::empty({M, N}, x2.options());
   if (M > 0) {
-    const int threads = static_cast<int>(nthreads > 0 ? nthreads : at::get_num_threads());
+    const int threads = static_cast<int>(nthreads > 0 ? nthreads : lmgen_fused::kernel_threads());
     dense_gemm(x2.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, bp, y.data_ptr<float>(), threads);
   }
   auto sizes = x.sizes().vec();

@@ -3,7 +3,9 @@
 // Why: decoding one token of a small model (SmolLM2-135M: 30 layers, hidden 576) spends more time in the
 // ~50 small PyTorch ops per layer (dispatch, allocation, OpenMP wake-ups on tiny tensors) than in the packed
 // matmuls.  These ops do the same arithmetic in one call each, on the calling thread only (the work is a few
-// microseconds; waking helper threads would cost more than it saves).
+// microseconds; waking helper threads would cost more than it saves).  Prefill-size calls split their rows over the
+// packed kernels' share pool (share_pool.h), not OpenMP: an OpenMP worker left spinning after a region takes a
+// core from the pool's helper on a small machine.
 //
 //   rms_norm(x, w, eps)                      x (M, H) -> x / sqrt(mean(x^2) + eps) * w
 //   add_rms_norm(x, d, w, eps)               (x + d, rms_norm(x + d, w, eps)): residual add and the next norm
@@ -23,7 +25,15 @@
 #include <cstdint>
 #include <vector>
 
+#include "share_pool.h"
+
 namespace lmgen_fused {
+
+// threads for lmgen's kernels (the packed matmuls, attention, these ops): KernelTuning.threads, else torch's count
+inline int kernel_threads() {
+  const int n = lmgen_q::SharePool::instance().threads();
+  return n > 0 ? n : at::get_num_threads();
+}
 
 inline void check_f32_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
@@ -91,9 +101,37 @@ inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, do
   auto rows = [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) rms_row(xp + m * H, wp, static_cast<float>(eps), H, op + m * H);
   };
-  // prefill-size calls (>= 64K elements) use torch's threads; decode-size ones stay on the calling thread
-  if (x.size(0) * H >= 65536) at::parallel_for(0, x.size(0), std::max<int64_t>(1, 16384 / H), rows);
+  // prefill-size calls (>= 64K elements) use the kernels' share pool; decode-size ones stay on the calling thread
+  if (x.size(0) * H >= 65536) lmgen_q::parallel_chunks(x.size(0), std::max<int64_t>(1, 16384 / H), kernel_threads(), rows);
   else rows(0, x.size(0));
+  return out;
+}
+
+// qkv (T, (H + 2 KVH) D), q_w, k_w (D,) -> the same with every query head normed by q_w and every key head by k_w
+// (Gemma 3's and Qwen3's q/k norms), the values copied: one call instead of the split, two copies, two norms and
+// the concatenation; each head row is rms_row's, so the values are those of rms_norm on the (T H, D) rows
+inline torch::Tensor qk_rms_norm(const torch::Tensor& qkv, const torch::Tensor& q_w, const torch::Tensor& k_w,
+                                 int64_t heads, int64_t kv_heads, double eps) {
+  check_f32_cpu(qkv, "qkv");
+  check_f32_cpu(q_w, "q_norm weight");
+  check_f32_cpu(k_w, "k_norm weight");
+  const int64_t D = q_w.numel(), W = (heads + 2 * kv_heads) * D;
+  TORCH_CHECK_VALUE(k_w.numel() == D && qkv.dim() == 2 && qkv.size(1) == W, "qkv must be (tokens, (heads + 2 kv_heads) ",
+                    "head_dim) with q/k norm weights of head_dim values");
+  auto out = torch::empty_like(qkv);
+  const float *xp = qkv.data_ptr<float>(), *qw = q_w.data_ptr<float>(), *kw = k_w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  auto rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* x = xp + t * W;
+      float* o = op + t * W;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) rms_row(x + h * D, h < heads ? qw : kw, e, D, o + h * D);
+      std::copy(x + (heads + kv_heads) * D, x + W, o + (heads + kv_heads) * D);
+    }
+  };
+  if (qkv.size(0) * W >= 65536) lmgen_q::parallel_chunks(qkv.size(0), std::max<int64_t>(1, 16384 / W), kernel_threads(), rows);
+  else rows(0, qkv.size(0));
   return out;
 }
 
@@ -108,10 +146,15 @@ inline std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const tor
   auto sum = torch::empty_like(x), out = torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *dp = d.data_ptr<float>();
   float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
-  for (int64_t m = 0; m < x.size(0); ++m) {
-    for (int64_t i = 0; i < H; ++i) sp[m * H + i] = xp[m * H + i] + dp[m * H + i];
-    rms_row(sp + m * H, w.data_ptr<float>(), static_cast<float>(eps), H, op + m * H);
-  }
+  const float* wp = w.data_ptr<float>();
+  auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t i = 0; i < H; ++i) sp[m * H + i] = xp[m * H + i] + dp[m * H + i];
+      rms_row(sp + m * H, wp, static_cast<float>(eps), H, op + m * H);
+    }
+  };
+  if (x.size(0) * H >= 65536) lmgen_q::parallel_chunks(x.size(0), std::max<int64_t>(1, 16384 / H), kernel_threads(), rows);
+  else rows(0, x.size(0));
   return {sum, out};
 }
 
@@ -148,8 +191,8 @@ inline torch::Tensor gated_act_mul(const torch::Tensor& gu, int64_t I) {
       }
     }
   };
-  // prefill-size calls (>= 64K elements) use torch's threads; decode-size ones stay on the calling thread
-  if (M * I >= 65536) at::parallel_for(0, M, std::max<int64_t>(1, 16384 / I), rows);
+  // prefill-size calls (>= 64K elements) use the kernels' share pool; decode-size ones stay on the calling thread
+  if (M * I >= 65536) lmgen_q::parallel_chunks(M, std::max<int64_t>(1, 16384 / I), kernel_threads(), rows);
   else rows(0, M);
   return out;
 }

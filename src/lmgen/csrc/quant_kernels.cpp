@@ -58,14 +58,13 @@ int64_t g_tile_rows = 4096;        // weight rows dequantized at once on that pa
 int64_t g_min_units = 1024;        // work (group-blocks x batch rows) per chunk handed to a thread, ~5 us
 int64_t g_spin_us = 0;             // how long idle helper threads spin before sleeping
 int64_t g_parallel_min_units = 16384;  // calls with less work than this (~80 us) stay on the calling thread
-int64_t g_threads = 0;             // threads for the kernels; 0: torch.get_num_threads()
 
 int64_t g_isa = 0;                 // 0: best available, 1: AVX2 only, 2: AVX-512 VNNI without AMX
 
 inline bool use_vnni() { return g_isa != 1 && cpu_has_vnni(); }
 inline bool use_amx() { return g_isa == 0 && cpu_has_amx(); }
 
-inline int kernel_threads() { return static_cast<int>(g_threads > 0 ? g_threads : at::get_num_threads()); }
+using lmgen_fused::kernel_threads;
 inline int kernel_threads(int64_t units) { return units < g_parallel_min_units ? 1 : kernel_threads(); }
 
 inline int64_t grain_for(int64_t units_per_item, int64_t min_units) {
@@ -393,13 +392,13 @@ void set_tuning(int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_uni
   g_r8_dequant_min_batch = r8_dequant_min_batch > 0 ? r8_dequant_min_batch : INT64_MAX;
   g_tile_rows = std::max<int64_t>(8, tile_rows);
   g_min_units = std::max<int64_t>(1, min_units);
-  g_threads = std::max<int64_t>(0, threads);
+  SharePool::instance().set_threads(std::max<int64_t>(0, threads));
   g_spin_us = std::max<int64_t>(0, spin_us);
   SharePool::instance().set_spin_us(g_spin_us);
 }
 
 std::vector<int64_t> get_tuning() {
-  return {g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_parallel_min_units, g_threads,
+  return {g_r8_dequant_min_batch, g_tile_rows, g_min_units, g_parallel_min_units, SharePool::instance().threads(),
           g_spin_us, g_isa};
 }
 
@@ -423,6 +422,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_isa", &kernel_isa, "instruction set the integer kernels use now");
   // fused float32 decode-step ops (fused_ops.h), used by lmgen.model.transformer on CPU
   m.def("rms_norm", &lmgen_fused::rms_norm, "x (M, H), weight (H,), eps -> RMSNorm(x) (M, H)");
+  m.def("qk_rms_norm", &lmgen_fused::qk_rms_norm,
+        "qkv (T, (H + 2 KVH) D), q_w, k_w (D,), heads, kv_heads, eps -> q and k heads RMS-normed, v copied");
   m.def("add_rms_norm", &lmgen_fused::add_rms_norm, "x, delta (M, H), weight, eps -> (x + delta, RMSNorm(x + delta))");
   m.def("silu_mul", &lmgen_fused::silu_mul, "gate_up (M, 2I), I -> silu(gate) * up (M, I)");
   m.def("gelu_tanh_mul", &lmgen_fused::gelu_tanh_mul, "gate_up (M, 2I), I -> gelu_tanh(gate) * up (M, I)");

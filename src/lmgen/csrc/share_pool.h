@@ -71,6 +71,10 @@ class SharePool {
 
   void set_spin_us(int64_t us) { spin_ns_.store(std::max<int64_t>(0, us) * 1000, std::memory_order_relaxed); }
 
+  // threads lmgen's kernels use (set_tuning's `threads`); 0: the caller's default (torch's thread count)
+  void set_threads(int64_t n) { threads_.store(static_cast<int>(std::clamp<int64_t>(n, 0, kMaxWorkers + 1)), std::memory_order_relaxed); }
+  int threads() const { return threads_.load(std::memory_order_relaxed); }
+
  private:
   static constexpr int kMaxWorkers = 63;
   static constexpr uint64_t kIdxBits = 24, kTotBits = 24;
@@ -162,6 +166,7 @@ class SharePool {
   std::atomic<int> sleepers_{0};
   std::atomic<int> wanted_{0};
   std::atomic<int64_t> spin_ns_{0};
+  std::atomic<int> threads_{0};
   std::atomic<uint64_t> fork_gen_{0};
 };
 

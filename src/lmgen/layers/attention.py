@@ -159,6 +159,10 @@ class Attention(torch.nn.Module):
 
     def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv (tokens, q + 2 kv) -> the same with each head of q and k normalized."""
+        qn, kn = self.q_norm, self.k_norm
+        if getattr(qn, "fused", None) is not None and qn.takes_fused(qkv) and kn.takes_fused(qkv) and qn.eps == kn.eps:
+            # one compiled pass over the heads, the same values as the two norms below (csrc/fused_ops.h)
+            return qn.fused.qk_rms_norm(qkv, qn.weight, kn.weight, self.num_heads, self.num_kv_heads, qn.eps)
         tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # contiguous: the norm takes one code path (the compiled op on the CPU) whatever the step's token count

@@ -19,8 +19,8 @@ class RMSNorm(torch.nn.Module):
         self.hidden_size, self.eps, self.dtype, self.device, self.offset = hidden_size, eps, dtype, device, offset
         self.weight: torch.nn.Parameter | None = None  # (hidden,), set by materialize
         self.source: WeightSource | None = None
-        # the compiled rms_norm (csrc/fused_ops.h) for float32 CPU inputs, or None: one pass instead of 7 ops
-        self._rms_norm = None if fused is None else fused.rms_norm
+        # the compiled ops (csrc/fused_ops.h) for float32 CPU inputs, or None: rms_norm is one pass instead of 7 ops
+        self.fused = fused
 
     def load_weight(self, name: str, kind: str, source: WeightSource, shard: int = 0) -> None:
         """Takes the checkpoint tensor `name` ((hidden,) float) as this norm's weight, read at `materialize`."""
@@ -43,10 +43,14 @@ class RMSNorm(torch.nn.Module):
             self.source = None
         return self
 
+    def takes_fused(self, x: torch.Tensor) -> bool:
+        """Whether the compiled ops apply to x: 2-D, contiguous float32 on the CPU, with a float32 weight."""
+        return self.fused is not None and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
+            and x.is_contiguous() and self.weight.dtype == torch.float32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._rms_norm is not None and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
-                and x.is_contiguous() and self.weight.dtype == torch.float32:
-            return self._rms_norm(x, self.weight, self.eps)
+        if self.takes_fused(x):
+            return self.fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

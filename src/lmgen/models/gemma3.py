@@ -104,30 +104,35 @@ class Gemma3ForCausalLM(CausalLM):
         """The same layers as `_run_layers` with the module calls gone: each layer's compiled norms, matmuls and
         attention (`Attention.attend`) called directly (the per-module dispatch, not the arithmetic, bounds a small
         model's decode step), every row in the same fixed order.  x (tokens, hidden) -> final-normed (tokens, hidden)."""
-        rms, gelu_mul, eps = self._fused.rms_norm, self._fused.gelu_tanh_mul, self.config.rms_norm_eps
+        ops, eps = self._fused, self.config.rms_norm_eps
         if self._plan is None:
             self._plan = self._layer_plan()
+        first_norm, plan = self._plan
+        normed = ops.rms_norm(x, first_norm, eps)  # the first layer's input norm (tokens, hidden)
         for (qkv_proj, attend, o_proj, gate_up_proj, down_proj, norms, sliding, inter), (k_cache, v_cache) \
-                in zip(self._plan, kv_caches):
-            w_in, w_post_attn, w_pre_ffw, w_post_ffw = norms
+                in zip(plan, kv_caches):
+            w_post_attn, w_pre_ffw, w_post_ffw, w_next = norms
             cos, sin = rope[1] if sliding else rope[0]
-            out = attend(qkv_proj(rms(x, w_in, eps)), cos, sin, k_cache, v_cache, meta)  # (tokens, q_size)
-            x = x + rms(o_proj(out), w_post_attn, eps)
-            act = gelu_mul(gate_up_proj(rms(x, w_pre_ffw, eps)), inter)  # gelu_tanh(gate) * up (tokens, intermediate)
-            x = x + rms(down_proj(act), w_post_ffw, eps)
-        return rms(x, self.norm.weight, eps)
+            out = attend(qkv_proj(normed), cos, sin, k_cache, v_cache, meta)  # (tokens, q_size)
+            # x + post-attention norm of the output, and the pre-feedforward norm of that sum, in one call
+            x, normed = ops.add_rms_norm(x, ops.rms_norm(o_proj(out), w_post_attn, eps), w_pre_ffw, eps)
+            act = ops.gelu_tanh_mul(gate_up_proj(normed), inter)  # gelu_tanh(gate) * up (tokens, intermediate)
+            x, normed = ops.add_rms_norm(x, ops.rms_norm(down_proj(act), w_post_ffw, eps), w_next, eps)
+        return normed  # the last layer's w_next is the final norm
 
-    def _layer_plan(self) -> list[tuple]:
+    def _layer_plan(self) -> tuple[torch.Tensor, list[tuple]]:
         """What `_forward_fused` needs of each layer, looked up once: the linear layers' and the attention's callables
-        and the four block norm weights.  Reset by `CausalLM._apply`."""
+        and the norm weights (post-attention, pre- and post-feedforward, then the next layer's input norm or the
+        final norm), after the first layer's input norm.  Reset by `CausalLM._apply`."""
         plan = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            norms = tuple(n.weight for n in (layer.input_layernorm, layer.post_attention_layernorm,
-                                              layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm))
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            norms = tuple(n.weight for n in (layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                                              layer.post_feedforward_layernorm, nxt))
             plan.append((direct_call(attn.qkv_proj), attn.attend, direct_call(attn.o_proj), direct_call(mlp.gate_up_proj),
                          direct_call(mlp.down_proj), norms, layer.sliding, mlp.intermediate_size))
-        return plan
+        return self.layers[0].input_layernorm.weight, plan
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (rows, hidden) -> logits (rows, vocab) float32, soft-capped: cap * tanh(logits / cap)."""
