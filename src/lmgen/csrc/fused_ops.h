@@ -35,6 +35,14 @@ inline int kernel_threads() {
   return n > 0 ? n : at::get_num_threads();
 }
 
+// rows(m0, m1) over M rows of `width` floats: prefill-size calls (>= 64K elements) split over the kernels' share
+// pool, decode-size ones run on the calling thread (waking a helper would cost more than it saves)
+template <class F>
+inline void for_rows(int64_t M, int64_t width, F&& rows) {
+  if (M * width >= 65536) lmgen_q::parallel_chunks(M, std::max<int64_t>(1, 16384 / width), kernel_threads(), rows);
+  else rows(int64_t{0}, M);
+}
+
 inline void check_f32_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
                     " must be a contiguous CPU float32 tensor");
@@ -101,9 +109,7 @@ inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, do
   auto rows = [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) rms_row(xp + m * H, wp, static_cast<float>(eps), H, op + m * H);
   };
-  // prefill-size calls (>= 64K elements) use the kernels' share pool; decode-size ones stay on the calling thread
-  if (x.size(0) * H >= 65536) lmgen_q::parallel_chunks(x.size(0), std::max<int64_t>(1, 16384 / H), kernel_threads(), rows);
-  else rows(0, x.size(0));
+  for_rows(x.size(0), H, rows);
   return out;
 }
 
@@ -130,8 +136,7 @@ inline torch::Tensor qk_rms_norm(const torch::Tensor& qkv, const torch::Tensor& 
       std::copy(x + (heads + kv_heads) * D, x + W, o + (heads + kv_heads) * D);
     }
   };
-  if (qkv.size(0) * W >= 65536) lmgen_q::parallel_chunks(qkv.size(0), std::max<int64_t>(1, 16384 / W), kernel_threads(), rows);
-  else rows(0, qkv.size(0));
+  for_rows(qkv.size(0), W, rows);
   return out;
 }
 
@@ -153,8 +158,7 @@ inline std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const tor
       rms_row(sp + m * H, wp, static_cast<float>(eps), H, op + m * H);
     }
   };
-  if (x.size(0) * H >= 65536) lmgen_q::parallel_chunks(x.size(0), std::max<int64_t>(1, 16384 / H), kernel_threads(), rows);
-  else rows(0, x.size(0));
+  for_rows(x.size(0), H, rows);
   return {sum, out};
 }
 
@@ -191,9 +195,7 @@ inline torch::Tensor gated_act_mul(const torch::Tensor& gu, int64_t I) {
       }
     }
   };
-  // prefill-size calls (>= 64K elements) use the kernels' share pool; decode-size ones stay on the calling thread
-  if (M * I >= 65536) lmgen_q::parallel_chunks(M, std::max<int64_t>(1, 16384 / I), kernel_threads(), rows);
-  else rows(0, M);
+  for_rows(M, I, rows);
   return out;
 }
 

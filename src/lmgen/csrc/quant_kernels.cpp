@@ -172,7 +172,7 @@ void r8_gemm_into(const float* xp, int64_t M, const uint8_t* w, int64_t qtype, i
   const bool tiles = vnni && M >= GEMM_MR;
   auto work = [&](int64_t g0, int64_t g1) {
     int64_t g = g0;
-    if (amx_panels > 0 && g0 / 2 < std::min(g1 / 2, amx_panels)) {  // g0 even: the grain is
+    if (amx_panels > 0 && g0 / 2 < std::min(g1 / 2, amx_panels)) {  // g0 is even: chunks are whole pairs
       amx_work(g0 / 2, std::min(g1 / 2, amx_panels));
       g = 2 * std::min(g1 / 2, amx_panels);
     }
