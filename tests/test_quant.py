@@ -198,13 +198,15 @@ def test_rows_are_batch_invariant(qtype, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [40, 45])
 @pytest.mark.parametrize("qtype", R8_TYPES, ids=lambda t: t.name)
-def test_amx_tiles_equal_the_vnni_kernels(qtype):
+def test_amx_tiles_equal_the_vnni_kernels(qtype, rows):
     """Batches of 16+ rows go through AMX tiles where the CPU has AMX-INT8 (kernel_isa "amx-int8"): the same
     exact integer sums per block and the same float chains as the VNNI kernels, so every output is bit-identical
-    to isa="avx512vnni" and to the row alone; 40 weight rows = two 16-row panels and an odd group, 37 activation
-    rows = two tiles and 5 rows through the group kernels.  (Without AMX both runs are the VNNI kernels.)"""
-    rows, cols = 40, 640
+    to isa="avx512vnni" and to the row alone; 40 weight rows = two 16-row panels and an odd group (45: and a
+    partial one), 37 activation rows = two tiles and 5 rows through the group kernels.  (Without AMX both runs are
+    the VNNI kernels.)"""
+    cols = 640
     layer = quant.packed_linear_from_gguf(qtype, random_blocks(qtype, rows, cols, seed=11), (rows, cols),
                                           bias=torch.randn(rows, generator=torch.Generator().manual_seed(2)))
     x = torch.randn(37, cols, generator=torch.Generator().manual_seed(9))
