@@ -68,9 +68,7 @@ LMGEN_AMX inline void amx_unpack_panel(const uint8_t* wg0, int64_t gbytes, int64
         const uint8_t* blk = wg0 + g * gbytes + b * L::bb;
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
         _mm256_storeu_ps(dw + 16 * b + 8 * g, d);
-        _mm256_storeu_ps(mw + 16 * b + 8 * g,
-                         L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-                                    : _mm256_mul_ps(d, _mm256_set1_ps(L::offset)));
+        _mm256_storeu_ps(mw + 16 * b + 8 * g, nibble_min_term<QT>(blk, d));
         const __m256i hb = L::five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + L::hoff)) : _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
           __m256i lo, hi;

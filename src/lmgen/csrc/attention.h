@@ -58,11 +58,6 @@ struct Cache {
   }
 };
 
-// a cache row of `bytes` bytes into L1 (a software prefetch: no fault, no effect on values)
-inline void prefetch_row(const void* p, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch(static_cast<const char*>(p) + c, _MM_HINT_T0);
-}
-
 struct Row {  // one query head of one token in tile_split: its rotated q, its state [m, l, acc(D)], positions seen
   const float* q;
   float* st;
@@ -89,8 +84,8 @@ void tile_split(const Cache<T>& c, const float* qr, int64_t heads, int64_t group
     for (int64_t j = 0; j < n; ++j) {
       if (j0 + blk + j < je) {  // the next tile's rows, while this one converts (a deep decode step is a stream)
         const int64_t po = c.off(idx[j0 + blk + j], g);
-        prefetch_row(c.k + po, c.row * sizeof(T));
-        prefetch_row(c.v + po, c.row * sizeof(T));
+        lmgen_q::prefetch_lines(c.k + po, c.row * sizeof(T));
+        lmgen_q::prefetch_lines(c.v + po, c.row * sizeof(T));
       }
       const int64_t o = c.off(idx[j0 + j], g);
       to_f32(c.k + o, D, kt + j * D);

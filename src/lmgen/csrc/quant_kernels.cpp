@@ -392,7 +392,7 @@ void set_tuning(int64_t r8_dequant_min_batch, int64_t tile_rows, int64_t min_uni
   g_r8_dequant_min_batch = r8_dequant_min_batch > 0 ? r8_dequant_min_batch : INT64_MAX;
   g_tile_rows = std::max<int64_t>(8, tile_rows);
   g_min_units = std::max<int64_t>(1, min_units);
-  SharePool::instance().set_threads(std::max<int64_t>(0, threads));
+  SharePool::instance().set_threads(threads);
   g_spin_us = std::max<int64_t>(0, spin_us);
   SharePool::instance().set_spin_us(g_spin_us);
 }

@@ -42,14 +42,17 @@ inline int32_t load_i32(const void* p) {
 // Software prefetch of the weight stream, kPrefetchBytes ahead of the block being multiplied (into L1), for the
 // one-group kernels below: a decode step streams every weight once from DRAM, and the hardware prefetchers alone
 // left the read at ~17 GB/s where these prefetches reach ~27 GB/s (Gemma 3's 178 MB Q8_0 output layer, one token:
-// 10.4 -> 6.3 ms on 2 threads; 1, 2, 8 and 16 KB ahead measured 10.2, 8.1 and 7.9 ms).  A prefetch past the end
+// 10.4 -> 6.3 ms on 2 threads; 1, 8 and 16 KB ahead measured 10.2, 8.1 and 7.9 ms).  A prefetch past the end
 // of the weight is harmless (prefetches do not fault).
 constexpr int64_t kPrefetchBytes = 4096;
 
-template <int64_t BYTES>
-inline void prefetch_block(const uint8_t* blk) {
-  for (int64_t c = 0; c < BYTES; c += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + c), _MM_HINT_T0);
+// the cache lines of [p, p + bytes) into L1 (software prefetches: no fault, no effect on values)
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch(static_cast<const char*>(p) + c, _MM_HINT_T0);
 }
+
+template <int64_t BYTES>
+inline void prefetch_block(const uint8_t* blk) { prefetch_lines(blk + kPrefetchBytes, BYTES); }
 
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -137,6 +140,14 @@ inline void nibble_chunk(__m256i v, __m256i hb, int c, __m256i* lo, __m256i* hi)
   }
 }
 
+// a nibble block's per-row min / offset term (8 lanes): its stored mins (Q4_1, Q5_1) or offset x d (Q4_0, Q5_0)
+template <int64_t QT>
+inline __m256 nibble_min_term(const uint8_t* blk, __m256 dw) {
+  using L = NibbleLayout<QT>;
+  return L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+                    : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
+}
+
 template <int MR, int64_t QT>
 inline void r8_q4_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256* acc) {
   using L = NibbleLayout<QT>;
@@ -147,8 +158,7 @@ inline void r8_q4_group(const uint8_t* wg, int64_t nb, const ActQ8* act, __m256*
     const uint8_t* blk = wg + b * L::bb;
     prefetch_block<L::bb>(blk);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 mw = L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-                                 : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
+    const __m256 mw = nibble_min_term<QT>(blk, dw);
     const __m256i hb = L::five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + L::hoff)) : _mm256_setzero_si256();
     const uint8_t* q = blk + L::qoff;
     __m256i lo[4], hi[4];
@@ -231,8 +241,7 @@ LMGEN_VNNI inline void r8_q4_group_vnni(const uint8_t* wg, int64_t nb, const Act
     const uint8_t* blk = wg + b * L::bb;
     prefetch_block<L::bb>(blk);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 mw = L::has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-                                 : _mm256_mul_ps(dw, _mm256_set1_ps(L::offset));
+    const __m256 mw = nibble_min_term<QT>(blk, dw);
     const __m256i hb = L::five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + L::hoff)) : _mm256_setzero_si256();
     const uint8_t* q = blk + L::qoff;
     __m256i lo[4], hi[4];
