@@ -14,6 +14,7 @@ from lmgen import LLM, SamplingParams
 from lmgen.layers.attention import from_cache_dtype, to_cache_dtype
 from lmgen.layers.kernels import fused_ops
 from lmgen.layers.rope import apply_rotary
+from lmgen.sampling.sampler import Sampler
 
 from conftest import TINY_CONFIGS
 
@@ -37,6 +38,28 @@ def test_rms_norm_and_gated_activations_match_torch():
     odd = torch.randn(2, 2 * 13, generator=gen) * 4
     torch.testing.assert_close(ops.gelu_tanh_mul(odd, 13), F.gelu(odd[:, :13], approximate="tanh") * odd[:, 13:],
                                atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 32, 45, 49152, 49157])
+def test_argmax_rows_is_torch_argmax(vocab):
+    """The greedy token: the lowest id among equal maxima (integer-valued rows tie everywhere; the maxima land in
+    every lane and chain), the first NaN when a row has one, 0 for a row of -inf; rows of a big call split over
+    threads; Sampler.greedy_tokens takes it for CPU float32 and torch.argmax for the rest."""
+    gen = torch.Generator().manual_seed(vocab)
+    for rows in (1, 3, 40):
+        ties = torch.randint(-4, 4, (rows, vocab), generator=gen).float()
+        assert torch.equal(ops.argmax_rows(ties), torch.argmax(ties, dim=-1))
+        x = torch.randn(rows, vocab, generator=gen)
+        x[0, (vocab * 2) // 3] = float("nan")
+        x[0, vocab - 1] = float("nan")
+        x[-1] = float("-inf")
+        if rows > 2:
+            x[1, vocab // 2] = float("inf")
+        assert torch.equal(ops.argmax_rows(x), torch.argmax(x, dim=-1))
+        assert torch.equal(Sampler.greedy_tokens(x[:, : max(1, vocab - 1)]), torch.argmax(x[:, : max(1, vocab - 1)], dim=-1))
+        assert torch.equal(Sampler.greedy_tokens(ties.half()), torch.argmax(ties.half(), dim=-1))
+    with pytest.raises(ValueError, match="logits must be"):
+        ops.argmax_rows(torch.zeros(2, 0))
 
 
 @pytest.mark.parametrize("heads, kv_heads, D, T", [(4, 1, 256, 1), (4, 1, 256, 40), (8, 2, 64, 300)])

@@ -10,6 +10,7 @@
 //   rms_norm(x, w, eps)                      x (M, H) -> x / sqrt(mean(x^2) + eps) * w
 //   add_rms_norm(x, d, w, eps)               (x + d, rms_norm(x + d, w, eps)): residual add and the next norm
 //   silu_mul(gate_up, I)                     gate_up (M, 2I) -> silu(gate) * up (M, I)
+//   argmax_rows(x)                           x (M, V) -> (M,) int64: the greedy token of each row of logits
 // (RoPE + K/V write + attention: attention.h.)  All accumulate in float32 in the same order of operations as the
 // PyTorch path up to summation order, and each row's order is fixed: a row's result never depends on the
 // other rows of the call (batch invariance).
@@ -201,6 +202,74 @@ inline torch::Tensor gated_act_mul(const torch::Tensor& gu, int64_t I) {
 
 inline torch::Tensor silu_mul(const torch::Tensor& gu, int64_t I) { return gated_act_mul<false>(gu, I); }
 inline torch::Tensor gelu_tanh_mul(const torch::Tensor& gu, int64_t I) { return gated_act_mul<true>(gu, I); }
+
+// x (V,) -> the index of its largest value: the first among equal maxima, the first NaN if there is one
+// (torch.argmax's rules, so the greedy token is the same on every path).  Four 8-lane chains each keep the first
+// maximum of the positions they scan; the 32 candidates are merged largest value, then lowest index, first.
+inline int64_t argmax_row(const float* x, int64_t V) {
+  int64_t i = 0, best = 0;
+  float bv = -INFINITY;
+  bool nan = false;
+#if defined(__AVX2__)
+  if (V >= 32) {
+    __m256 val[4], unord = _mm256_setzero_ps();
+    __m256i ix[4], at[4];
+    for (int a = 0; a < 4; ++a) {
+      val[a] = _mm256_set1_ps(-INFINITY);
+      at[a] = ix[a] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * a));
+    }
+    const __m256i step = _mm256_set1_epi32(32);
+    for (; i + 32 <= V; i += 32)
+      for (int a = 0; a < 4; ++a) {
+        const __m256 v = _mm256_loadu_ps(x + i + 8 * a);
+        const __m256 gt = _mm256_cmp_ps(v, val[a], _CMP_GT_OQ);
+        val[a] = _mm256_blendv_ps(val[a], v, gt);
+        ix[a] = _mm256_blendv_epi8(ix[a], at[a], _mm256_castps_si256(gt));
+        unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        at[a] = _mm256_add_epi32(at[a], step);
+      }
+    nan = _mm256_movemask_ps(unord) != 0;
+    alignas(32) float lv[32];
+    alignas(32) int32_t li[32];
+    for (int a = 0; a < 4; ++a) {
+      _mm256_store_ps(lv + 8 * a, val[a]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(li + 8 * a), ix[a]);
+    }
+    best = li[0];
+    bv = lv[0];
+    for (int k = 1; k < 32; ++k)
+      if (lv[k] > bv || (lv[k] == bv && li[k] < best)) {
+        bv = lv[k];
+        best = li[k];
+      }
+  }
+#endif
+  for (; i < V && !nan; ++i) {
+    nan = std::isnan(x[i]);
+    if (x[i] > bv) {
+      bv = x[i];
+      best = i;
+    }
+  }
+  if (nan)
+    for (i = 0; i < V; ++i)
+      if (std::isnan(x[i])) return i;
+  return best;
+}
+
+// x (M, V) float32 -> (M,) int64, argmax_row of each row (rows of a big call split over the share pool)
+inline torch::Tensor argmax_rows(const torch::Tensor& x) {
+  check_f32_cpu(x, "logits");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "logits must be (rows, vocab)");
+  const int64_t M = x.size(0), V = x.size(1);
+  auto out = torch::empty({M}, x.options().dtype(torch::kInt64));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for_rows(M, V, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) op[m] = argmax_row(xp + m * V, V);
+  });
+  return out;
+}
 
 // x (D,) rotated in the rotate_half layout: out[i] = x[i] cos[i] - x[i+D/2] sin[i]; out[i+D/2] = x[i+D/2] cos + x[i] sin
 inline void rope_head(const float* x, const float* cos, const float* sin, int64_t D, float* out) {

@@ -426,6 +426,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "qkv (T, (H + 2 KVH) D), q_w, k_w (D,), heads, kv_heads, eps -> q and k heads RMS-normed, v copied");
   m.def("add_rms_norm", &lmgen_fused::add_rms_norm, "x, delta (M, H), weight, eps -> (x + delta, RMSNorm(x + delta))");
   m.def("silu_mul", &lmgen_fused::silu_mul, "gate_up (M, 2I), I -> silu(gate) * up (M, I)");
+  m.def("argmax_rows", &lmgen_fused::argmax_rows, "logits (M, V) float32 -> (M,) int64: torch.argmax's index per row");
   m.def("gelu_tanh_mul", &lmgen_fused::gelu_tanh_mul, "gate_up (M, 2I), I -> gelu_tanh(gate) * up (M, I)");
   m.def("paged_attention", &paged_attention_nogil,
         "qkv (T, (H+2KVH)D), cos, sin (T, D), k_cache, v_cache (blocks, KVH, block_size, D) float32/float16/bfloat16 "

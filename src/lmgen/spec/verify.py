@@ -50,7 +50,7 @@ def final_distributions(logits: torch.Tensor, reqs: list[Request], histories: li
     meta = SamplingMetadata.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs], histories,
                                   [None] * len(reqs), stop_ids, logits.shape[-1], logits.device)
     y = Sampler.apply_penalties_bias_min_tokens(logits.to(torch.float32), meta)
-    argmax = torch.argmax(y, dim=-1)  # (rows,) lowest id among equal maxima, as the sampler
+    argmax = Sampler.greedy_tokens(y)  # (rows,) lowest id among equal maxima, as the sampler
     probs = None if meta.all_greedy else torch.softmax(Sampler.apply_warpers(y, meta), dim=-1)
     return argmax, probs
 
