@@ -1,7 +1,7 @@
 """Serving benchmark: N concurrent streaming clients against the same requests run one at a time.
 
-Starts the OpenAI-compatible server in this process (uvicorn in a background thread, 127.0.0.1 on a
-free port), then:
+Runs `lmgen serve` as users run it, in its own process on a free loopback port (--server thread: uvicorn in this
+process instead, sharing its GIL with the clients), then:
 
 * sequential: every prompt of the set sent alone, one request at a time (the baseline);
 * for each N in --concurrency: N clients at once, each sending the same prompt set one after another
@@ -10,7 +10,12 @@ free port), then:
 Every request is greedy with ignore_eos, so each produces exactly --max-tokens tokens and the work is
 identical across modes. Measured on the client from SSE arrival times: output tok/s (all clients
 together, over the wall time of the run), time to first token and inter-token latency (p50 / p99).
-Ratios are against the sequential baseline.
+Ratios are against the sequential baseline. The clients are aiohttp's (a C HTTP parser): they share the
+server's cores, and httpx's pure-Python stack spent ~0.5 s of CPU per 2,048 streamed tokens (aiohttp ~0.1 s).
+
+The prefill reference: the model's 512-token prefill tok/s measured in this process as cpu_bench.py measures it
+(distinct random prompts, max_tokens 1, median of 3), before and after the client runs, so "concurrent tok/s /
+prefill tok/s" compares figures from the same minutes of a host whose speed drifts.
 
     python benchmarks/serve_bench.py                          # N = 1, 4, 16
     python benchmarks/serve_bench.py --concurrency 1,8 --max-tokens 64 --model path/to/model.gguf
@@ -23,14 +28,16 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -106,25 +113,29 @@ def machine_line(llm) -> str:
             f"batch_invariant={getattr(llm.model, 'batch_invariant', None)}")
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+async def one_request(session: aiohttp.ClientSession, model: str, prompt: str, max_tokens: int) -> RequestTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
-                arrivals.append(time.perf_counter())
+    async with session.post("/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
+        pending = b""
+        async for data in r.content.iter_any():  # SSE events end with a blank line; one read may hold several
+            now = time.perf_counter()
+            *events, pending = (pending + data).split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue
+                chunk = json.loads(event[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    arrivals.append(now)
     if not arrivals:
         raise RuntimeError("no tokens arrived")
     return RequestTiming(arrivals[0] - t0, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens, time.perf_counter() - t0)
@@ -132,11 +143,11 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
 
 async def run_clients(base: str, model: str, prompts: list[str], clients: int, max_tokens: int, mode: str) -> RunResult:
     result = RunResult(mode, clients)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def user() -> None:
             for p in prompts:
-                result.timings.append(await one_request(client, model, p, max_tokens))
+                result.timings.append(await one_request(session, model, p, max_tokens))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(clients)))
@@ -144,14 +155,19 @@ async def run_clients(base: str, model: str, prompts: list[str], clients: int, m
     return result
 
 
-def start_server(llm, max_num_seqs: int, max_queue: int):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_thread_server(llm, max_num_seqs: int, max_queue: int):
+    """uvicorn in a background thread of this process -> (stop function, base URL)."""
     import uvicorn
 
     from lmgen.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = create_app(llm, "bench", max_num_seqs=max_num_seqs, max_queue=max_queue)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -161,7 +177,57 @@ def start_server(llm, max_num_seqs: int, max_queue: int):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the server did not start")
         time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+    return stop, f"http://127.0.0.1:{port}"
+
+
+def start_process_server(args, max_queue: int):
+    """`lmgen serve` in its own process -> (stop function, base URL), once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmgen", "serve", "--port", str(port), "--served-model-name", "bench",
+           "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(max_queue), "--quantization", args.quantization,
+           "--dtype", args.dtype, "--device", args.device] + (["--model", args.model] if args.model else []) + \
+        (["--no-batch-invariant"] if args.no_batch_invariant else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    async def healthy() -> bool:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    deadline = time.monotonic() + 180
+    while not asyncio.run(healthy()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"lmgen serve did not start: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.25)
+    return stop, f"http://127.0.0.1:{port}"
+
+
+def prefill_tok_s(llm, tokens: int = 512, repeats: int = 3, seed: int = 0) -> float:
+    """cpu_bench.py's prefill figure: distinct random prompts (no prefix-cache hit), max_tokens 1, median."""
+    from lmgen import SamplingParams
+
+    rng = random.Random(seed)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        prompt = [rng.randrange(100, 40000) for _ in range(tokens)]
+        t0 = time.perf_counter()
+        llm.generate(prompt, one)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return tokens / statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--no-batch-invariant", action="store_true", help="LLM(batch_invariant=False): the faster mode "
                     "whose results may depend on the other requests in a step")
+    ap.add_argument("--server", choices=("process", "thread"), default="process",
+                    help="process: `lmgen serve` in its own process (default); thread: uvicorn in this process")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
@@ -186,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
               batch_invariant=not args.no_batch_invariant)
     print(machine_line(llm))
-    print(f"loaded in {time.perf_counter() - t0:.1f}s; workload per client: {len(prompts)} prompts x {args.max_tokens} "
-          f"tokens (greedy, ignore_eos, streamed); max_num_seqs {args.max_num_seqs}", flush=True)
-    server, thread, base = start_server(llm, args.max_num_seqs, max(256, max(levels) * 2))
+    print(f"loaded in {time.perf_counter() - t0:.1f}s; server: {args.server}; workload per client: {len(prompts)} prompts x "
+          f"{args.max_tokens} tokens (greedy, ignore_eos, streamed); max_num_seqs {args.max_num_seqs}", flush=True)
+    prefill = [prefill_tok_s(llm, seed=1)]
+    max_queue = max(256, max(levels) * 2)
+    stop, base = start_process_server(args, max_queue) if args.server == "process" else \
+        start_thread_server(llm, args.max_num_seqs, max_queue)
     try:
         asyncio.run(run_clients(base, "bench", prompts[:1], 1, 4, "warmup"))
         results = [asyncio.run(run_clients(base, "bench", prompts, 1, args.max_tokens, "sequential"))]
@@ -196,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(asyncio.run(run_clients(base, "bench", prompts, n, args.max_tokens, "concurrent")))
             print(f"  ... {n} clients done in {results[-1].wall:.1f}s", file=sys.stderr, flush=True)
     finally:
-        server.should_exit = True
-        thread.join(timeout=60)
+        stop()
+    prefill.append(prefill_tok_s(llm, seed=2))
 
     base_r = results[0]
     header = (f"{'mode':<11} {'clients':>7} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x tok/s':>8} "
@@ -210,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.itl(50) * 1e3:>6.0f}ms {r.itl(99) * 1e3:>6.0f}ms {r.itl(50) / base_r.itl(50):>7.2f}x")
     print("x tok/s: aggregate output throughput relative to the same requests run one at a time; "
           "x ITL50: median inter-token latency relative to sequential (the price each user pays for sharing).")
+    ref = statistics.fmean(prefill)
+    print(f"prefill reference: 512-token prefill {prefill[0]:.1f} tok/s before, {prefill[1]:.1f} after the client runs")
+    for r in results[1:]:
+        print(f"{r.clients} clients: {r.tok_per_s:.1f} tok/s = {r.tok_per_s / ref:.0%} of the prefill ({ref:.1f} tok/s)")
     if statistics.fmean([t.tokens for t in base_r.timings]) != args.max_tokens:
         print("note: some requests produced fewer tokens than --max-tokens (context window?)")
     return 0
