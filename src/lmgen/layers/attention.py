@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgen.config import ModelConfig
+from lmgen.layers.norm import RMSNorm
 from lmgen.layers.rope import apply_rotary
 
 
@@ -144,7 +145,7 @@ class Attention(torch.nn.Module):
     this layer attends within the sliding window of a model that mixes local and global layers (`meta.sliding`)."""
 
     def __init__(self, config: ModelConfig, qkv: torch.nn.Module, o_proj: torch.nn.Module, backend,
-                 q_norm: torch.nn.Module | None = None, k_norm: torch.nn.Module | None = None, sliding: bool = False):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, sliding: bool = False):
         super().__init__()
         self.sliding = sliding
         self.q_norm, self.k_norm = q_norm, k_norm
@@ -154,13 +155,13 @@ class Attention(torch.nn.Module):
         self.backend = backend  # chosen at load (see the module docstring)
         self.torch_backend = backend if isinstance(backend, TorchAttentionBackend) else TorchAttentionBackend(config)
 
-    def set_qk_norms(self, q_norm: torch.nn.Module, k_norm: torch.nn.Module) -> None:
+    def set_qk_norms(self, q_norm: RMSNorm, k_norm: RMSNorm) -> None:
         self.q_norm, self.k_norm = q_norm, k_norm
 
     def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv (tokens, q + 2 kv) -> the same with each head of q and k normalized."""
         qn, kn = self.q_norm, self.k_norm
-        if getattr(qn, "fused", None) is not None and qn.takes_fused(qkv) and kn.takes_fused(qkv) and qn.eps == kn.eps:
+        if qn.takes_fused(qkv) and kn.takes_fused(qkv) and qn.eps == kn.eps:
             # one compiled pass over the heads, the same values as the two norms below (csrc/fused_ops.h)
             return qn.fused.qk_rms_norm(qkv, qn.weight, kn.weight, self.num_heads, self.num_kv_heads, qn.eps)
         tokens = qkv.shape[0]
