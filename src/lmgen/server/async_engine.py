@@ -2,9 +2,10 @@
 
 Only the engine thread touches the Engine (add_request, step, abort, release). Coroutines talk to it
 through a thread-safe command queue (add / abort / stop); the thread answers each request on that
-request's own asyncio.Queue through `loop.call_soon_threadsafe`. The thread blocks on the command
-queue while there is nothing to run, and otherwise alternates "take every pending command" with one
-`engine.step()`, so a new request joins the running batch at the next step (continuous batching).
+request's own asyncio.Queue through `loop.call_soon_threadsafe` (one call per step for all of them). The
+thread blocks on the command queue while there is nothing to run, and otherwise alternates "take every
+pending command" with one `engine.step()`, so a new request joins the running batch at the next step
+(continuous batching).
 
 The engine thread also runs the OutputProcessor (text, stop strings), so what a coroutine receives are frozen
 values: `StepOutput`s as they come, then the finished `RequestOutput`. It talks to the engine only through
@@ -254,16 +255,17 @@ class AsyncEngine:
             self._recover(e)
             return
         self.metrics.update(self.engine.snapshot(drain_latencies=True))
+        items = []  # the step's outputs, handed to the event loop at once
         for so in processed.steps:
             stream = self._streams.get(so.request_id)
             if stream is not None:  # None: aborted meanwhile
-                stream.put(so)
+                items.append((stream, so))
         for out in processed.finished:
             stream = self._streams.pop(out.request_id, None)
             if stream is not None:
                 self.metrics.request_finished(out.outputs[0].finish_reason if out.outputs else None)
-                stream.put(out)
-                stream.put(DONE)
+                items += [(stream, out), (stream, DONE)]
+        RequestStream.put_many(items)
 
     def _recover(self, error: Exception) -> None:
         """A step raised. If nothing runs and the oldest waiting request can never be scheduled, only it
