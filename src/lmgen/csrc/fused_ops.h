@@ -36,11 +36,12 @@ inline int kernel_threads() {
   return n > 0 ? n : at::get_num_threads();
 }
 
-// rows(m0, m1) over M rows of `width` floats: prefill-size calls (>= 64K elements) split over the kernels' share
-// pool, decode-size ones run on the calling thread (waking a helper would cost more than it saves)
+// rows(m0, m1) over M rows of `width` floats: calls of 16K+ elements (a prefill, a batched decode step: 32 x 1,536
+// for SmolLM2's activation) split over the kernels' share pool in chunks of ~16K; a single sequence's decode-size
+// ones run on the calling thread (waking a helper would cost more than it saves)
 template <class F>
 inline void for_rows(int64_t M, int64_t width, F&& rows) {
-  if (M * width >= 65536) lmgen_q::parallel_chunks(M, std::max<int64_t>(1, 16384 / width), kernel_threads(), rows);
+  if (M * width >= 16384) lmgen_q::parallel_chunks(M, std::max<int64_t>(1, 16384 / width), kernel_threads(), rows);
   else rows(int64_t{0}, M);
 }
 
