@@ -253,6 +253,7 @@ def serve(args, llm) -> int:
     # 5 s render on a quiet host, 1.1 s on a loaded one). The server process shortens the interval for all its threads.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     host = getattr(args, "host", None) or "127.0.0.1"
+    # http / loop "auto": httptools and uvloop (dependencies, as in uvicorn[standard]) where installed, else h11 / asyncio
     config = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_graceful_shutdown=int(timeout) + 1,
                             lifespan="on", access_log=bool(getattr(args, "access_log", False)))
     server = uvicorn.Server(config)
