@@ -18,6 +18,10 @@ The prefill reference: the model's 512-token prefill tok/s measured in this proc
 tok/s / prefill tok/s" compares figures from the same minutes of a host whose speed drifts; --rounds N repeats
 everything and reports medians (one round's ratio moved between 57% and 79% on the 2-vCPU host).
 
+The offline reference: each round also runs the clients' workload through LLM.generate in this process (each
+prompt as N sequences at once, no HTTP), so "x offline" separates what serving costs (HTTP, streaming, requests
+arriving over several steps) from what the engine's batched steps cost.
+
     python benchmarks/serve_bench.py                          # N = 1, 4, 16
     python benchmarks/serve_bench.py --concurrency 1,8 --max-tokens 64 --model path/to/model.gguf
 """
@@ -213,6 +217,19 @@ def prefill_tok_s(llm, tokens: int = 512, repeats: int = 3, seed: int = 0) -> fl
     return tokens / statistics.median(times)
 
 
+def offline_tok_s(llm, prompts: list[str], clients: int, max_tokens: int) -> float:
+    """The clients' workload run by the engine in this process, without HTTP: each prompt as `clients` sequences
+    at once, one prompt after another -> output tok/s (the server with no serving overhead and every request of a
+    wave arriving together); "x offline" is what serving keeps of it."""
+    from lmgen import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for p in prompts:
+        llm.generate([p] * clients, params)
+    return len(prompts) * clients * max_tokens / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
@@ -244,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     max_queue = max(256, max(levels) * 2)
     stop, base = start_process_server(args, max_queue) if args.server == "process" else \
         start_thread_server(llm, args.max_num_seqs, max_queue)
-    rounds: list[tuple[list[RunResult], float]] = []  # per round: its runs, its prefill reference (tok/s)
+    # per round: its runs, its prefill reference and the offline tok/s of each concurrency level
+    rounds: list[tuple[list[RunResult], float, dict[int, float]]] = []
     try:
         asyncio.run(run_clients(base, "bench", prompts[:1], 1, 4, "warmup"))
         for k in range(args.rounds):
@@ -253,29 +271,36 @@ def main(argv: list[str] | None = None) -> int:
             for n in levels:
                 results.append(asyncio.run(run_clients(base, "bench", prompts, n, args.max_tokens, "concurrent")))
                 print(f"  ... round {k + 1}: {n} clients done in {results[-1].wall:.1f}s", file=sys.stderr, flush=True)
-            rounds.append((results, (before + prefill_tok_s(llm, seed=2 * k + 2)) / 2))
+            offline = {n: offline_tok_s(llm, prompts, n, args.max_tokens) for n in levels}
+            rounds.append((results, (before + prefill_tok_s(llm, seed=2 * k + 2)) / 2, offline))
     finally:
         stop()
 
     header = (f"{'mode':<11} {'clients':>7} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x tok/s':>8} "
-              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'x ITL50':>8} {'round':>6} {'x prefill':>10}")
+              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'x ITL50':>8} {'round':>6} {'x prefill':>10} "
+              f"{'x offline':>10}")
     print(header)
     print("-" * len(header))
-    for k, (results, ref) in enumerate(rounds):
+    for k, (results, ref, offline) in enumerate(rounds):
         base_r = results[0]
         for r in results:
             print(f"{r.mode:<11} {r.clients:>7} {len(r.timings):>5} {r.tokens:>7} {r.wall:>7.2f} {r.tok_per_s:>7.1f} "
                   f"{r.tok_per_s / base_r.tok_per_s:>7.2f}x {r.ttft(50) * 1e3:>7.0f}ms {r.ttft(99) * 1e3:>7.0f}ms "
                   f"{r.itl(50) * 1e3:>6.0f}ms {r.itl(99) * 1e3:>6.0f}ms {r.itl(50) / base_r.itl(50):>7.2f}x {k + 1:>6} "
-                  f"{r.tok_per_s / ref:>9.0%}")
+                  f"{r.tok_per_s / ref:>9.0%} " + (f"{r.tok_per_s / offline[r.clients]:>9.0%}" if r.mode == "concurrent" else ""))
     print("x tok/s: aggregate output throughput relative to the same requests run one at a time; "
           "x ITL50: median inter-token latency relative to sequential (the price each user pays for sharing); "
-          "x prefill: tok/s relative to the round's 512-token prefill tok/s (measured before and after it, averaged).")
-    print("prefill reference per round: " + ", ".join(f"{ref:.1f}" for _, ref in rounds) + " tok/s")
+          "x prefill: tok/s relative to the round's 512-token prefill tok/s (measured before and after it, averaged); "
+          "x offline: relative to the same workload run by LLM.generate in this process (no HTTP, each wave at once).")
+    print("prefill reference per round: " + ", ".join(f"{ref:.1f}" for _, ref, _ in rounds) + " tok/s")
     for i, n in enumerate(levels):
-        ratios = [results[i + 1].tok_per_s / ref for results, ref in rounds]
-        print(f"{n} clients: median {statistics.median(r[i + 1].tok_per_s for r, _ in rounds):.1f} tok/s, "
-              f"median {statistics.median(ratios):.0%} of the prefill (rounds: {', '.join(f'{x:.0%}' for x in ratios)})")
+        ratios = [results[i + 1].tok_per_s / ref for results, ref, _ in rounds]
+        kept = [results[i + 1].tok_per_s / offline[n] for results, _, offline in rounds]
+        print(f"{n} clients: median {statistics.median(r[i + 1].tok_per_s for r, _, _ in rounds):.1f} tok/s, "
+              f"median {statistics.median(ratios):.0%} of the prefill (rounds: {', '.join(f'{x:.0%}' for x in ratios)}); "
+              f"offline the same workload: median {statistics.median(o[n] for _, _, o in rounds):.1f} tok/s "
+              f"({statistics.median(o[n] / ref for _, ref, o in rounds):.0%} of the prefill), the server kept "
+              f"{statistics.median(kept):.0%} of it")
     base_r = rounds[0][0][0]
     if statistics.fmean([t.tokens for t in base_r.timings]) != args.max_tokens:
         print("note: some requests produced fewer tokens than --max-tokens (context window?)")
