@@ -300,6 +300,29 @@ def test_async_engine_step_error_fails_only_its_batch_and_loop_survives():
     asyncio.run(main())
 
 
+def test_async_engine_hands_each_step_to_the_event_loop_once():
+    """Eight streams running together each get their whole text, and the engine thread wakes the event loop once
+    per step for all of them (RequestStream.put_many), not once per stream and item."""
+    async def main():
+        engine, fake = _async_engine(max_num_seqs=8)
+        loop = asyncio.get_running_loop()
+        calls, original = [], loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            calls.append(callback)
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        texts = await asyncio.gather(*(_text(engine, [1], 3 + i, f"r{i}") for i in range(8)))
+        assert texts == ["x" * (3 + i) for i in range(8)]
+        # one call per request for its admission, at most one per step for every output (a stream's deltas, its
+        # RequestOutput and its end); one call per stream and item made 76 calls over these 10 steps
+        assert len(calls) <= 8 + fake.steps < 50, (len(calls), fake.steps)
+        await engine.shutdown(timeout=5)
+
+    asyncio.run(main())
+
+
 def test_async_engine_queue_full_and_cancel_aborts():
     async def main():
         engine, fake = _async_engine(max_num_seqs=1, max_queue=1)
