@@ -122,8 +122,8 @@ def _vm_kib(field: str) -> int:
 
 def child(engine: str, args) -> None:
     if engine.startswith("lmgen:"):
-        # the runtime's own footprint, before any model; first, as an application would import it: lmgen loads
-        # torch with OpenMP's passive wait (lmgen/openmp_wait.py)
+        # the runtime's own footprint, before any model; first, as an application would import it: then torch
+        # loads with OpenMP's passive wait (lmgen/openmp_wait.py)
         import lmgen  # noqa: F401
     import torch
 
