@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import lmgen  # noqa: F401  before torch: torch then loads with OpenMP's passive wait, as users get it
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

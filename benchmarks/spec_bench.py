@@ -16,11 +16,11 @@ import statistics
 import sys
 import time
 
+from lmgen import LLM, SamplingParams  # before torch: torch then loads with OpenMP's passive wait, as users get it
+
 import torch
 
 from common import machine
-
-from lmgen import LLM, SamplingParams
 
 PASSAGE = (
     "The lighthouse at Point Reyes was built in 1870 to warn ships away from the rocky headland, one of the foggiest "
