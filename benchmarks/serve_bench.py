@@ -230,6 +230,38 @@ def offline_tok_s(llm, prompts: list[str], clients: int, max_tokens: int) -> flo
     return len(prompts) * clients * max_tokens / (time.perf_counter() - t0)
 
 
+def print_report(rounds: list, levels: list[int], max_tokens: int) -> None:
+    """The per-run table, then per concurrency level the medians over the rounds."""
+    header = (f"{'mode':<11} {'clients':>7} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x tok/s':>8} "
+              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'x ITL50':>8} {'round':>6} {'x prefill':>10} "
+              f"{'x offline':>10}")
+    print(header)
+    print("-" * len(header))
+    for k, (results, ref, offline) in enumerate(rounds):
+        base_r = results[0]
+        for r in results:
+            print(f"{r.mode:<11} {r.clients:>7} {len(r.timings):>5} {r.tokens:>7} {r.wall:>7.2f} {r.tok_per_s:>7.1f} "
+                  f"{r.tok_per_s / base_r.tok_per_s:>7.2f}x {r.ttft(50) * 1e3:>7.0f}ms {r.ttft(99) * 1e3:>7.0f}ms "
+                  f"{r.itl(50) * 1e3:>6.0f}ms {r.itl(99) * 1e3:>6.0f}ms {r.itl(50) / base_r.itl(50):>7.2f}x {k + 1:>6} "
+                  f"{r.tok_per_s / ref:>9.0%} " + (f"{r.tok_per_s / offline[r.clients]:>9.0%}" if r.mode == "concurrent" else ""))
+    print("x tok/s: aggregate output throughput relative to the same requests run one at a time; "
+          "x ITL50: median inter-token latency relative to sequential (the price each user pays for sharing); "
+          "x prefill: tok/s relative to the round's 512-token prefill tok/s (measured before and after it, averaged); "
+          "x offline: relative to the same workload run by LLM.generate in this process (no HTTP, each wave at once).")
+    print("prefill reference per round: " + ", ".join(f"{ref:.1f}" for _, ref, _ in rounds) + " tok/s")
+    for i, n in enumerate(levels):
+        ratios = [results[i + 1].tok_per_s / ref for results, ref, _ in rounds]
+        kept = [results[i + 1].tok_per_s / offline[n] for results, _, offline in rounds]
+        print(f"{n} clients: median {statistics.median(r[i + 1].tok_per_s for r, _, _ in rounds):.1f} tok/s, "
+              f"median {statistics.median(ratios):.0%} of the prefill (rounds: {', '.join(f'{x:.0%}' for x in ratios)}); "
+              f"offline the same workload: median {statistics.median(o[n] for _, _, o in rounds):.1f} tok/s "
+              f"({statistics.median(o[n] / ref for _, ref, o in rounds):.0%} of the prefill), the server kept "
+              f"{statistics.median(kept):.0%} of it")
+    base_r = rounds[0][0][0]
+    if statistics.fmean([t.tokens for t in base_r.timings]) != max_tokens:
+        print("note: some requests produced fewer tokens than --max-tokens (context window?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
@@ -276,34 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop()
 
-    header = (f"{'mode':<11} {'clients':>7} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x tok/s':>8} "
-              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'x ITL50':>8} {'round':>6} {'x prefill':>10} "
-              f"{'x offline':>10}")
-    print(header)
-    print("-" * len(header))
-    for k, (results, ref, offline) in enumerate(rounds):
-        base_r = results[0]
-        for r in results:
-            print(f"{r.mode:<11} {r.clients:>7} {len(r.timings):>5} {r.tokens:>7} {r.wall:>7.2f} {r.tok_per_s:>7.1f} "
-                  f"{r.tok_per_s / base_r.tok_per_s:>7.2f}x {r.ttft(50) * 1e3:>7.0f}ms {r.ttft(99) * 1e3:>7.0f}ms "
-                  f"{r.itl(50) * 1e3:>6.0f}ms {r.itl(99) * 1e3:>6.0f}ms {r.itl(50) / base_r.itl(50):>7.2f}x {k + 1:>6} "
-                  f"{r.tok_per_s / ref:>9.0%} " + (f"{r.tok_per_s / offline[r.clients]:>9.0%}" if r.mode == "concurrent" else ""))
-    print("x tok/s: aggregate output throughput relative to the same requests run one at a time; "
-          "x ITL50: median inter-token latency relative to sequential (the price each user pays for sharing); "
-          "x prefill: tok/s relative to the round's 512-token prefill tok/s (measured before and after it, averaged); "
-          "x offline: relative to the same workload run by LLM.generate in this process (no HTTP, each wave at once).")
-    print("prefill reference per round: " + ", ".join(f"{ref:.1f}" for _, ref, _ in rounds) + " tok/s")
-    for i, n in enumerate(levels):
-        ratios = [results[i + 1].tok_per_s / ref for results, ref, _ in rounds]
-        kept = [results[i + 1].tok_per_s / offline[n] for results, _, offline in rounds]
-        print(f"{n} clients: median {statistics.median(r[i + 1].tok_per_s for r, _, _ in rounds):.1f} tok/s, "
-              f"median {statistics.median(ratios):.0%} of the prefill (rounds: {', '.join(f'{x:.0%}' for x in ratios)}); "
-              f"offline the same workload: median {statistics.median(o[n] for _, _, o in rounds):.1f} tok/s "
-              f"({statistics.median(o[n] / ref for _, ref, o in rounds):.0%} of the prefill), the server kept "
-              f"{statistics.median(kept):.0%} of it")
-    base_r = rounds[0][0][0]
-    if statistics.fmean([t.tokens for t in base_r.timings]) != args.max_tokens:
-        print("note: some requests produced fewer tokens than --max-tokens (context window?)")
+    print_report(rounds, levels, args.max_tokens)
     return 0
 
 
