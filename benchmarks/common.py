@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def random_ids(n: int, seed: int = 0) -> list[int]:
     prefix cache holds, the same for a seed."""
     rng = random.Random(seed)
     return [rng.randrange(100, 40000) for _ in range(n)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server or a process group to bind next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine() -> str:

@@ -29,7 +29,6 @@ def lmgen_depths(llm, depths, prompts, new_tokens: int, repeats: int, profile: b
     window = llm.context_length
     out: dict = {"decode": {}, "prefill": {}, "profile": {}}
     many = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     llm.generate(_context(16), many)  # warm-up
     for d in depths:
         ctx = _context(min(d, window - new_tokens - 1))
@@ -43,15 +42,23 @@ def lmgen_depths(llm, depths, prompts, new_tokens: int, repeats: int, profile: b
         if profile:
             out["profile"][d] = profile_decode(llm, ctx, new_tokens)
     for n in prompts:
-        n_eff = min(n, window - 1)
-        times = []
-        for r in range(repeats):
-            ids = _context(n_eff, salt=r + 1)
-            t0 = time.perf_counter()
-            llm.generate(ids, one)
-            times.append(time.perf_counter() - t0)
-        out["prefill"][n] = n_eff / statistics.median(times)
+        out["prefill"][n] = prefill_tok_s(llm, min(n, window - 1), repeats)
     return out
+
+
+def prefill_tok_s(llm, n: int, repeats: int, salt: int = 1) -> float:
+    """n-token prefill tok/s, the median over `repeats` prompts (max_tokens 1) whose first tokens differ (salt, salt
+    + 1, ...), so that none finds another's blocks in the prefix cache."""
+    from lmgen import SamplingParams
+
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for r in range(repeats):
+        ids = _context(n, salt=salt + r)
+        t0 = time.perf_counter()
+        llm.generate(ids, one)
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
 
 
 class _Timed:

@@ -17,7 +17,7 @@ import lmgen  # noqa: F401  before torch: torch then loads with OpenMP's passive
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import free_port, machine  # noqa: E402
 
 
 def collective_child(rank: int, world: int, url: str, shapes: list, repeats: int, out) -> None:
@@ -43,13 +43,9 @@ def collective_child(rank: int, world: int, url: str, shapes: list, repeats: int
 
 
 def collectives(world: int, hidden: int) -> list:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     shapes = [(1, hidden), (16, hidden), (512, hidden)]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from common import machine, random_ids
+from common import free_port, machine
+from depth_bench import prefill_tok_s
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -144,12 +144,6 @@ async def run_clients(base: str, model: str, prompts: list[str], clients: int, m
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_thread_server(llm, max_num_seqs: int, max_queue: int):
     """uvicorn in a background thread of this process -> (stop function, base URL)."""
     import uvicorn
@@ -203,18 +197,11 @@ def start_process_server(args, max_queue: int):
     return stop, f"http://127.0.0.1:{port}"
 
 
-def prefill_tok_s(llm, tokens: int = 512, repeats: int = 3, seed: int = 0) -> float:
-    """cpu_bench.py's prefill figure: distinct random prompts (no prefix-cache hit), max_tokens 1, median."""
-    from lmgen import SamplingParams
-
-    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    times = []
-    for i in range(repeats + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        llm.generate(random_ids(tokens, seed=1000 * seed + i), one)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return tokens / statistics.median(times)
+def prefill_reference(llm, run: int) -> float:
+    """cpu_bench.py's 512-token prefill figure (depth_bench.prefill_tok_s, median of 3) after one warm-up prompt;
+    each run's four prompts have first tokens of their own, so no prefix cache serves them."""
+    prefill_tok_s(llm, 512, 1, salt=4 * run + 1)  # warm-up: the clients' runs just left the caches cold
+    return prefill_tok_s(llm, 512, 3, salt=4 * run + 2)
 
 
 def offline_tok_s(llm, prompts: list[str], clients: int, max_tokens: int) -> float:
@@ -298,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(run_clients(base, "bench", prompts[:1], 1, 4, "warmup"))
         for k in range(args.rounds):
-            before = prefill_tok_s(llm, seed=2 * k + 1)
+            before = prefill_reference(llm, 2 * k)
             results = [asyncio.run(run_clients(base, "bench", prompts, 1, args.max_tokens, "sequential"))]
             for n in levels:
                 results.append(asyncio.run(run_clients(base, "bench", prompts, n, args.max_tokens, "concurrent")))
                 print(f"  ... round {k + 1}: {n} clients done in {results[-1].wall:.1f}s", file=sys.stderr, flush=True)
             offline = {n: offline_tok_s(llm, prompts, n, args.max_tokens) for n in levels}
-            rounds.append((results, (before + prefill_tok_s(llm, seed=2 * k + 2)) / 2, offline))
+            rounds.append((results, (before + prefill_reference(llm, 2 * k + 1)) / 2, offline))
     finally:
         stop()
 
