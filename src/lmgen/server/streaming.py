@@ -1,15 +1,13 @@
-"""Server-sent events for the streaming routes: the SSE response and framing, the client-disconnect guard,
-merging several request streams, and the completion / chat chunk generators."""
+"""Server-sent events for the streaming routes: the SSE response, the client-disconnect guard, merging several
+request streams, and the completion / chat chunk generators (framing: sse.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
 from lmgen.chat.tool_calls import ToolCallStream
 from lmgen.engine.outputs import StepOutput
@@ -18,6 +16,7 @@ from lmgen.server.protocol import responses as R
 from lmgen.server.request_stream import RequestStream
 from lmgen.server.errors import api_error
 from lmgen.server.outputs import step_logprob_pairs
+from lmgen.server.sse import DONE, TextFrames, sse
 
 if TYPE_CHECKING:
     from lmgen.server.service import ServerContext
@@ -37,14 +36,6 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
-
-
-def _sse(obj: BaseModel | dict) -> str:
-    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-    return "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
-_DONE = "data: [DONE]\n\n"
 
 
 class ClientGone(Exception):
@@ -121,9 +112,16 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
     offsets: dict[int, int] = {}
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
+    def model(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> R.CompletionChunk:
+        return R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.CompletionChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)])
+
+    text_frames = TextFrames(model)
+
     def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> str:
-        return _sse(R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.CompletionChoice(
-            index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
+        if logprobs is None and finish is None and stop_reason is None:
+            return text_frames.frame(index, text)
+        return sse(model(index, text, logprobs, finish, stop_reason))
 
     try:
         if req.echo:
@@ -145,11 +143,11 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
             cached = [next((s.num_cached_tokens for i, s in last.items() if i // n == pi), 0) for pi in range(len(prompts))]
             usage = srv.usage([len(ids) for _, ids in prompts], cached, sum(s.num_output_tokens for s in last.values()),
                               srv.spec_counts(list(last.values())))
-            yield _sse(R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
-        yield _DONE
+            yield sse(R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
+        yield DONE
     except Exception as e:  # the engine failed this request after the stream had started
-        yield _sse(api_error(e).body())
-        yield _DONE
+        yield sse(api_error(e).body())
+        yield DONE
     finally:
         for s in streams:
             s.abort()
@@ -163,13 +161,20 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
     parsers: dict[int, ToolCallStream] = {}
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
-    def chunk(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
-        return _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.ChatChunkChoice(
-            index=index, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)]))
+    def model(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> R.ChatCompletionChunk:
+        return R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)])
+
+    content_frames = TextFrames(lambda index, text: model(index, R.DeltaMessage(content=text)))
+
+    def chunk(index: int, content: str | None, calls=None, logprobs=None, finish=None, stop_reason=None) -> str:
+        if content and calls is None and logprobs is None and finish is None and stop_reason is None:
+            return content_frames.frame(index, content)
+        return sse(model(index, R.DeltaMessage(content=content, tool_calls=calls), logprobs, finish, stop_reason))
 
     try:
         for j in range(req.n):
-            yield chunk(j, R.DeltaMessage(role="assistant", content=""))
+            yield sse(model(j, R.DeltaMessage(role="assistant", content="")))
         async for so in stream:
             last[so.index] = so
             logprobs = None
@@ -183,16 +188,15 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
                 finish = "tool_calls" if parser.calls and finish == "stop" else finish
             if not (content or calls or logprobs or so.finished):
                 continue
-            yield chunk(so.index, R.DeltaMessage(content=content or None, tool_calls=calls or None), logprobs, finish,
-                        so.stop_reason)
+            yield chunk(so.index, content or None, calls or None, logprobs, finish, so.stop_reason)
         if req.stream_options and req.stream_options.include_usage:
             cached = next(iter(last.values())).num_cached_tokens if last else 0
             usage = srv.usage([prompt_len], [cached], sum(s.num_output_tokens for s in last.values()),
                               srv.spec_counts(list(last.values())))
-            yield _sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
-        yield _DONE
+            yield sse(R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[], usage=usage))
+        yield DONE
     except Exception as e:
-        yield _sse(api_error(e).body())
-        yield _DONE
+        yield sse(api_error(e).body())
+        yield DONE
     finally:
         stream.abort()
