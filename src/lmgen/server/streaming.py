@@ -112,16 +112,16 @@ async def completion_stream(srv: ServerContext, req: Q.CompletionRequest, rid: s
     offsets: dict[int, int] = {}
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
-    def model(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> R.CompletionChunk:
+    def chunk_model(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> R.CompletionChunk:
         return R.CompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.CompletionChoice(
             index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)])
 
-    text_frames = TextFrames(model)
+    text_frames = TextFrames(chunk_model)
 
     def chunk(index: int, text: str, logprobs=None, finish=None, stop_reason=None) -> str:
         if logprobs is None and finish is None and stop_reason is None:
             return text_frames.frame(index, text)
-        return sse(model(index, text, logprobs, finish, stop_reason))
+        return sse(chunk_model(index, text, logprobs, finish, stop_reason))
 
     try:
         if req.echo:
@@ -161,20 +161,20 @@ async def chat_stream(srv: ServerContext, req: Q.ChatCompletionRequest, rid: str
     parsers: dict[int, ToolCallStream] = {}
     last: dict[int, StepOutput] = {}  # choice index -> its latest output
 
-    def model(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> R.ChatCompletionChunk:
+    def chunk_model(index: int, delta: R.DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> R.ChatCompletionChunk:
         return R.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=srv.fingerprint, choices=[R.ChatChunkChoice(
             index=index, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)])
 
-    content_frames = TextFrames(lambda index, text: model(index, R.DeltaMessage(content=text)))
+    content_frames = TextFrames(lambda index, text: chunk_model(index, R.DeltaMessage(content=text)))
 
     def chunk(index: int, content: str | None, calls=None, logprobs=None, finish=None, stop_reason=None) -> str:
         if content and calls is None and logprobs is None and finish is None and stop_reason is None:
             return content_frames.frame(index, content)
-        return sse(model(index, R.DeltaMessage(content=content, tool_calls=calls), logprobs, finish, stop_reason))
+        return sse(chunk_model(index, R.DeltaMessage(content=content, tool_calls=calls), logprobs, finish, stop_reason))
 
     try:
         for j in range(req.n):
-            yield sse(model(j, R.DeltaMessage(role="assistant", content="")))
+            yield sse(chunk_model(j, R.DeltaMessage(role="assistant", content="")))
         async for so in stream:
             last[so.index] = so
             logprobs = None
